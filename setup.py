@@ -1,0 +1,35 @@
+"""Install mmembed_jax: `pip install -e '.[test]'` for development, `.[torch]` for PyTorch export checks."""
+from setuptools import find_packages, setup
+
+TORCH = ["torch==2.13.0"]  # the CPU wheel; a looser pin pulls a multi-GB CUDA build
+
+setup(
+    name="mmembed_jax",
+    version="0.1.0",
+    description="JAX/Flax multimodal embedding models (Qwen2-VL / Qwen2.5-VL) for TPU pods.",
+    packages=find_packages(include=["mmembed_jax", "mmembed_jax.*"]),
+    python_requires=">=3.10",
+    install_requires=[
+        "jax>=0.7",
+        "flax>=0.10",
+        "optax",
+        "orbax-checkpoint",
+        "grain",
+        "ml-collections",
+        "transformers>=5.0",
+        "tokenizers",
+        "sentencepiece",
+        "safetensors",
+        "numpy",
+        "pillow",
+        "absl-py",
+        "etils[epath]",
+        "tqdm",
+    ],
+    extras_require={
+        "torch": TORCH,
+        "tpu": ["libtpu"],
+        "tfds": ["tensorflow-datasets"],
+        "test": TORCH + ["pytest", "pytest-timeout"],
+    },
+)
