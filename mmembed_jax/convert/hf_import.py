@@ -1,0 +1,128 @@
+"""Hugging Face directory (config.json + safetensors, local or gs://) -> (ModelConfig, Flax params).
+
+No torch: safetensors are memory-mapped and read tensor by tensor; each converted parameter
+is handed to `put` (e.g. a sharded `jax.device_put`) as soon as it is complete, so the host
+holds one tensor (one stacked layer group with `scan_layers`) at a time, not the model.
+"""
+import json
+from typing import Any, Callable, Optional
+
+import jax.numpy as jnp
+import numpy as np
+from etils import epath
+
+from mmembed_jax.convert.mapping import TensorMap, canonical_hf_name, tensor_maps
+from mmembed_jax.models.config import ModelConfig, from_hf_config
+
+PutFn = Callable[[tuple[str, ...], np.ndarray], Any]
+
+
+def read_hf_config(model_dir: str) -> Any:
+  """The transformers config object of a local or gs:// model directory (no download)."""
+  import transformers  # pylint: disable=g-import-not-at-top
+  path = epath.Path(model_dir) / "config.json"
+  if not path.exists():
+    raise FileNotFoundError(f"{path} not found: a Hugging Face model directory needs config.json")
+  try:
+    raw = json.loads(path.read_text())
+  except json.JSONDecodeError as e:
+    raise ValueError(f"{path}: invalid JSON ({e})") from e
+  model_type = raw.pop("model_type", None)
+  if model_type is None:
+    raise ValueError(f"{path}: no 'model_type' field")
+  if model_type not in transformers.CONFIG_MAPPING:
+    raise ValueError(f"{path}: unknown model_type '{model_type}'")
+  return transformers.AutoConfig.for_model(model_type, **raw)
+
+
+def model_config(model_dir: str, **run_options: Any) -> ModelConfig:
+  """ModelConfig of an HF directory, with run-time options (attention, dtype, scan_layers...)."""
+  try:
+    return from_hf_config(read_hf_config(model_dir), **run_options)
+  except ValueError as e:
+    raise ValueError(f"{model_dir}/config.json: {e}") from e
+
+
+def safetensors_files(model_dir: str) -> list[epath.Path]:
+  """The checkpoint's files: those listed by model.safetensors.index.json, or model.safetensors."""
+  root = epath.Path(model_dir)
+  index = root / "model.safetensors.index.json"
+  if index.exists():
+    weight_map = json.loads(index.read_text())["weight_map"]
+    return [root / name for name in sorted(set(weight_map.values()))]
+  single = root / "model.safetensors"
+  if single.exists():
+    return [single]
+  raise FileNotFoundError(f"{model_dir}: neither model.safetensors nor model.safetensors.index.json")
+
+
+def _local(path: epath.Path) -> str:
+  """A local filename for safe_open (gs:// files are copied to a temporary file first)."""
+  if not str(path).startswith("gs://"):
+    return str(path)
+  import tempfile  # pylint: disable=g-import-not-at-top
+  local = epath.Path(tempfile.mkdtemp()) / path.name
+  path.copy(local)
+  return str(local)
+
+
+def _set(tree: dict, path: tuple[str, ...], value: Any) -> None:
+  for key in path[:-1]:
+    tree = tree.setdefault(key, {})
+  tree[path[-1]] = value
+
+
+def import_hf(model_dir: str, *, param_dtype: Optional[str] = None, put: Optional[PutFn] = None,
+              **run_options: Any) -> tuple[ModelConfig, dict]:
+  """Reads an HF Qwen2(.5)-VL directory into (config, params); errors name the offending tensor.
+
+  param_dtype: dtype of the returned parameters (default: the config's param_dtype);
+  put: called as put(path, array) on every finished parameter; its result is stored instead.
+  """
+  if param_dtype is not None:
+    run_options["param_dtype"] = param_dtype
+  config = model_config(model_dir, **run_options)
+  dtype = jnp.dtype(config.param_dtype)
+  maps: dict[str, TensorMap] = {m.hf_name: m for m in tensor_maps(config)}
+  layers_left = {}  # stacked path -> layers still to read
+  for m in maps.values():
+    if m.layer is not None:
+      layers_left[m.path] = layers_left.get(m.path, 0) + 1
+  stacks: dict[tuple[str, ...], np.ndarray] = {}
+  params: dict = {}
+  seen: set[str] = set()
+  put = put or (lambda path, array: array)
+
+  from safetensors import safe_open  # pylint: disable=g-import-not-at-top
+  for file in safetensors_files(model_dir):
+    with safe_open(_local(file), framework="np") as reader:
+      for raw_name in reader.keys():
+        name = canonical_hf_name(raw_name)
+        if name not in maps:
+          if name == "lm_head.weight" and config.tie_word_embeddings:
+            continue  # tied head saved explicitly: the embedding is the source of truth
+          raise ValueError(f"{file}: unexpected tensor '{raw_name}' for a {config.family} model "
+                           f"with this config.json")
+        m = maps[name]
+        if name in seen:
+          raise ValueError(f"{file}: tensor '{raw_name}' appears twice in the checkpoint")
+        seen.add(name)
+        shape = tuple(reader.get_slice(raw_name).get_shape())
+        if shape != m.hf_shape:
+          raise ValueError(f"{file}: tensor '{raw_name}' has shape {shape}, expected {m.hf_shape} "
+                           f"from config.json")
+        value = m.to_flax(reader.get_tensor(raw_name)).astype(dtype)
+        if m.layer is None:
+          _set(params, m.path, put(m.path, value))
+          continue
+        if m.path not in stacks:
+          stacks[m.path] = np.empty((layers_left[m.path],) + m.flax_shape, dtype)
+        stacks[m.path][m.layer] = value
+        layers_left[m.path] -= 1
+        if layers_left[m.path] == 0:
+          _set(params, m.path, put(m.path, stacks.pop(m.path)))
+  missing = [name for name in maps if name not in seen]
+  if missing:
+    raise ValueError(f"{model_dir}: checkpoint is missing {len(missing)} tensor(s), first "
+                     f"'{missing[0]}'")
+  return config, params

@@ -1,0 +1,19 @@
+"""Tiny Qwen2-VL / Qwen2.5-VL architectures for tests and the laptop demo (random weights, no hub)."""
+from mmembed_jax.models.config import ModelConfig, TextConfig, VisionConfig
+
+
+def tiny_config(family: str = "qwen2_5_vl", vocab_size: int = 512, tie_word_embeddings: bool = False,
+                **options) -> ModelConfig:
+  """A few-layer model with every architectural feature of the real one (GQA, windows, M-RoPE)."""
+  if family == "qwen2_5_vl":
+    # 3 blocks, block 1 full attention, the others windowed (window = 4x4 merged tokens).
+    vision = VisionConfig(depth=3, hidden_size=32, num_heads=2, intermediate_size=48,
+                          out_hidden_size=64, hidden_act="silu", window_size=112,
+                          fullatt_block_indexes=(1,))
+  else:
+    vision = VisionConfig(depth=2, hidden_size=32, num_heads=2, intermediate_size=64,
+                          out_hidden_size=64, hidden_act="quick_gelu", window_size=0)
+  text = TextConfig(vocab_size=vocab_size, hidden_size=64, intermediate_size=96, num_layers=3,
+                    num_heads=4, num_kv_heads=2, mrope_section=(2, 3, 3))
+  return ModelConfig(family=family, vision=vision, text=text,
+                     tie_word_embeddings=tie_word_embeddings, **options)

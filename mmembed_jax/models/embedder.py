@@ -1,0 +1,48 @@
+"""The jitted embedding function, parameter init and the smallest valid batch."""
+from typing import Callable, Mapping
+
+import flax.linen as nn
+import jax
+import numpy as np
+
+from mmembed_jax.models.config import ModelConfig
+from mmembed_jax.models.pooling import POOLINGS, pool
+from mmembed_jax.models.vlm import VisionLanguageModel
+
+
+def make_embed_fn(config: ModelConfig, pooling: str) -> Callable[..., jax.Array]:
+  """A jitted fn(params, batch) -> L2-normalised embeddings [batch, embed]."""
+  if pooling not in POOLINGS:
+    raise ValueError(f"unknown pooling '{pooling}', expected one of {POOLINGS}")
+  model = VisionLanguageModel(config)
+
+  @jax.jit
+  def embed(params, batch: Mapping[str, jax.Array]) -> jax.Array:
+    hidden = model.apply({"params": params}, batch)
+    return pool(hidden, batch["segment_ids"], pooling, batch.get("ctoken_mask"))
+
+  return embed
+
+
+def init_params(config: ModelConfig, rng: jax.Array) -> dict:
+  """Random parameters, unboxed (no logical-axis metadata), from a one-image dummy batch."""
+  variables = VisionLanguageModel(config).init(rng, dummy_batch(config))
+  return nn.meta.unbox(variables["params"])
+
+
+def dummy_batch(config: ModelConfig, batch: int = 1, length: int = 16) -> dict:
+  """A smallest valid batch holding one 2x2-merged-token image per row (for init and shape checks)."""
+  merge = config.vision.spatial_merge_size
+  grid = np.array([1, 2 * merge, 2 * merge], np.int32)
+  patches = int(np.prod(grid))
+  merged = patches // merge**2
+  input_ids = np.zeros((batch, length), np.int32)
+  input_ids[:, 1:1 + merged] = config.image_token_id
+  return {
+      "input_ids": input_ids,
+      "segment_ids": np.ones((batch, length), np.int32),
+      "positions": np.tile(np.arange(length, dtype=np.int32), (batch, 3, 1)),
+      "pixel_patches": np.zeros((batch, patches, config.vision.patch_dim), np.float32),
+      "patch_image_ids": np.ones((batch, patches), np.int32),
+      "image_grid_thw": np.tile(grid, (batch, 1, 1)),
+  }

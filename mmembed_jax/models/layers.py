@@ -1,0 +1,133 @@
+"""Building blocks shared by the vision tower and the LLM: linear layers, norms, rotary, attention.
+
+Every parameter carries logical axis names (resolved to mesh axes by the training rules);
+activations are constrained with logical names too. Norms, rotary and softmax run in float32.
+"""
+from typing import Any, Optional, Sequence
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import numpy as np
+from jax.ad_checkpoint import checkpoint_name
+
+Dtype = Any
+INIT_STD = 0.02  # HF initializer_range
+NEG_INF = -0.7 * float(np.finfo(np.float32).max)  # finite, so fully masked rows never give NaN
+
+
+def dtype_of(name: str) -> Dtype:
+  """Maps 'float32' / 'bfloat16' / 'float16' to the jnp dtype."""
+  return jnp.dtype(name)
+
+
+class Linear(nn.Module):
+  """y = x @ kernel (+ bias); kernel [in, *out_shape] with logical axes `kernel_axes`."""
+  out_shape: Sequence[int]
+  kernel_axes: tuple[Optional[str], ...]
+  use_bias: bool = True
+  dtype: Dtype = jnp.float32
+  param_dtype: Dtype = jnp.float32
+
+  @nn.compact
+  def __call__(self, x: jax.Array) -> jax.Array:
+    out_shape = tuple(self.out_shape)
+    kernel = self.param(
+        "kernel",
+        nn.with_logical_partitioning(nn.initializers.normal(INIT_STD), self.kernel_axes),
+        (x.shape[-1],) + out_shape, self.param_dtype)
+    y = jnp.einsum("...i,i" + "jklm"[:len(out_shape)] + "->..." + "jklm"[:len(out_shape)],
+                   x.astype(self.dtype), kernel.astype(self.dtype))
+    if self.use_bias:
+      bias = self.param("bias", nn.with_logical_partitioning(nn.initializers.zeros, self.kernel_axes[1:]),
+                        out_shape, self.param_dtype)
+      y = y + bias.astype(self.dtype)
+    return y
+
+
+class RMSNorm(nn.Module):
+  """Qwen RMSNorm: normalise in float32, cast back, then scale (as transformers does)."""
+  eps: float = 1e-6
+  dtype: Dtype = jnp.float32
+  param_dtype: Dtype = jnp.float32
+
+  @nn.compact
+  def __call__(self, x: jax.Array) -> jax.Array:
+    scale = self.param("scale", nn.with_logical_partitioning(nn.initializers.ones, ("norm",)),
+                       (x.shape[-1],), self.param_dtype)
+    x32 = x.astype(jnp.float32)
+    normed = x32 * jax.lax.rsqrt(jnp.mean(x32 * x32, axis=-1, keepdims=True) + self.eps)
+    return scale.astype(self.dtype) * normed.astype(self.dtype)
+
+
+class LayerNorm(nn.Module):
+  """LayerNorm with weight and bias (Qwen2-VL vision tower), statistics in float32."""
+  eps: float = 1e-6
+  dtype: Dtype = jnp.float32
+  param_dtype: Dtype = jnp.float32
+
+  @nn.compact
+  def __call__(self, x: jax.Array) -> jax.Array:
+    features = x.shape[-1]
+    scale = self.param("scale", nn.with_logical_partitioning(nn.initializers.ones, ("norm",)),
+                       (features,), self.param_dtype)
+    bias = self.param("bias", nn.with_logical_partitioning(nn.initializers.zeros, ("norm",)),
+                      (features,), self.param_dtype)
+    x32 = x.astype(jnp.float32)
+    mean = jnp.mean(x32, axis=-1, keepdims=True)
+    var = jnp.mean(jnp.square(x32 - mean), axis=-1, keepdims=True)
+    normed = (x32 - mean) * jax.lax.rsqrt(var + self.eps)
+    return (normed * scale.astype(jnp.float32) + bias.astype(jnp.float32)).astype(self.dtype)
+
+
+def activation(name: str, x: jax.Array) -> jax.Array:
+  """The activations the Qwen-VL family uses, by their transformers names."""
+  if name == "silu":
+    return jax.nn.silu(x)
+  if name == "quick_gelu":
+    return x * jax.nn.sigmoid(1.702 * x)
+  if name in ("gelu", "gelu_pytorch_exact"):
+    return jax.nn.gelu(x, approximate=False)
+  if name == "gelu_pytorch_tanh":
+    return jax.nn.gelu(x, approximate=True)
+  raise ValueError(f"unsupported activation '{name}'")
+
+
+def inverse_frequencies(dim: int, theta: float) -> np.ndarray:
+  """RoPE inverse frequencies [dim // 2], computed in float32 as transformers does."""
+  exponent = np.arange(0, dim, 2, dtype=np.int64).astype(np.float32) / np.float32(dim)
+  return (1.0 / (np.float32(theta) ** exponent)).astype(np.float32)
+
+
+def rotate_half(x: jax.Array) -> jax.Array:
+  """[..., d] -> [-x2, x1] with x1, x2 the two halves of the last axis."""
+  x1, x2 = jnp.split(x, 2, axis=-1)
+  return jnp.concatenate([-x2, x1], axis=-1)
+
+
+def apply_rotary(x: jax.Array, cos: jax.Array, sin: jax.Array) -> jax.Array:
+  """x [batch, length, heads, head_dim] rotated by cos/sin [batch, length, head_dim], in float32."""
+  x32 = x.astype(jnp.float32)
+  out = x32 * cos[:, :, None, :] + rotate_half(x32) * sin[:, :, None, :]
+  return out.astype(x.dtype)
+
+
+def dot_product_attention(query: jax.Array, key: jax.Array, value: jax.Array,
+                          mask: jax.Array, dtype: Dtype) -> jax.Array:
+  """Masked softmax attention with grouped-query heads.
+
+  query [batch, q_len, heads, head_dim]; key, value [batch, kv_len, kv_heads, head_dim];
+  mask bool [batch, q_len, kv_len] (True = may attend). Returns [batch, q_len, heads, head_dim].
+  """
+  batch, q_len, num_heads, head_dim = query.shape
+  num_kv_heads = key.shape[2]
+  groups = num_heads // num_kv_heads
+  # Head h uses kv head h // groups, as transformers' repeat_kv does.
+  query = query.reshape(batch, q_len, num_kv_heads, groups, head_dim)
+  scores = jnp.einsum("bqkgd,bskd->bkgqs", query.astype(dtype), key.astype(dtype),
+                      preferred_element_type=jnp.float32)
+  scores = scores * (head_dim**-0.5)
+  scores = jnp.where(mask[:, None, None, :, :], scores, NEG_INF)
+  probs = jax.nn.softmax(scores, axis=-1).astype(dtype)
+  out = jnp.einsum("bkgqs,bskd->bqkgd", probs, value.astype(dtype))
+  return checkpoint_name(out.reshape(batch, q_len, num_heads, head_dim), "attention_out")

@@ -1,0 +1,38 @@
+"""Pooling final hidden states into L2-normalised embeddings."""
+from typing import Optional
+
+import jax
+import jax.numpy as jnp
+
+POOLINGS = ("mean", "last", "ctoken")
+
+
+def l2_normalize(x: jax.Array, eps: float = 1e-12) -> jax.Array:
+  """x / max(||x||, eps) along the last axis, in float32."""
+  x = x.astype(jnp.float32)
+  return x / jnp.maximum(jnp.linalg.norm(x, axis=-1, keepdims=True), eps)
+
+
+def pool(hidden: jax.Array, segment_ids: jax.Array, method: str,
+         ctoken_mask: Optional[jax.Array] = None, normalize: bool = True) -> jax.Array:
+  """hidden [batch, length, embed] -> [batch, embed].
+
+  mean: mean over non-pad tokens (segment_ids != 0); last: the last non-pad token (works with
+  left or right padding); ctoken: mean over tokens flagged in `ctoken_mask` [batch, length].
+  """
+  hidden = hidden.astype(jnp.float32)
+  valid = segment_ids != 0
+  if method == "last":
+    length = valid.shape[1]
+    last = length - 1 - jnp.argmax(valid[:, ::-1], axis=1)  # [batch]
+    pooled = jnp.take_along_axis(hidden, last[:, None, None], axis=1)[:, 0]
+  elif method in ("mean", "ctoken"):
+    if method == "ctoken":
+      if ctoken_mask is None:
+        raise ValueError("pooling 'ctoken' needs a ctoken_mask [batch, length]")
+      valid = valid & ctoken_mask.astype(bool)
+    weights = valid.astype(jnp.float32)[..., None]
+    pooled = jnp.sum(hidden * weights, axis=1) / jnp.maximum(jnp.sum(weights, axis=1), 1.0)
+  else:
+    raise ValueError(f"unknown pooling '{method}', expected one of {POOLINGS}")
+  return l2_normalize(pooled) if normalize else pooled

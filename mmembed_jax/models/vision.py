@@ -1,0 +1,191 @@
+"""The Qwen2-VL / Qwen2.5-VL vision tower over a fixed-size padded buffer of patches.
+
+Patches of every image of a row sit in one buffer `[batch, patches, 1176]`; which image a
+patch belongs to (`patch_image_ids`) and each image's grid (`image_grid_thw`) are enough to
+recompute, inside jit, every patch's 2-D rotary position, frame and attention window. So
+attention is a block-diagonal mask (per image frame, and per window on Qwen2.5-VL's
+windowed blocks) instead of transformers' per-image Python loop; the window reordering of
+transformers is unnecessary because masked attention does not depend on token order.
+"""
+from typing import NamedTuple
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+from jax.ad_checkpoint import checkpoint_name
+
+from mmembed_jax.models import remat
+from mmembed_jax.models.config import ModelConfig, VisionConfig
+from mmembed_jax.models.layers import (LayerNorm, Linear, RMSNorm, activation, apply_rotary,
+                                       dot_product_attention, dtype_of, inverse_frequencies)
+
+
+class PatchLayout(NamedTuple):
+  """Per-patch geometry, each int32 [batch, patches]."""
+  image: jax.Array  # 1-based image id, 0 = padding
+  frame: jax.Array  # temporal index within the image
+  row: jax.Array  # patch row (h) within the frame
+  col: jax.Array  # patch column (w) within the frame
+  window_row: jax.Array  # attention window row (Qwen2.5-VL)
+  window_col: jax.Array
+
+
+def patch_layout(patch_image_ids: jax.Array, image_grid_thw: jax.Array,
+                 config: VisionConfig) -> PatchLayout:
+  """Recovers each patch's position from its image id and the image grids, in the processor's order.
+
+  The processor emits an image frame by frame; within a frame, blocks of merge x merge patches
+  (one merged token each) in row-major block order, and the patches of a block row-major.
+  """
+  merge = config.spatial_merge_size
+  grid = image_grid_thw.astype(jnp.int32)  # [batch, images, 3]
+  sizes = grid[..., 0] * grid[..., 1] * grid[..., 2]  # [batch, images]
+  starts = jnp.cumsum(sizes, axis=-1) - sizes  # [batch, images]
+  slot = jnp.maximum(patch_image_ids - 1, 0)  # [batch, patches]
+  start = jnp.take_along_axis(starts, slot, axis=1)
+  height = jnp.take_along_axis(grid[..., 1], slot, axis=1)
+  width = jnp.take_along_axis(grid[..., 2], slot, axis=1)
+  index = jnp.arange(patch_image_ids.shape[1], dtype=jnp.int32)[None, :] - start
+  frame_size = jnp.maximum(height * width, 1)
+  frame, in_frame = index // frame_size, index % frame_size
+  block, in_block = in_frame // (merge * merge), in_frame % (merge * merge)
+  blocks_per_row = jnp.maximum(width // merge, 1)
+  block_row, block_col = block // blocks_per_row, block % blocks_per_row
+  window = max(config.window_merged_tokens, 1)
+  valid = patch_image_ids > 0
+  zero = jnp.zeros_like(index)
+  return PatchLayout(
+      image=patch_image_ids,
+      frame=jnp.where(valid, frame, zero),
+      row=jnp.where(valid, block_row * merge + in_block // merge, zero),
+      col=jnp.where(valid, block_col * merge + in_block % merge, zero),
+      window_row=jnp.where(valid, block_row // window, zero),
+      window_col=jnp.where(valid, block_col // window, zero),
+  )
+
+
+def attention_masks(layout: PatchLayout) -> tuple[jax.Array, jax.Array]:
+  """(full, windowed) bool masks [batch, patches, patches]: same image frame (and same window)."""
+  def same(x):
+    return x[:, :, None] == x[:, None, :]
+  full = same(layout.image) & same(layout.frame)
+  windowed = full & same(layout.window_row) & same(layout.window_col)
+  return full, windowed
+
+
+def rotary_tables(layout: PatchLayout, config: VisionConfig) -> tuple[jax.Array, jax.Array]:
+  """2-D rotary cos/sin [batch, patches, head_dim]: half the frequencies for rows, half for columns."""
+  inv_freq = jnp.asarray(inverse_frequencies(config.head_dim // 2, config.rope_theta))
+  freqs_row = layout.row.astype(jnp.float32)[..., None] * inv_freq
+  freqs_col = layout.col.astype(jnp.float32)[..., None] * inv_freq
+  angles = jnp.concatenate([freqs_row, freqs_col], axis=-1)
+  angles = jnp.concatenate([angles, angles], axis=-1)
+  return jnp.cos(angles), jnp.sin(angles)
+
+
+class VisionAttention(nn.Module):
+  """Multi-head self-attention with fused qkv and 2-D rotary."""
+  config: ModelConfig
+
+  @nn.compact
+  def __call__(self, x, cos, sin, mask):
+    vision, dtype, param_dtype = self.config.vision, dtype_of(self.config.dtype), dtype_of(
+        self.config.param_dtype)
+    batch, patches, _ = x.shape
+    qkv = Linear((3, vision.hidden_size), ("embed", None, "heads"), dtype=dtype,
+                 param_dtype=param_dtype, name="qkv")(x)  # [batch, patches, 3, width]
+    qkv = qkv.reshape(batch, patches, 3, vision.num_heads, vision.head_dim)
+    query, key, value = qkv[:, :, 0], qkv[:, :, 1], qkv[:, :, 2]
+    query, key = apply_rotary(query, cos, sin), apply_rotary(key, cos, sin)
+    out = dot_product_attention(query, key, value, mask, dtype)
+    out = out.reshape(batch, patches, vision.hidden_size)
+    return Linear((vision.hidden_size,), ("heads", "embed"), dtype=dtype, param_dtype=param_dtype,
+                  name="proj")(out)
+
+
+class VisionMLP(nn.Module):
+  """SwiGLU with biases (Qwen2.5-VL) or fc1 -> act -> fc2 (Qwen2-VL)."""
+  config: ModelConfig
+
+  @nn.compact
+  def __call__(self, x):
+    vision = self.config.vision
+    kw = dict(dtype=dtype_of(self.config.dtype), param_dtype=dtype_of(self.config.param_dtype))
+    if self.config.family == "qwen2_5_vl":
+      gate = Linear((vision.intermediate_size,), ("embed", "mlp"), name="gate_proj", **kw)(x)
+      up = Linear((vision.intermediate_size,), ("embed", "mlp"), name="up_proj", **kw)(x)
+      hidden = activation(vision.hidden_act, gate) * up
+      return Linear((vision.hidden_size,), ("mlp", "embed"), name="down_proj", **kw)(hidden)
+    hidden = Linear((vision.intermediate_size,), ("embed", "mlp"), name="fc1", **kw)(x)
+    hidden = activation(vision.hidden_act, hidden)
+    return Linear((vision.hidden_size,), ("mlp", "embed"), name="fc2", **kw)(hidden)
+
+
+def _norm(config: ModelConfig, name: str) -> nn.Module:
+  kw = dict(eps=config.vision.norm_eps, dtype=dtype_of(config.dtype),
+            param_dtype=dtype_of(config.param_dtype), name=name)
+  return RMSNorm(**kw) if config.family == "qwen2_5_vl" else LayerNorm(**kw)
+
+
+class VisionBlock(nn.Module):
+  """Pre-norm block; `use_full_attention` picks the full or windowed mask (a traced bool under scan)."""
+  config: ModelConfig
+
+  @nn.compact
+  def __call__(self, x, cos, sin, full_mask, window_mask, use_full_attention):
+    mask = jnp.where(use_full_attention, full_mask, window_mask)
+    x = x + VisionAttention(self.config, name="attn")(_norm(self.config, "norm1")(x), cos, sin, mask)
+    x = x + VisionMLP(self.config, name="mlp")(_norm(self.config, "norm2")(x))
+    x = nn.with_logical_constraint(x, ("batch", "patches", "act_embed"))
+    return checkpoint_name(x, "block_out"), None
+
+
+class PatchMerger(nn.Module):
+  """Norm, then groups of merge**2 consecutive patches -> one LLM token through a GELU MLP."""
+  config: ModelConfig
+
+  @nn.compact
+  def __call__(self, x):
+    vision = self.config.vision
+    kw = dict(dtype=dtype_of(self.config.dtype), param_dtype=dtype_of(self.config.param_dtype))
+    batch, patches, width = x.shape
+    unit = vision.spatial_merge_size**2
+    x = _norm(self.config, "ln_q")(x).reshape(batch, patches // unit, unit * width)
+    x = Linear((unit * width,), ("mlp", "mlp_out"), name="mlp_0", **kw)(x)
+    x = activation("gelu", x)
+    return Linear((vision.out_hidden_size,), ("mlp", "embed"), name="mlp_2", **kw)(x)
+
+
+class VisionTower(nn.Module):
+  """Patches [batch, patches, 1176] -> merged visual tokens [batch, patches // 4, llm_width]."""
+  config: ModelConfig
+
+  @nn.compact
+  def __call__(self, pixel_patches, patch_image_ids, image_grid_thw):
+    config, vision = self.config, self.config.vision
+    batch, patches, _ = pixel_patches.shape
+    if patches % (vision.spatial_merge_size**2):
+      raise ValueError(f"pixel_patches holds {patches} patches per row, not a multiple of "
+                       f"{vision.spatial_merge_size**2}")
+    kw = dict(dtype=dtype_of(config.dtype), param_dtype=dtype_of(config.param_dtype))
+    layout = patch_layout(patch_image_ids, image_grid_thw, vision)
+    full_mask, window_mask = attention_masks(layout)
+    cos, sin = rotary_tables(layout, vision)
+    # Patch embedding: a Conv3d whose stride equals its kernel is a linear map of the patch vector.
+    x = Linear((vision.hidden_size,), ("patch", "embed"), use_bias=False, name="patch_embed",
+               **kw)(pixel_patches)
+    x = nn.with_logical_constraint(x, ("batch", "patches", "act_embed"))
+    windowed = config.family == "qwen2_5_vl" and vision.window_size > 0
+    use_full = [not windowed or i in vision.fullatt_block_indexes for i in range(vision.depth)]
+    block = remat.wrap(VisionBlock, config.remat_policy, config.scan_layers)
+    if config.scan_layers:
+      stack = nn.scan(block, variable_axes={"params": 0}, split_rngs={"params": True},
+                      in_axes=(nn.broadcast,) * 4 + (0,), length=vision.depth,
+                      metadata_params={nn.PARTITION_NAME: "layers"})
+      x, _ = stack(config, name="blocks")(x, cos, sin, full_mask, window_mask,
+                                          jnp.asarray(use_full))
+    else:
+      for i in range(vision.depth):
+        x, _ = block(config, name=f"blocks_{i}")(x, cos, sin, full_mask, window_mask, use_full[i])
+    merged = PatchMerger(config, name="merger")(x)
+    return nn.with_logical_constraint(merged, ("batch", "length", "act_embed"))
