@@ -52,8 +52,8 @@ def mrope_positions(input_ids, grid_thw, image_token_id: int, spatial_merge_size
 
   m = spatial_merge_size
   positions = np.zeros((3, n), np.int32)  # [3, n]
-  image_index = np.flatnonzero(input_ids == image_token_id)
-  is_image = input_ids == image_token_id
+  is_image = input_ids == image_token_id  # [n]
+  image_index = np.flatnonzero(is_image)
   cur = 0  # position of the next text token
   p = 0  # next token index to place
   q = 0  # image tokens consumed so far (index into image_index)

@@ -1,0 +1,123 @@
+"""The PyTorch side for downstream users: embed rows with an exported directory and transformers.
+
+    embed = mmembed_jax.torch_embed.load("exported/")
+    vectors = embed([{"text": "a red circle", "image": "circle.png"}])  # np.ndarray [1, d]
+
+The same rows, preprocessing, M-RoPE positions, attention mode and pooling as the JAX model
+(recorded in the directory's mmembed.json); the network is transformers' own
+`Qwen2(_5)VLModel`. Bidirectional attention is a padding-only 4-D mask handed to its layers.
+torch is imported only when `load` is called.
+"""
+import json
+import os
+from typing import Any, Callable, Optional, Sequence
+
+import numpy as np
+
+from mmembed_jax.data import images as images_lib
+from mmembed_jax.data import rows as rows_lib
+
+
+def _pool(hidden, valid, method: str):
+  """hidden [batch, length, embed] (torch) -> L2-normalised [batch, embed] numpy."""
+  import torch  # pylint: disable=g-import-not-at-top
+  hidden = hidden.float()
+  if method == "last":
+    length = valid.shape[1]
+    last = length - 1 - torch.argmax(torch.flip(valid, dims=[1]).int(), dim=1)
+    pooled = hidden[torch.arange(hidden.shape[0]), last]
+  elif method == "mean":
+    weights = valid.float()[..., None]
+    pooled = (hidden * weights).sum(1) / weights.sum(1).clamp(min=1.0)
+  else:
+    raise ValueError(f"torch_embed supports pooling 'mean' or 'last', got '{method}'")
+  return torch.nn.functional.normalize(pooled, dim=-1, eps=1e-12).numpy()
+
+
+def forward_hidden(model: Any, input_ids: np.ndarray, valid: np.ndarray, positions: np.ndarray,
+                   pixel_values: Optional[np.ndarray], image_grid_thw: Optional[np.ndarray],
+                   attention: str):
+  """transformers' final hidden states [batch, length, embed] for one padded batch.
+
+  input_ids, valid [batch, length]; positions [batch, 3, length]; pixel_values [patches, 1176].
+  """
+  import torch  # pylint: disable=g-import-not-at-top
+  valid_t = torch.as_tensor(valid).bool()
+  if attention == "causal":
+    mask = valid_t.long()
+  elif attention == "bidirectional":
+    batch, length = valid.shape
+    dtype = next(model.parameters()).dtype
+    keep = valid_t[:, None, None, :].expand(batch, 1, length, length)
+    mask = {"full_attention": torch.where(keep, 0.0, torch.finfo(dtype).min).to(dtype)}
+  else:
+    raise ValueError(f"attention must be 'causal' or 'bidirectional', got '{attention}'")
+  kwargs = {}
+  if pixel_values is not None and len(pixel_values):
+    kwargs = dict(pixel_values=torch.as_tensor(pixel_values),
+                  image_grid_thw=torch.as_tensor(image_grid_thw))
+  with torch.no_grad():
+    out = model.model(input_ids=torch.as_tensor(input_ids).long(), attention_mask=mask,
+                      position_ids=torch.as_tensor(positions).long().permute(1, 0, 2), **kwargs)
+  return out.last_hidden_state
+
+
+class TorchEmbedder:
+  """Callable: list of rows -> np.ndarray [n, embed] (L2-normalised)."""
+
+  def __init__(self, model: Any, tokenizer: Any, image_config: images_lib.ImageProcessingConfig,
+               attention: str, pooling: str, max_length: int, batch_size: int):
+    self.model, self.tokenizer, self.image_config = model, tokenizer, image_config
+    self.attention, self.pooling = attention, pooling
+    self.max_length, self.batch_size = max_length, batch_size
+
+  def __call__(self, rows: Sequence[dict], base_dir: Optional[str] = None) -> np.ndarray:
+    """Embeds rows of the row convention; relative image paths resolve against base_dir."""
+    encoded = [rows_lib.encode_row(row, self.tokenizer, self.image_config, self.max_length,
+                                   base_dir, where=f"row {i + 1}") for i, row in enumerate(rows)]
+    out = []
+    for start in range(0, len(encoded), self.batch_size):
+      chunk = encoded[start:start + self.batch_size]
+      length = max(row.num_tokens for row in chunk)
+      input_ids = np.full((len(chunk), length), self.tokenizer.pad_token_id or 0, np.int64)
+      valid = np.zeros((len(chunk), length), bool)
+      positions = np.zeros((len(chunk), 3, length), np.int64)
+      for i, row in enumerate(chunk):
+        input_ids[i, :row.num_tokens] = row.input_ids
+        valid[i, :row.num_tokens] = True
+        positions[i, :, :row.num_tokens] = row.positions
+      patches = [row.patches for row in chunk if row.num_images]
+      grids = [row.grid_thw for row in chunk if row.num_images]
+      hidden = forward_hidden(self.model, input_ids, valid, positions,
+                              np.concatenate(patches) if patches else None,
+                              np.concatenate(grids) if grids else None, self.attention)
+      import torch  # pylint: disable=g-import-not-at-top
+      out.append(_pool(hidden, torch.as_tensor(valid), self.pooling))
+    return np.concatenate(out)
+
+
+def load(export_dir: str, *, attention: Optional[str] = None, pooling: Optional[str] = None,
+         dtype: str = "float32", max_length: int = 8192, batch_size: int = 8) -> Callable:
+  """Loads an exported directory with transformers; options default to its mmembed.json."""
+  import torch  # pylint: disable=g-import-not-at-top
+  import transformers  # pylint: disable=g-import-not-at-top
+  record = {}
+  record_path = os.path.join(export_dir, "mmembed.json")
+  if os.path.exists(record_path):
+    with open(record_path) as f:
+      record = json.load(f)
+  config = transformers.AutoConfig.from_pretrained(export_dir)
+  classes = {"qwen2_5_vl": transformers.Qwen2_5_VLForConditionalGeneration,
+             "qwen2_vl": transformers.Qwen2VLForConditionalGeneration}
+  if config.model_type not in classes:
+    raise ValueError(f"{export_dir}/config.json: model_type '{config.model_type}' is not Qwen2(.5)-VL")
+  model = classes[config.model_type].from_pretrained(
+      export_dir, dtype=getattr(torch, dtype), attn_implementation="eager").eval()
+  tokenizer = transformers.AutoTokenizer.from_pretrained(export_dir)
+  preprocessor = os.path.join(export_dir, "preprocessor_config.json")
+  image_config = (images_lib.ImageProcessingConfig.from_preprocessor_config(preprocessor)
+                  if os.path.exists(preprocessor) else images_lib.ImageProcessingConfig())
+  return TorchEmbedder(model, tokenizer, image_config,
+                       attention=attention or record.get("attention", "causal"),
+                       pooling=pooling or record.get("pooling", "last"),
+                       max_length=max_length, batch_size=batch_size)

@@ -1,0 +1,136 @@
+"""The Flax backbone equals transformers' PyTorch model (the oracle), fp32, max abs diff <= 1e-4.
+
+Inputs that would expose a mistake: a text-only row, rows with one or two images of odd
+sizes and aspect ratios (several attention windows, partial windows), right padding.
+Bidirectional mode is made honestly on the PyTorch side: a padding-only 4-D mask given to
+transformers' own layers, with positions from transformers' own get_rope_index.
+"""
+import numpy as np
+import pytest
+import torch
+import transformers
+
+from mmembed_jax.convert.hf_import import import_hf
+from mmembed_jax.data import collate as collate_lib
+from mmembed_jax.data import rows as rows_lib
+from mmembed_jax.data.images import ImageProcessingConfig
+from mmembed_jax.models.pooling import pool
+from mmembed_jax.models.vlm import VisionLanguageModel
+from mmembed_jax.convert.torch_embed import forward_hidden
+
+from conftest import TEST_PIXELS
+
+TOLERANCE = 1e-4
+ROWS = [
+    {"text": "a small plain text row about red circles"},
+    {"text": "<image> a wide picture of a blue square", "image": "wide.png"},
+    {"text": "left <image> and right <image> compared", "images": ["tall.png", "small.png"]},
+    {"text": "a square page", "image": "square.png"},
+]
+
+
+def _hf_model(model_dir):
+  config = transformers.AutoConfig.from_pretrained(model_dir)
+  cls = {"qwen2_5_vl": transformers.Qwen2_5_VLForConditionalGeneration,
+         "qwen2_vl": transformers.Qwen2VLForConditionalGeneration}[config.model_type]
+  return cls.from_pretrained(model_dir, attn_implementation="eager", dtype=torch.float32).eval()
+
+
+def _encode(tokenizer, image_dir):
+  image_config = ImageProcessingConfig(**TEST_PIXELS)
+  encoded = [rows_lib.encode_row(row, tokenizer, image_config, 512, image_dir) for row in ROWS]
+  length, patches, images = collate_lib.bucket_sizes(encoded)
+  return encoded, collate_lib.collate(encoded, tokenizer.pad_token_id, length + 5, patches, images)
+
+
+def _torch_reference(model, batch, encoded, attention):
+  """transformers' hidden states [batch, length, embed], positions from its own get_rope_index."""
+  input_ids = torch.as_tensor(batch["input_ids"]).long()
+  valid = batch["segment_ids"] > 0
+  grids = np.concatenate([row.grid_thw for row in encoded if row.num_images])
+  pixels = np.concatenate([row.patches for row in encoded if row.num_images])
+  image_token = model.config.image_token_id
+  positions, _ = model.model.get_rope_index(
+      input_ids, mm_token_type_ids=(input_ids == image_token).long(),
+      image_grid_thw=torch.as_tensor(grids), attention_mask=torch.as_tensor(valid).long())
+  positions = positions.permute(1, 0, 2).numpy() * valid[:, None, :]
+  np.testing.assert_array_equal(positions, batch["positions"])  # our M-RoPE positions agree
+  hidden = forward_hidden(model, batch["input_ids"], valid, positions, pixels, grids, attention)
+  return hidden
+
+
+@pytest.mark.parametrize("family", ["qwen2_5_vl", "qwen2_vl"])
+@pytest.mark.parametrize("attention", ["causal", "bidirectional"])
+def test_hidden_states_and_embeddings_match_transformers(family, attention, tiny_hf_dirs, tokenizer,
+                                                         image_dir):
+  model = _hf_model(tiny_hf_dirs[family])
+  encoded, batch = _encode(tokenizer, image_dir)
+  reference = _torch_reference(model, batch, encoded, attention)
+  config, params = import_hf(tiny_hf_dirs[family], attention=attention)
+  hidden = np.asarray(VisionLanguageModel(config).apply({"params": params}, batch))
+  valid = batch["segment_ids"] > 0
+  hidden_error = np.abs(hidden - reference.numpy())[valid].max()
+  print(f"{family} {attention}: hidden max abs diff {hidden_error:.2e}")
+  assert hidden_error <= TOLERANCE
+  for pooling in ("mean", "last"):
+    ours = np.asarray(pool(hidden, batch["segment_ids"], pooling))
+    theirs = _pool_torch(reference, valid, pooling)
+    assert np.abs(ours - theirs).max() <= TOLERANCE, pooling
+
+
+def _pool_torch(hidden, valid, pooling):
+  """Pooling written independently of ours, in torch, from the definitions."""
+  rows = []
+  for i in range(hidden.shape[0]):
+    tokens = hidden[i][torch.as_tensor(valid[i])]
+    vector = tokens.mean(0) if pooling == "mean" else tokens[-1]
+    rows.append(vector / vector.norm())
+  return torch.stack(rows).numpy()
+
+
+@pytest.mark.parametrize("family", ["qwen2_5_vl", "qwen2_vl"])
+def test_causal_lm_logits_match_transformers(family, tiny_hf_dirs, tokenizer, image_dir):
+  model = _hf_model(tiny_hf_dirs[family])
+  encoded, batch = _encode(tokenizer, image_dir)
+  hidden = _torch_reference(model, batch, encoded, "causal")
+  with torch.no_grad():
+    reference = model.lm_head(hidden).numpy()
+  config, params = import_hf(tiny_hf_dirs[family], attention="causal")
+  logits = np.asarray(VisionLanguageModel(config).apply({"params": params}, batch, method="logits"))
+  valid = batch["segment_ids"] > 0
+  assert np.abs(logits - reference)[valid].max() <= TOLERANCE
+
+
+def test_scanned_layers_equal_unrolled(tiny_hf_dirs, tokenizer, image_dir):
+  _, batch = _encode(tokenizer, image_dir)
+  outputs = []
+  for scan in (False, True):
+    config, params = import_hf(tiny_hf_dirs["qwen2_5_vl"], attention="bidirectional",
+                               scan_layers=scan)
+    outputs.append(np.asarray(VisionLanguageModel(config).apply({"params": params}, batch)))
+  valid = batch["segment_ids"] > 0
+  assert np.abs(outputs[0] - outputs[1])[valid].max() <= 1e-5
+
+
+def test_attention_mode_changes_outputs(tiny_hf_dirs, tokenizer, image_dir):
+  """Guards the parity test: the two modes must differ, so each comparison proves its mask."""
+  _, batch = _encode(tokenizer, image_dir)
+  hidden = {}
+  for attention in ("causal", "bidirectional"):
+    config, params = import_hf(tiny_hf_dirs["qwen2_5_vl"], attention=attention)
+    hidden[attention] = np.asarray(VisionLanguageModel(config).apply({"params": params}, batch))
+  valid = batch["segment_ids"] > 0
+  assert np.abs(hidden["causal"] - hidden["bidirectional"])[valid].max() > 1e-2
+
+
+def test_padding_does_not_change_real_tokens(tiny_hf_dirs, tokenizer, image_dir):
+  """More padding (tokens and patches) leaves every real position unchanged."""
+  encoded, batch = _encode(tokenizer, image_dir)
+  length, patches, images = batch["input_ids"].shape[1], batch["pixel_patches"].shape[1], 2
+  wider = collate_lib.collate(encoded, tokenizer.pad_token_id, length + 16, patches + 64, images + 1)
+  config, params = import_hf(tiny_hf_dirs["qwen2_5_vl"], attention="bidirectional")
+  model = VisionLanguageModel(config)
+  base = np.asarray(model.apply({"params": params}, batch))
+  padded = np.asarray(model.apply({"params": params}, wider))[:, :length]
+  valid = batch["segment_ids"] > 0
+  assert np.abs(base - padded)[valid].max() <= 1e-5
