@@ -1,0 +1,55 @@
+"""Train with a recipe config: on a TPU pod with a real config, on any laptop with a demo one.
+
+  python launch/tpu_train.py --config configs/mlm_demo.py --workdir runs/demo [--config.total_steps=50]
+
+Rerunning the same command resumes from the workdir's latest checkpoint.
+"""
+import logging
+import os
+import sys
+
+from absl import app, flags
+from absl import logging as absl_logging
+from ml_collections import config_flags
+
+_CONFIG = config_flags.DEFINE_config_file("config", None, "Recipe config file, e.g. configs/moca.py:size=demo.",
+                                          lock_config=True)
+_WORKDIR = flags.DEFINE_string("workdir", None, "Directory for checkpoints, metrics and TensorBoard logs.")
+_DISTRIBUTED = flags.DEFINE_bool("distributed", None,
+                                 "Call jax.distributed.initialize() (default: when on a multi-host TPU).")
+
+
+def _parse_flags(argv):
+  """absl flag parsing, with a bad --config.* override reported as one error line."""
+  try:
+    return flags.FLAGS(argv)
+  except (AttributeError, KeyError) as e:
+    field = str(e).strip("\"'")
+    print(f"error: unknown config field '{field}' in a --config.* override", file=sys.stderr)
+    sys.exit(2)
+  except flags.Error as e:
+    print(f"error: {e}", file=sys.stderr)
+    sys.exit(2)
+
+
+def main(argv):
+  del argv
+  logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(message)s")
+  absl_logging.set_verbosity(absl_logging.WARNING)  # Orbax logs every file it writes at INFO
+  import jax  # pylint: disable=g-import-not-at-top
+  distributed = _DISTRIBUTED.value
+  if distributed is None:
+    distributed = bool(os.environ.get("TPU_WORKER_HOSTNAMES", "").count(","))
+  if distributed:
+    jax.distributed.initialize()
+  from mmembed_jax.training.trainer import train  # pylint: disable=g-import-not-at-top
+  try:
+    train(_CONFIG.value, _WORKDIR.value)
+  except (ValueError, FileNotFoundError) as e:
+    print(f"error: {e}", file=sys.stderr)
+    sys.exit(2)
+
+
+if __name__ == "__main__":
+  flags.mark_flags_as_required(["config", "workdir"])
+  app.run(main, flags_parser=_parse_flags)

@@ -1,0 +1,76 @@
+"""Config sections -> objects: the model architecture, the objective and the input pipeline.
+
+Each recipe names its objective and input by `name`; new recipes register a builder here.
+"""
+import os
+from typing import Any, Callable
+
+import ml_collections
+
+from mmembed_jax.models.config import ModelConfig
+from mmembed_jax.models.presets import preset_config
+
+
+def is_hf_dir(path: str) -> bool:
+  """True for a Hugging Face model directory (it holds config.json)."""
+  from etils import epath  # pylint: disable=g-import-not-at-top
+  return bool(path) and (epath.Path(path) / "config.json").exists()
+
+
+def build_model_config(config: ml_collections.ConfigDict) -> ModelConfig:
+  """The architecture from `init_from` when it is an HF directory, else from `model.preset`."""
+  options = dict(attention=config.model.attention, dtype=config.model.dtype,
+                 param_dtype=config.model.param_dtype, scan_layers=config.model.scan_layers,
+                 remat_policy=config.model.remat_policy)
+  if is_hf_dir(config.init_from):
+    from mmembed_jax.convert.hf_import import model_config  # pylint: disable=g-import-not-at-top
+    return model_config(config.init_from, **options)
+  return preset_config(config.model.preset, **options)
+
+
+def _fields(section: ml_collections.ConfigDict) -> dict:
+  fields = section.to_dict()
+  fields.pop("name")
+  return fields
+
+
+def _checked(builder: Callable, section: ml_collections.ConfigDict, what: str, *args) -> Any:
+  try:
+    return builder(*args, **_fields(section))
+  except TypeError as e:
+    raise ValueError(f"{what} '{section.name}': bad fields {sorted(_fields(section))}: {e}") from e
+
+
+def _masked_lm(model_config: ModelConfig, mask_prob: float = 0.15, mask_token_id: int = -1):
+  from mmembed_jax.objectives.masked_lm import make_masked_lm  # pylint: disable=g-import-not-at-top
+  if mask_token_id < 0:
+    mask_token_id = model_config.text.vocab_size - 1
+  return make_masked_lm(model_config, mask_token_id, mask_prob)
+
+
+def _synthetic_tokens(model_config: ModelConfig, seed: int, global_batch_size: int, length: int):
+  from mmembed_jax.data.synthetic_tokens import synthetic_token_dataset  # pylint: disable=g-import-not-at-top
+  return synthetic_token_dataset(global_batch_size, length, model_config.text.vocab_size - 16, seed)
+
+
+OBJECTIVES = {"masked_lm": _masked_lm}
+INPUTS = {"synthetic_tokens": _synthetic_tokens}
+
+
+def build_objective(config: ml_collections.ConfigDict, model_config: ModelConfig) -> Callable:
+  """fn(params, batch, rng) -> (loss, metrics) named by `config.objective.name`."""
+  if config.objective.name not in OBJECTIVES:
+    raise ValueError(f"unknown objective '{config.objective.name}', expected one of {sorted(OBJECTIVES)}")
+  return _checked(OBJECTIVES[config.objective.name], config.objective, "objective", model_config)
+
+
+def build_input(config: ml_collections.ConfigDict, model_config: ModelConfig) -> Any:
+  """This process's Grain iterator dataset of batches, named by `config.input.name`."""
+  if config.input.name not in INPUTS:
+    raise ValueError(f"unknown input '{config.input.name}', expected one of {sorted(INPUTS)}")
+  return _checked(INPUTS[config.input.name], config.input, "input", model_config, config.seed)
+
+
+def checkpoint_dir(workdir: str) -> str:
+  """Where a run's checkpoints live."""
+  return os.path.join(workdir, "checkpoints")

@@ -1,0 +1,64 @@
+"""Orbax checkpoints of a run: params, optimiser state, RNG and the data iterator, as separate items.
+
+Saves are asynchronous; `keep` last checkpoints are kept plus every `keep_period`-th. A
+restore takes the target shardings, so a run can continue on a different mesh. Orbax writes
+into a temporary directory and renames it when complete: a crash or kill mid-save leaves the
+previous checkpoint as the latest.
+"""
+from typing import Any, Optional
+
+import jax
+import ml_collections
+from etils import epath
+import orbax.checkpoint as ocp
+
+from mmembed_jax.training.train_step import TrainState
+
+
+def make_manager(directory: str, ckpt: ml_collections.ConfigDict) -> ocp.CheckpointManager:
+  """A CheckpointManager saving every `ckpt.every` steps (and whenever forced)."""
+  options = ocp.CheckpointManagerOptions(
+      save_interval_steps=ckpt.every, max_to_keep=ckpt.keep,
+      keep_period=ckpt.keep_period or None, enable_async_checkpointing=ckpt.use_async,
+      cleanup_tmp_directories=True)
+  return ocp.CheckpointManager(directory, options=options)
+
+
+def save(manager: ocp.CheckpointManager, state: TrainState, data_state: Optional[dict],
+         force: bool = False) -> bool:
+  """Starts saving `state` (and the iterator state) at its step; returns whether a save started."""
+  step = int(jax.device_get(state.step))
+  items = dict(params=ocp.args.StandardSave(state.params),
+               opt_state=ocp.args.StandardSave(state.opt_state),
+               rng=ocp.args.StandardSave({"step": state.step, "rng": state.rng}))
+  if data_state is not None:
+    items["data"] = ocp.args.JsonSave(data_state)
+  return manager.save(step, args=ocp.args.Composite(**items), force=force)
+
+
+def restore(manager: ocp.CheckpointManager, abstract_state: TrainState, step: Optional[int] = None,
+            with_data: bool = True) -> tuple[TrainState, Optional[dict]]:
+  """Restores onto the shardings carried by `abstract_state` (ShapeDtypeStructs with .sharding)."""
+  step = manager.latest_step() if step is None else step
+  items = dict(params=ocp.args.StandardRestore(abstract_state.params),
+               opt_state=ocp.args.StandardRestore(abstract_state.opt_state),
+               rng=ocp.args.StandardRestore({"step": abstract_state.step, "rng": abstract_state.rng}))
+  has_data = with_data and (epath.Path(manager.directory) / str(step) / "data").exists()
+  if has_data:
+    items["data"] = ocp.args.JsonRestore()
+  restored = manager.restore(step, args=ocp.args.Composite(**items))
+  state = TrainState(step=restored["rng"]["step"], params=restored["params"],
+                     opt_state=restored["opt_state"], rng=restored["rng"]["rng"])
+  return state, (restored["data"] if has_data else None)
+
+
+def restore_params(directory: str, abstract_params: Any, step: Optional[int] = None) -> Any:
+  """Only the params of another run's checkpoint (for `init_from`), resharded to abstract_params."""
+  with ocp.CheckpointManager(directory, options=ocp.CheckpointManagerOptions(read_only=True)
+                             ) as manager:
+    step = manager.latest_step() if step is None else step
+    if step is None:
+      raise FileNotFoundError(f"init_from={directory}: no checkpoint found")
+    restored = manager.restore(step, args=ocp.args.Composite(
+        params=ocp.args.StandardRestore(abstract_params)))
+    return restored["params"]

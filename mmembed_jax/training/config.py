@@ -1,0 +1,71 @@
+"""Every field a training config may hold, with defaults, and its validation before anything compiles.
+
+Recipes (configs/*.py) start from `default_config()` and override fields; the `objective` and
+`input` sections are free-form (each builder checks its own fields).
+"""
+import math
+from typing import Any
+
+import ml_collections
+
+from mmembed_jax.parallel.mesh import MESH_AXES, resolve_axis_sizes, num_slices
+from mmembed_jax.parallel.sharding import DEFAULT_RULES
+
+FREE_FORM = ("objective", "input")
+
+
+def default_config() -> ml_collections.ConfigDict:
+  """The schema: all known fields with their defaults."""
+  c = ml_collections.ConfigDict()
+  c.seed = 0
+  c.total_steps = 100
+  c.init_from = ""  # "" (random), an HF model directory, or another run's workdir
+  c.log_every = 10
+  c.model = dict(preset="tiny_qwen2_5_vl", attention="bidirectional", dtype="float32",
+                 param_dtype="float32", scan_layers=False, remat_policy="none")
+  c.objective = dict(name="masked_lm")
+  c.input = dict(name="synthetic_tokens", global_batch_size=16, length=64)
+  c.mesh = dict(ici=dict(data=-1, fsdp=1, tensor=1), dcn=dict(data=-1, fsdp=1, tensor=1))
+  c.sharding = dict(rules=[list(rule) for rule in DEFAULT_RULES], max_replicated_share=0.6,
+                    min_replicated_size=2**20)
+  c.optimizer = dict(lr=1e-4, warmup_ratio=0.1, decay="linear", end_lr_ratio=0.0, b1=0.9, b2=0.999,
+                     eps=1e-8, weight_decay=0.01, max_grad_norm=1.0, freeze="")
+  c.grad_accum_steps = 1
+  c.checkpoint = dict(every=50, keep=3, keep_period=0, use_async=True)
+  return c
+
+
+def _unknown_fields(config: Any, schema: Any, prefix: str = "") -> list[str]:
+  unknown = []
+  for key in config.keys():
+    name = prefix + key
+    if key not in schema:
+      unknown.append(name)
+    elif name not in FREE_FORM + ("mesh.ici", "mesh.dcn") and isinstance(
+        schema[key], ml_collections.ConfigDict):
+      unknown += _unknown_fields(config[key], schema[key], name + ".")
+  return unknown
+
+
+def validate(config: ml_collections.ConfigDict, devices: list) -> None:
+  """Raises ValueError (one line) on unknown fields, a mesh that doesn't fit, a bad batch size."""
+  unknown = _unknown_fields(config, default_config())
+  if unknown:
+    raise ValueError(f"unknown config field(s): {', '.join(unknown)}")
+  if config.total_steps <= 0:
+    raise ValueError(f"total_steps must be positive, got {config.total_steps}")
+  slices = num_slices(devices)
+  dcn = resolve_axis_sizes(config.mesh.dcn, slices, "mesh.dcn")
+  ici = resolve_axis_sizes(config.mesh.ici, len(devices) // slices, "mesh.ici")
+  sizes = dict(zip(MESH_AXES, (a * b for a, b in zip(ici, dcn))))
+  data_parallel = sizes["data"] * sizes["fsdp"]
+  batch = config.input.global_batch_size
+  if batch % data_parallel:
+    raise ValueError(f"input.global_batch_size={batch} is not divisible by the data-parallel size "
+                     f"{data_parallel} (mesh data={sizes['data']} x fsdp={sizes['fsdp']})")
+  accum = config.grad_accum_steps
+  if accum < 1 or batch % (accum * data_parallel):
+    raise ValueError(f"grad_accum_steps={accum}: global batch {batch} must split into {accum} "
+                     f"micro-batches divisible by the data-parallel size {data_parallel}")
+  if math.prod(sizes.values()) != len(devices):
+    raise ValueError(f"mesh {sizes} does not match the {len(devices)} devices")

@@ -1,0 +1,68 @@
+"""Analytic training FLOPs (vision tower and attention included) and MFU against chip peaks.
+
+Compiler FLOP counts are wrong under `nn.scan` (a loop body is counted once, see
+shared/TPU_NOTES.md), so the count is analytic, MaxText style: 2 FLOPs per multiply-add,
+backward = 2x forward.
+"""
+from typing import Optional
+
+import jax
+
+from mmembed_jax.models.config import ModelConfig
+
+# Dense bf16 peak FLOP/s per chip.
+PEAK_FLOPS = {"v4": 275e12, "v5e": 197e12, "v5p": 459e12, "v6e": 918e12}
+
+
+def chip_name(device: jax.Device) -> Optional[str]:
+  """'v4' / 'v5e' / 'v5p' / 'v6e' from a TPU's device_kind; None elsewhere."""
+  kind = device.device_kind.lower()
+  if device.platform != "tpu":
+    return None
+  if "v6" in kind:
+    return "v6e"
+  if "v5" in kind:
+    return "v5e" if ("lite" in kind or "v5e" in kind) else "v5p"
+  if "v4" in kind:
+    return "v4"
+  return None
+
+
+def peak_flops_per_device(device: jax.Device) -> Optional[float]:
+  """The chip's peak bf16 FLOP/s, or None when unknown (e.g. CPU: no MFU is reported)."""
+  return PEAK_FLOPS.get(chip_name(device) or "")
+
+
+def llm_forward_flops(config: ModelConfig, tokens: int, length: int, with_lm_head: bool) -> float:
+  """Forward FLOPs of the LLM on `tokens` tokens in rows of `length` (attention over the row)."""
+  t = config.text
+  kv = t.num_kv_heads * t.head_dim
+  per_token = 2 * t.hidden_size * (t.hidden_size + 2 * kv)  # q, k, v
+  per_token += 2 * t.hidden_size * t.hidden_size  # o
+  per_token += 2 * 3 * t.hidden_size * t.intermediate_size  # gate, up, down
+  per_token += 2 * 2 * length * t.hidden_size  # scores and weighted sum
+  total = tokens * per_token * t.num_layers
+  if with_lm_head:
+    total += tokens * 2 * t.hidden_size * t.vocab_size
+  return float(total)
+
+
+def vision_forward_flops(config: ModelConfig, patches: int, patches_per_row: int) -> float:
+  """Forward FLOPs of the vision tower on `patches` patches (attention span = the row's buffer)."""
+  v = config.vision
+  mlp = 3 if config.family == "qwen2_5_vl" else 2
+  per_patch = 2 * v.patch_dim * v.hidden_size
+  block = 2 * 4 * v.hidden_size**2 + 2 * mlp * v.hidden_size * v.intermediate_size
+  block += 2 * 2 * patches_per_row * v.hidden_size
+  per_patch += v.depth * block
+  merged = v.hidden_size * v.spatial_merge_size**2
+  per_patch += 2 * (merged * merged + merged * v.out_hidden_size) / v.spatial_merge_size**2
+  return float(patches * per_patch)
+
+
+def train_flops(config: ModelConfig, batch: int, length: int, patches_per_row: int,
+                with_lm_head: bool = True) -> float:
+  """FLOPs of one training step (forward + backward) over a padded batch."""
+  forward = llm_forward_flops(config, batch * length, length, with_lm_head)
+  forward += vision_forward_flops(config, batch * patches_per_row, patches_per_row)
+  return 3.0 * forward

@@ -1,0 +1,60 @@
+"""Metrics to TensorBoard event files and a JSONL file in the workdir, plus a console progress bar."""
+import json
+import math
+import os
+from typing import Mapping, Optional
+
+import jax
+import numpy as np
+
+
+class MetricWriter:
+  """Writes scalars on process 0 only; every line of metrics.jsonl is flushed as written."""
+
+  def __init__(self, workdir: str, total_steps: int, start_step: int):
+    self.active = jax.process_index() == 0
+    if not self.active:
+      return
+    import tensorboardX  # pylint: disable=g-import-not-at-top
+    import tqdm  # pylint: disable=g-import-not-at-top
+    os.makedirs(workdir, exist_ok=True)
+    self.tensorboard = tensorboardX.SummaryWriter(os.path.join(workdir, "tensorboard"))
+    self.jsonl = open(os.path.join(workdir, "metrics.jsonl"), "a")
+    self.bar = tqdm.tqdm(total=total_steps, initial=start_step, unit="step", dynamic_ncols=True)
+
+  def write(self, step: int, scalars: Mapping[str, float]) -> None:
+    """Logs one step's scalars (JSONL + TensorBoard) and refreshes the progress bar's postfix."""
+    if not self.active:
+      return
+    clean = {k: float(v) for k, v in scalars.items()}
+    self.jsonl.write(json.dumps({"step": step, **clean}) + "\n")
+    self.jsonl.flush()
+    for key, value in clean.items():
+      self.tensorboard.add_scalar(key, value, step)
+    shown = {k: f"{clean[k]:.4g}" for k in ("loss", "learning_rate") if k in clean}
+    self.bar.set_postfix(shown, refresh=False)
+
+  def advance(self, steps: int = 1) -> None:
+    """Moves the progress bar (ETA from tqdm)."""
+    if self.active:
+      self.bar.update(steps)
+
+  def close(self) -> None:
+    """Flushes and closes every output."""
+    if self.active:
+      self.bar.close()
+      self.tensorboard.close()
+      self.jsonl.close()
+
+
+def host_scalars(metrics: Mapping[str, jax.Array]) -> dict:
+  """Device metrics -> Python floats (one transfer)."""
+  return {k: float(np.asarray(v)) for k, v in jax.device_get(dict(metrics)).items()}
+
+
+def first_non_finite(scalars: Mapping[str, float]) -> Optional[str]:
+  """Name of the first NaN/Inf among loss-like scalars, else None."""
+  for key, value in scalars.items():
+    if ("loss" in key or key.endswith("norm")) and not math.isfinite(value):
+      return key
+  return None

@@ -1,0 +1,66 @@
+"""Optax AdamW with warm-up + linear/cosine decay, clipping, a weight-decay mask and frozen params."""
+import re
+from typing import Any
+
+import jax
+import ml_collections
+import optax
+
+
+def path_name(path) -> str:
+  """'visual/blocks_0/attn/qkv/kernel' for a tree path."""
+  return "/".join(str(getattr(k, "key", getattr(k, "idx", k))) for k in path)
+
+
+def learning_rate_schedule(opt: ml_collections.ConfigDict, total_steps: int) -> optax.Schedule:
+  """Linear warm-up from 0 to `lr` over `warmup_ratio * total_steps`, then linear or cosine decay.
+
+  The decay ends at `lr * end_lr_ratio` on the last step.
+  """
+  warmup = int(round(opt.warmup_ratio * total_steps))
+  decay_steps = max(total_steps - warmup, 1)
+  end = opt.lr * opt.end_lr_ratio
+  if opt.decay == "linear":
+    decay = optax.linear_schedule(opt.lr, end, decay_steps)
+  elif opt.decay == "cosine":
+    decay = optax.cosine_decay_schedule(opt.lr, decay_steps, alpha=opt.end_lr_ratio)
+  elif opt.decay == "constant":
+    decay = optax.constant_schedule(opt.lr)
+  else:
+    raise ValueError(f"optimizer.decay must be linear, cosine or constant, got '{opt.decay}'")
+  if warmup == 0:
+    return decay
+  return optax.join_schedules([optax.linear_schedule(0.0, opt.lr, warmup), decay], [warmup])
+
+
+def weight_decay_mask(params: Any) -> Any:
+  """True where weight decay applies: matrices, not norm scales or biases."""
+  def decays(path, _):
+    last = path_name(path).rsplit("/", 1)[-1]
+    return last not in ("bias", "scale")
+  return jax.tree_util.tree_map_with_path(decays, params)
+
+
+def frozen_labels(params: Any, freeze: str) -> Any:
+  """'frozen' for parameters whose path matches the regex `freeze` ('' freezes nothing), else 'train'."""
+  pattern = re.compile(freeze) if freeze else None
+  def label(path, _):
+    return "frozen" if pattern is not None and pattern.search(path_name(path)) else "train"
+  return jax.tree_util.tree_map_with_path(label, params)
+
+
+def make_optimizer(opt: ml_collections.ConfigDict, total_steps: int, params: Any
+                   ) -> tuple[optax.GradientTransformation, optax.Schedule]:
+  """(optimizer, schedule) for `params` (concrete or abstract): clip -> AdamW, frozen params untouched."""
+  schedule = learning_rate_schedule(opt, total_steps)
+  train = optax.chain(
+      optax.clip_by_global_norm(opt.max_grad_norm) if opt.max_grad_norm else optax.identity(),
+      optax.adamw(schedule, b1=opt.b1, b2=opt.b2, eps=opt.eps, weight_decay=opt.weight_decay,
+                  mask=weight_decay_mask),
+  )
+  if not opt.freeze:
+    return train, schedule
+  labels = frozen_labels(params, opt.freeze)
+  if "train" not in jax.tree.leaves(labels):
+    raise ValueError(f"optimizer.freeze='{opt.freeze}' freezes every parameter")
+  return optax.multi_transform({"train": train, "frozen": optax.set_to_zero()}, labels), schedule

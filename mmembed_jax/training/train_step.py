@@ -1,0 +1,72 @@
+"""The train state and the jitted update step around a pluggable objective.
+
+An objective is `fn(params, batch, rng) -> (loss, metrics)`: MoCa's reconstruction,
+contrastive fine-tuning or CoMa plug in here without touching the loop.
+"""
+from typing import Any, Callable, Mapping
+
+import flax.struct
+import jax
+import jax.numpy as jnp
+import optax
+
+Objective = Callable[[Any, Mapping[str, jax.Array], jax.Array], tuple[jax.Array, dict]]
+
+
+class TrainState(flax.struct.PyTreeNode):
+  """Everything an update changes: step, fp32 master params, optimiser state, RNG key data."""
+  step: jax.Array  # int32 []
+  params: Any
+  opt_state: Any
+  rng: jax.Array  # uint32 [2], raw key data so checkpoints need no typed keys
+
+
+def create_state(params: Any, tx: optax.GradientTransformation, seed: int) -> TrainState:
+  """Initial state at step 0 (call inside jit with out_shardings to create it sharded)."""
+  return TrainState(step=jnp.zeros((), jnp.int32), params=params, opt_state=tx.init(params),
+                    rng=jax.random.key_data(jax.random.key(seed)))
+
+
+def _micro_batches(batch: Mapping[str, jax.Array], steps: int) -> dict:
+  """[batch, ...] -> [steps, batch // steps, ...], interleaved so each data shard keeps its rows."""
+  def split(x):
+    return jnp.swapaxes(x.reshape((x.shape[0] // steps, steps) + x.shape[1:]), 0, 1)
+  return {k: split(v) for k, v in batch.items()}
+
+
+def make_update_fn(objective: Objective, tx: optax.GradientTransformation,
+                   schedule: optax.Schedule, grad_accum_steps: int = 1) -> Callable:
+  """update(state, batch) -> (state, metrics); gradients averaged over `grad_accum_steps` micro-batches."""
+  grad_fn = jax.value_and_grad(objective, has_aux=True)
+
+  def update(state: TrainState, batch: Mapping[str, jax.Array]):
+    rng, step_rng = jax.random.split(jax.random.wrap_key_data(state.rng))
+    if grad_accum_steps == 1:
+      (loss, metrics), grads = grad_fn(state.params, batch, step_rng)
+    else:
+      def accumulate(carry, inputs):
+        micro, index = inputs
+        (loss, metrics), grads = grad_fn(state.params, micro, jax.random.fold_in(step_rng, index))
+        return jax.tree.map(jnp.add, carry, (loss, metrics, grads)), None
+      zero_metrics = jax.eval_shape(lambda: grad_fn(state.params, _first(batch, grad_accum_steps),
+                                                    step_rng)[0][1])
+      zeros = (jnp.zeros((), jnp.float32), jax.tree.map(lambda s: jnp.zeros(s.shape, s.dtype),
+                                                        zero_metrics),
+               jax.tree.map(jnp.zeros_like, state.params))
+      total, _ = jax.lax.scan(accumulate, zeros, (_micro_batches(batch, grad_accum_steps),
+                                                  jnp.arange(grad_accum_steps)))
+      loss, metrics, grads = jax.tree.map(lambda x: x / grad_accum_steps, total)
+    updates, opt_state = tx.update(grads, state.opt_state, state.params)
+    params = optax.apply_updates(state.params, updates)
+    metrics = dict(metrics, loss=loss, grad_norm=optax.global_norm(grads),
+                   update_norm=optax.global_norm(updates), param_norm=optax.global_norm(params),
+                   learning_rate=schedule(state.step))
+    new_state = state.replace(step=state.step + 1, params=params, opt_state=opt_state,
+                              rng=jax.random.key_data(rng))
+    return new_state, metrics
+
+  return update
+
+
+def _first(batch, steps):
+  return {k: v[:v.shape[0] // steps] for k, v in batch.items()}

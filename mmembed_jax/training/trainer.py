@@ -1,0 +1,203 @@
+"""The trainer, top to bottom: config, mesh, model, input, sharded state, checkpoints, update, loop.
+
+The same code runs on one CPU and on a multi-slice TPU pod; only the config's mesh changes.
+Rerunning the same command with the same workdir resumes from its latest checkpoint.
+"""
+import contextlib
+import logging
+import os
+import signal
+import time
+from typing import Any, Optional
+
+import flax.linen as nn
+import jax
+import ml_collections
+import numpy as np
+from jax.sharding import NamedSharding, PartitionSpec
+
+from mmembed_jax.models.embedder import dummy_batch
+from mmembed_jax.models.vlm import VisionLanguageModel
+from mmembed_jax.parallel import sharding as sharding_lib
+from mmembed_jax.parallel.mesh import make_mesh
+from mmembed_jax.training import builders, checkpoint, flops, metrics as metrics_lib
+from mmembed_jax.training.config import validate
+from mmembed_jax.training.optimizer import make_optimizer
+from mmembed_jax.training.train_step import TrainState, create_state, make_update_fn
+
+log = logging.getLogger(__name__)
+
+
+class NonFiniteLossError(RuntimeError):
+  """A NaN or Inf loss: the run stops, its last good checkpoint is kept."""
+
+
+class _StopRequest:
+  """Set by SIGTERM (TPU maintenance, preemption): the loop saves and exits cleanly."""
+
+  def __init__(self):
+    self.requested = False
+    self._previous = signal.signal(signal.SIGTERM, self._handle)
+
+  def _handle(self, signum, frame):  # pylint: disable=unused-argument
+    self.requested = True
+
+  def restore(self):
+    signal.signal(signal.SIGTERM, self._previous)
+
+
+def train(config: ml_collections.ConfigDict, workdir: str) -> dict:
+  """Runs (or resumes) training to `config.total_steps`; returns the last logged metrics."""
+  # ----- Config, checked before anything compiles.
+  validate(config, jax.devices())
+  os.makedirs(workdir, exist_ok=True)
+  if jax.process_index() == 0:
+    with open(os.path.join(workdir, "config.json"), "w") as f:
+      f.write(config.to_json_best_effort(indent=2))
+
+  # ----- Mesh and sharding rules.
+  mesh = make_mesh(config.mesh.ici, config.mesh.dcn)
+  rules = tuple((name, tuple(axes) if isinstance(axes, list) else axes)
+                for name, axes in config.sharding.rules)
+  replicated = NamedSharding(mesh, PartitionSpec())
+  batch_sharding = sharding_lib.batch_sharding(mesh)
+  log.info("mesh %s on %d processes", dict(mesh.shape), jax.process_count())
+
+  # ----- Model, objective, input.
+  model_config = builders.build_model_config(config)
+  objective = builders.build_objective(config, model_config)
+  dataset = builders.build_input(config, model_config)
+  data_iter = iter(dataset)
+
+  # ----- Sharded state: shapes from eval_shape, shardings from the logical axis names.
+  model = VisionLanguageModel(model_config)
+  init_batch = dummy_batch(model_config)
+  boxed = jax.eval_shape(model.init, jax.random.key(config.seed), init_batch)["params"]
+  param_shardings = sharding_lib.logical_shardings(boxed, mesh, rules)
+  abstract_params = nn.meta.unbox(boxed)
+  sharding_lib.check_replicated(abstract_params, param_shardings, mesh,
+                                config.sharding.max_replicated_share,
+                                config.sharding.min_replicated_size)
+  tx, schedule = make_optimizer(config.optimizer, config.total_steps, abstract_params)
+  abstract_opt_state = jax.eval_shape(tx.init, abstract_params)
+  state_shardings = TrainState(
+      step=replicated, params=param_shardings, rng=replicated,
+      opt_state=sharding_lib.optimizer_state_shardings(abstract_opt_state, abstract_params,
+                                                       param_shardings, mesh))
+  abstract_state = jax.tree.map(
+      lambda leaf, s: jax.ShapeDtypeStruct(leaf.shape, leaf.dtype, sharding=s),
+      jax.eval_shape(lambda p: create_state(p, tx, config.seed), abstract_params), state_shardings)
+
+  def in_context():
+    """Mesh and logical rules for tracing (activation sharding constraints resolve in it)."""
+    stack = contextlib.ExitStack()
+    stack.enter_context(nn.logical_axis_rules(rules))
+    stack.enter_context(jax.set_mesh(mesh))
+    return stack
+
+  # ----- Checkpoints: resume, else initial weights (random, HF directory or another run).
+  manager = checkpoint.make_manager(os.path.abspath(builders.checkpoint_dir(workdir)),
+                                    config.checkpoint)
+  if manager.latest_step() is not None:
+    state, data_state = checkpoint.restore(manager, abstract_state)
+    if data_state is not None:
+      data_iter.set_state(data_state)
+    log.info("resumed from step %d", int(state.step))
+  else:
+    state = _initial_state(config, model, init_batch, tx, abstract_state, state_shardings,
+                           param_shardings, in_context)
+
+  # ----- The update step: one jit, explicit shardings, donated state.
+  update = make_update_fn(objective, tx, schedule, config.grad_accum_steps)
+  batch_shardings = None  # filled from the first batch's keys
+  train_step = None
+
+  # ----- Loop.
+  start_step = int(jax.device_get(state.step))
+  writer = metrics_lib.MetricWriter(workdir, config.total_steps, start_step)
+  stop = _StopRequest()
+  peak = flops.peak_flops_per_device(jax.devices()[0])
+  last_scalars: dict = {}
+  window_start, window_steps, window_tokens = time.time(), 0, 0
+  try:
+    for step in range(start_step + 1, config.total_steps + 1):
+      local = next(data_iter)
+      if train_step is None:
+        batch_shardings = {k: batch_sharding for k in local}
+        train_step = jax.jit(update, in_shardings=(state_shardings, batch_shardings),
+                             out_shardings=(state_shardings, None), donate_argnums=(0,))
+      batch = {k: jax.make_array_from_process_local_data(batch_shardings[k], np.asarray(v))
+               for k, v in local.items()}
+      with in_context():
+        state, step_metrics = train_step(state, batch)
+      window_steps += 1
+      window_tokens += int((local["segment_ids"] > 0).sum()) * jax.process_count()
+      writer.advance()
+
+      will_save = step == config.total_steps or stop.requested or manager.should_save(step)
+      if step % config.log_every == 0 or will_save:
+        scalars = metrics_lib.host_scalars(step_metrics)
+        bad = metrics_lib.first_non_finite(scalars)
+        if bad:
+          raise NonFiniteLossError(
+              f"step {step}: {bad} is {scalars[bad]}; stopping. The last good checkpoint "
+              f"(step {manager.latest_step()}) is kept in {builders.checkpoint_dir(workdir)}")
+        elapsed = time.time() - window_start
+        scalars.update(_throughput(model_config, local, window_steps, window_tokens, elapsed,
+                                   peak))
+        writer.write(step, scalars)
+        last_scalars = dict(scalars, step=step)
+        window_start, window_steps, window_tokens = time.time(), 0, 0
+      if will_save:
+        checkpoint.save(manager, state, data_iter.get_state(),
+                        force=step == config.total_steps or stop.requested)
+      if stop.requested:
+        log.warning("SIGTERM: saved step %d, exiting", step)
+        break
+  finally:
+    manager.wait_until_finished()
+    manager.close()
+    writer.close()
+    stop.restore()
+  return last_scalars
+
+
+def _initial_state(config, model, init_batch, tx, abstract_state, state_shardings, param_shardings,
+                   in_context) -> TrainState:
+  """State at step 0, created sharded: parameters never sit whole on one host."""
+  make = jax.jit(lambda params: create_state(params, tx, config.seed),
+                 in_shardings=(param_shardings,), out_shardings=state_shardings)
+  if builders.is_hf_dir(config.init_from):
+    from mmembed_jax.convert.hf_import import import_hf  # pylint: disable=g-import-not-at-top
+    flat = {tuple(str(k.key) for k in path): s for path, s in jax.tree.leaves_with_path(
+        param_shardings, is_leaf=lambda x: isinstance(x, NamedSharding))}
+    _, params = import_hf(config.init_from, param_dtype=config.model.param_dtype,
+                          scan_layers=config.model.scan_layers,
+                          put=lambda path, array: jax.device_put(array, flat[path]))
+    return make(params)
+  if config.init_from:
+    params = checkpoint.restore_params(
+        os.path.abspath(builders.checkpoint_dir(config.init_from)), abstract_state.params)
+    return make(params)
+
+  def init(key):
+    params = nn.meta.unbox(model.init(key, init_batch)["params"])
+    return create_state(params, tx, config.seed)
+
+  with in_context():
+    return jax.jit(init, out_shardings=state_shardings)(jax.random.key(config.seed))
+
+
+def _throughput(model_config, local_batch, steps: int, tokens: int, elapsed: float,
+                peak: Optional[float]) -> dict:
+  """tokens/s, step time, analytic TFLOP/s per device and (on TPU) MFU over the last window."""
+  batch, length = local_batch["input_ids"].shape
+  patches = local_batch["pixel_patches"].shape[1]
+  step_flops = flops.train_flops(model_config, batch * jax.process_count(), length, patches)
+  step_time = elapsed / max(steps, 1)
+  tflops = step_flops / step_time / jax.device_count() / 1e12
+  out = {"tokens_per_second": tokens / max(elapsed, 1e-9), "step_time": step_time,
+         "tflops_per_device": tflops}
+  if peak:
+    out["mfu"] = tflops * 1e12 / peak
+  return out
