@@ -4,7 +4,9 @@ No torch: safetensors are memory-mapped and read tensor by tensor; each converte
 is handed to `put` (e.g. a sharded `jax.device_put`) as soon as it is complete, so the host
 holds one tensor (one stacked layer group with `scan_layers`) at a time, not the model.
 """
+import collections
 import json
+import tempfile
 from typing import Any, Callable, Optional
 
 import jax.numpy as jnp
@@ -56,16 +58,6 @@ def safetensors_files(model_dir: str) -> list[epath.Path]:
   raise FileNotFoundError(f"{model_dir}: neither model.safetensors nor model.safetensors.index.json")
 
 
-def _local(path: epath.Path) -> str:
-  """A local filename for safe_open (gs:// files are copied to a temporary file first)."""
-  if not str(path).startswith("gs://"):
-    return str(path)
-  import tempfile  # pylint: disable=g-import-not-at-top
-  local = epath.Path(tempfile.mkdtemp()) / path.name
-  path.copy(local)
-  return str(local)
-
-
 def _set(tree: dict, path: tuple[str, ...], value: Any) -> None:
   for key in path[:-1]:
     tree = tree.setdefault(key, {})
@@ -83,46 +75,73 @@ def import_hf(model_dir: str, *, param_dtype: Optional[str] = None, put: Optiona
     run_options["param_dtype"] = param_dtype
   config = model_config(model_dir, **run_options)
   dtype = jnp.dtype(config.param_dtype)
+  layer_counts = collections.Counter(m.path for m in tensor_maps(config) if m.layer is not None)
   maps: dict[str, TensorMap] = {m.hf_name: m for m in tensor_maps(config)}
-  layers_left = {}  # stacked path -> layers still to read
-  for m in maps.values():
-    if m.layer is not None:
-      layers_left[m.path] = layers_left.get(m.path, 0) + 1
-  stacks: dict[tuple[str, ...], np.ndarray] = {}
-  params: dict = {}
-  seen: set[str] = set()
   put = put or (lambda path, array: array)
-
   from safetensors import safe_open  # pylint: disable=g-import-not-at-top
-  for file in safetensors_files(model_dir):
-    with safe_open(_local(file), framework="np") as reader:
-      for raw_name in reader.keys():
+
+  with tempfile.TemporaryDirectory(prefix="mmembed_import_") as scratch:
+    # Where each tensor is, checked in full before any tensor is read.
+    location: dict[str, tuple[str, str, epath.Path]] = {}  # name -> (local file, raw name, file)
+    for file in safetensors_files(model_dir):
+      local = _local_copy(file, scratch)
+      with safe_open(local, framework="np") as reader:
+        raw_names = list(reader.keys())
+      for raw_name in raw_names:
         name = canonical_hf_name(raw_name)
         if name not in maps:
           if name == "lm_head.weight" and config.tie_word_embeddings:
             continue  # tied head saved explicitly: the embedding is the source of truth
           raise ValueError(f"{file}: unexpected tensor '{raw_name}' for a {config.family} model "
                            f"with this config.json")
-        m = maps[name]
-        if name in seen:
+        if name in location:
           raise ValueError(f"{file}: tensor '{raw_name}' appears twice in the checkpoint")
-        seen.add(name)
-        shape = tuple(reader.get_slice(raw_name).get_shape())
-        if shape != m.hf_shape:
-          raise ValueError(f"{file}: tensor '{raw_name}' has shape {shape}, expected {m.hf_shape} "
-                           f"from config.json")
-        value = m.to_flax(reader.get_tensor(raw_name)).astype(dtype)
-        if m.layer is None:
-          _set(params, m.path, put(m.path, value))
-          continue
-        if m.path not in stacks:
-          stacks[m.path] = np.empty((layers_left[m.path],) + m.flax_shape, dtype)
-        stacks[m.path][m.layer] = value
-        layers_left[m.path] -= 1
-        if layers_left[m.path] == 0:
-          _set(params, m.path, put(m.path, stacks.pop(m.path)))
-  missing = [name for name in maps if name not in seen]
-  if missing:
-    raise ValueError(f"{model_dir}: checkpoint is missing {len(missing)} tensor(s), first "
-                     f"'{missing[0]}'")
+        location[name] = (local, raw_name, file)
+    missing = [name for name in maps if name not in location]
+    if missing:
+      raise ValueError(f"{model_dir}: checkpoint is missing {len(missing)} tensor(s), first "
+                       f"'{missing[0]}'")
+
+    # Read parameter by parameter (a stacked one layer after layer), so that at most one
+    # parameter is being assembled on the host whatever the order of tensors in the files.
+    order = {path: i for i, path in enumerate(dict.fromkeys(m.path for m in maps.values()))}
+    params: dict = {}
+    stack, stack_path = None, None
+    for m in sorted(maps.values(), key=lambda m: (order[m.path], m.layer or 0)):
+      value = _read(safe_open, m, *location[m.hf_name]).astype(dtype, copy=False)
+      if m.layer is None:
+        _set(params, m.path, put(m.path, value))
+      else:
+        if stack_path != m.path:
+          stack_path = m.path
+          stack = np.empty((layer_counts[m.path],) + m.flax_shape, dtype)
+        stack[m.layer] = value
+        if m.layer == layer_counts[m.path] - 1:
+          _set(params, m.path, put(m.path, stack))
+          stack, stack_path = None, None
+      del value  # when `put` moves it off the host, no host copy lingers while the next is read
   return config, params
+
+
+def _read(safe_open, m: TensorMap, local: str, raw_name: str, file: epath.Path) -> np.ndarray:
+  """One tensor, converted to its Flax layout.
+
+  Opened per tensor: safe_open mmaps the whole file and every page read stays resident
+  (counted in RSS) until it is closed, i.e. a whole shard on top of the params.
+  """
+  with safe_open(local, framework="np") as reader:
+    shape = tuple(reader.get_slice(raw_name).get_shape())
+    if shape != m.hf_shape:
+      raise ValueError(f"{file}: tensor '{raw_name}' has shape {shape}, expected {m.hf_shape} "
+                       f"from config.json")
+    tensor = reader.get_tensor(raw_name)
+  return m.to_flax(tensor)
+
+
+def _local_copy(path: epath.Path, scratch: str) -> str:
+  """A local filename for safe_open: gs:// files are copied into `scratch` (deleted after import)."""
+  if not str(path).startswith("gs://"):
+    return str(path)
+  local = epath.Path(scratch) / path.name
+  path.copy(local)
+  return str(local)

@@ -74,6 +74,9 @@ class ModelConfig:
   video_token_id: int = 151656
   vision_start_token_id: int = 151652
   vision_end_token_id: int = 151653
+  bos_token_id: Optional[int] = None  # carried through import/export; unused by the model
+  eos_token_id: Optional[int] = None
+  pad_token_id: Optional[int] = None
   # Run-time switches: none of these change the parameter values.
   attention: Literal["causal", "bidirectional"] = "causal"
   dtype: str = "float32"  # compute dtype
@@ -101,6 +104,11 @@ def _get(config: Any, *names: str, default: Any = None) -> Any:
     if value is not None:
       return value
   return default
+
+
+def _token_id(value: Any) -> Any:
+  """Token ids may be lists in config.json; tuples keep ModelConfig hashable."""
+  return tuple(value) if isinstance(value, list) else value
 
 
 def from_hf_config(hf_config: Any, **run_options: Any) -> ModelConfig:
@@ -170,6 +178,9 @@ def from_hf_config(hf_config: Any, **run_options: Any) -> ModelConfig:
       video_token_id=hf_config.video_token_id,
       vision_start_token_id=hf_config.vision_start_token_id,
       vision_end_token_id=_get(hf_config, "vision_end_token_id", default=151653),
+      bos_token_id=_token_id(_get(text_cfg, "bos_token_id")),
+      eos_token_id=_token_id(_get(text_cfg, "eos_token_id")),
+      pad_token_id=_token_id(_get(text_cfg, "pad_token_id")),
       **run_options,
   )
 
@@ -189,6 +200,9 @@ def to_hf_config_dict(config: ModelConfig, dtype: Optional[str] = None) -> dict:
       "rope_parameters": {"rope_type": "default", "rope_theta": text.rope_theta,
                           "mrope_section": list(text.mrope_section)},
       "tie_word_embeddings": config.tie_word_embeddings,
+      "bos_token_id": config.bos_token_id,
+      "eos_token_id": config.eos_token_id,
+      "pad_token_id": config.pad_token_id,
   }
   common_vision = {
       "depth": vision.depth,

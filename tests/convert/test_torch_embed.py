@@ -1,0 +1,91 @@
+"""The PyTorch embedder on an exported directory equals the JAX embeddings (fp32, <= 1e-4).
+
+The JAX side is `make_embed_fn` on the collated rows (one padded batch); the PyTorch side is
+`mmembed_jax.torch_embed.load(export_dir)` on the raw rows, in chunks of two, so one chunk
+has no image at all and padding lengths differ between the two sides.
+"""
+import numpy as np
+import pytest
+
+from mmembed_jax import torch_embed
+from mmembed_jax.convert.hf_export import export_hf
+from mmembed_jax.convert.hf_import import import_hf
+from mmembed_jax.data import collate as collate_lib
+from mmembed_jax.data import rows as rows_lib
+from mmembed_jax.data.images import ImageProcessingConfig
+from mmembed_jax.models.embedder import make_embed_fn
+
+from conftest import FAMILIES, TEST_PIXELS
+
+TOLERANCE = 1e-4
+ROWS = [
+    {"text": "a short caption"},
+    {"text": "a much longer plain text row about red circles, blue squares and green triangles"},
+    {"text": "<image> a wide picture of a blue square", "image": "wide.png"},
+    {"text": "left <image> and right <image> compared", "images": ["tall.png", "small.png"]},
+    {"text": "a square page", "image": "square.png"},  # no marker: the image is prepended
+]
+BATCH_SIZE = 2  # PyTorch chunks: [text, text], [one image, two images], [one image]
+
+
+@pytest.fixture(scope="module")
+def jax_embeddings(tiny_hf_dirs, tokenizer, image_dir):
+  """fn(family, attention, pooling) -> JAX embeddings [len(ROWS), embed] of ROWS (memoised)."""
+  image_config = ImageProcessingConfig(**TEST_PIXELS)
+  encoded = [rows_lib.encode_row(row, tokenizer, image_config, 512, image_dir) for row in ROWS]
+  batch = collate_lib.collate(encoded, tokenizer.pad_token_id, *collate_lib.bucket_sizes(encoded))
+  cache = {}
+
+  def embeddings(family, attention, pooling):
+    key = (family, attention, pooling)
+    if key not in cache:
+      config, params = import_hf(tiny_hf_dirs[family], attention=attention)
+      cache[key] = np.asarray(make_embed_fn(config, pooling)(params, batch))
+    return cache[key]
+
+  return embeddings
+
+
+def _export(source, out_dir, embedding):
+  """Imports a tiny HF model into JAX and exports it with the given mmembed.json conventions."""
+  config, params = import_hf(source)
+  return str(export_hf(config, params, out_dir, source_dir=source, embedding=embedding))
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+@pytest.mark.parametrize("attention", ["causal", "bidirectional"])
+@pytest.mark.parametrize("pooling", ["mean", "last"])
+def test_torch_embeddings_match_jax(family, attention, pooling, tiny_hf_dirs, image_dir,
+                                    jax_embeddings, tmp_path):
+  export_dir = _export(tiny_hf_dirs[family], str(tmp_path / "export"),
+                       {"attention": attention, "pooling": pooling})
+  embed = torch_embed.load(export_dir, batch_size=BATCH_SIZE)
+  assert (embed.attention, embed.pooling) == (attention, pooling)  # from mmembed.json
+  theirs = embed(ROWS, base_dir=image_dir)
+  ours = jax_embeddings(family, attention, pooling)
+  assert theirs.shape == ours.shape == (len(ROWS), 64)
+  np.testing.assert_allclose(np.linalg.norm(theirs, axis=-1), 1.0, atol=1e-5)
+  diff = np.abs(theirs - ours).max()
+  print(f"{family} {attention} {pooling}: torch vs JAX embeddings max abs diff {diff:.2e}")
+  assert diff <= TOLERANCE
+
+
+def test_mmembed_json_defaults_are_honoured(tiny_hf_dirs, image_dir, jax_embeddings, tmp_path):
+  export_dir = _export(tiny_hf_dirs["qwen2_5_vl"], str(tmp_path / "export"),
+                       {"attention": "bidirectional", "pooling": "mean"})
+  recorded = torch_embed.load(export_dir, batch_size=BATCH_SIZE)(ROWS, base_dir=image_dir)
+  overridden = torch_embed.load(export_dir, attention="causal", pooling="last",
+                                batch_size=BATCH_SIZE)(ROWS, base_dir=image_dir)
+  bidirectional_mean = jax_embeddings("qwen2_5_vl", "bidirectional", "mean")
+  causal_last = jax_embeddings("qwen2_5_vl", "causal", "last")
+  assert np.abs(bidirectional_mean - causal_last).max() > 1e-2  # the settings do matter
+  assert np.abs(recorded - bidirectional_mean).max() <= TOLERANCE
+  assert np.abs(overridden - causal_last).max() <= TOLERANCE
+
+
+def test_export_without_embedding_records_config_attention(tiny_hf_dirs, tmp_path):
+  source = tiny_hf_dirs["qwen2_vl"]
+  config, params = import_hf(source, attention="bidirectional")
+  export_dir = str(export_hf(config, params, str(tmp_path / "export"), source_dir=source))
+  embed = torch_embed.load(export_dir)
+  assert (embed.attention, embed.pooling) == ("bidirectional", "last")
