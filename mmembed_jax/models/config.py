@@ -138,37 +138,21 @@ def from_hf_config(hf_config: Any, **run_options: Any) -> ModelConfig:
   if text.hidden_act != "silu":
     raise ValueError(f"text hidden_act '{text.hidden_act}' unsupported (expected silu)")
   vision_rope = dict(_get(vision_cfg, "rope_parameters", default={}) or {})
+  common = dict(depth=vision_cfg.depth, num_heads=vision_cfg.num_heads,
+                patch_size=vision_cfg.patch_size, temporal_patch_size=vision_cfg.temporal_patch_size,
+                spatial_merge_size=vision_cfg.spatial_merge_size, in_channels=vision_cfg.in_channels,
+                hidden_act=vision_cfg.hidden_act,
+                rope_theta=float(vision_rope.get("rope_theta", 10000.0)))
   if family == "qwen2_5_vl":
-    vision = VisionConfig(
-        depth=vision_cfg.depth,
-        hidden_size=vision_cfg.hidden_size,
-        num_heads=vision_cfg.num_heads,
-        intermediate_size=vision_cfg.intermediate_size,
-        out_hidden_size=vision_cfg.out_hidden_size,
-        patch_size=vision_cfg.patch_size,
-        temporal_patch_size=vision_cfg.temporal_patch_size,
-        spatial_merge_size=vision_cfg.spatial_merge_size,
-        in_channels=vision_cfg.in_channels,
-        hidden_act=vision_cfg.hidden_act,
-        window_size=vision_cfg.window_size,
-        fullatt_block_indexes=tuple(vision_cfg.fullatt_block_indexes),
-        rope_theta=float(vision_rope.get("rope_theta", 10000.0)),
-    )
-  else:
-    vision = VisionConfig(
-        depth=vision_cfg.depth,
-        hidden_size=vision_cfg.embed_dim,
-        num_heads=vision_cfg.num_heads,
-        intermediate_size=int(vision_cfg.embed_dim * vision_cfg.mlp_ratio),
-        out_hidden_size=vision_cfg.hidden_size,
-        patch_size=vision_cfg.patch_size,
-        temporal_patch_size=vision_cfg.temporal_patch_size,
-        spatial_merge_size=vision_cfg.spatial_merge_size,
-        in_channels=vision_cfg.in_channels,
-        hidden_act=vision_cfg.hidden_act,
-        window_size=0,
-        rope_theta=float(vision_rope.get("rope_theta", 10000.0)),
-    )
+    vision = VisionConfig(hidden_size=vision_cfg.hidden_size,
+                          intermediate_size=vision_cfg.intermediate_size,
+                          out_hidden_size=vision_cfg.out_hidden_size,
+                          window_size=vision_cfg.window_size,
+                          fullatt_block_indexes=tuple(vision_cfg.fullatt_block_indexes), **common)
+  else:  # Qwen2-VL names the vision width embed_dim and the merger output hidden_size
+    vision = VisionConfig(hidden_size=vision_cfg.embed_dim,
+                          intermediate_size=int(vision_cfg.embed_dim * vision_cfg.mlp_ratio),
+                          out_hidden_size=vision_cfg.hidden_size, window_size=0, **common)
   return ModelConfig(
       family=family,
       vision=vision,

@@ -4,7 +4,6 @@ from typing import Any, Sequence
 
 import flax.linen as nn
 import jax
-import numpy as np
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
 Rules = Sequence[tuple[str, Any]]
@@ -66,8 +65,9 @@ def replicated_report(abstract_params: Any, shardings: Any, min_size: int = 2**2
 
 def check_replicated(abstract_params: Any, shardings: Any, mesh: Mesh, max_share: float,
                      min_size: int = 2**20) -> list[str]:
-  """Raises when more than `max_share` of the parameter values are replicated on a >1-device mesh."""
-  if np.prod(list(mesh.shape.values())) == 1:
+  """Raises when more than `max_share` of the parameter values are replicated on a mesh with fsdp or
+  tensor axes (one device or pure data parallelism replicates every parameter by design)."""
+  if math.prod(size for axis, size in mesh.shape.items() if axis != "data") == 1:
     return []
   share, names = replicated_report(abstract_params, shardings, min_size)
   if share > max_share:

@@ -25,7 +25,9 @@ def default_config() -> ml_collections.ConfigDict:
                  param_dtype="float32", scan_layers=False, remat_policy="none")
   c.objective = dict(name="masked_lm")
   c.input = dict(name="synthetic_tokens", global_batch_size=16, length=64)
-  c.mesh = dict(ici=dict(data=-1, fsdp=1, tensor=1), dcn=dict(data=-1, fsdp=1, tensor=1))
+  # num_devices: 0 spans all devices; N > 0 only the first N (single-process runs, e.g. tests).
+  c.mesh = dict(ici=dict(data=-1, fsdp=1, tensor=1), dcn=dict(data=-1, fsdp=1, tensor=1),
+                num_devices=0)
   c.sharding = dict(rules=[list(rule) for rule in DEFAULT_RULES], max_replicated_share=0.6,
                     min_replicated_size=2**20)
   c.optimizer = dict(lr=1e-4, warmup_ratio=0.1, decay="linear", end_lr_ratio=0.0, b1=0.9, b2=0.999,
@@ -47,11 +49,24 @@ def _unknown_fields(config: Any, schema: Any, prefix: str = "") -> list[str]:
   return unknown
 
 
+def mesh_devices(config: ml_collections.ConfigDict, devices: list) -> list:
+  """The devices the mesh spans: all of `devices`, or the first `mesh.num_devices` of them."""
+  count = config.mesh.num_devices
+  if count == 0:
+    return list(devices)
+  if not 0 < count <= len(devices):
+    raise ValueError(f"mesh.num_devices={count} must be 0 (all) or between 1 and {len(devices)}")
+  if len({d.process_index for d in devices}) > 1:
+    raise ValueError(f"mesh.num_devices={count} is for single-process runs; use 0 (all devices)")
+  return list(devices[:count])
+
+
 def validate(config: ml_collections.ConfigDict, devices: list) -> None:
   """Raises ValueError (one line) on unknown fields, a mesh that doesn't fit, a bad batch size."""
   unknown = _unknown_fields(config, default_config())
   if unknown:
     raise ValueError(f"unknown config field(s): {', '.join(unknown)}")
+  devices = mesh_devices(config, devices)
   if config.total_steps <= 0:
     raise ValueError(f"total_steps must be positive, got {config.total_steps}")
   slices = num_slices(devices)

@@ -21,7 +21,7 @@ from mmembed_jax.models.vlm import VisionLanguageModel
 from mmembed_jax.parallel import sharding as sharding_lib
 from mmembed_jax.parallel.mesh import make_mesh
 from mmembed_jax.training import builders, checkpoint, flops, metrics as metrics_lib
-from mmembed_jax.training.config import validate
+from mmembed_jax.training.config import mesh_devices, validate
 from mmembed_jax.training.optimizer import make_optimizer
 from mmembed_jax.training.train_step import TrainState, create_state, make_update_fn
 
@@ -56,7 +56,7 @@ def train(config: ml_collections.ConfigDict, workdir: str) -> dict:
       f.write(config.to_json_best_effort(indent=2))
 
   # ----- Mesh and sharding rules.
-  mesh = make_mesh(config.mesh.ici, config.mesh.dcn)
+  mesh = make_mesh(config.mesh.ici, config.mesh.dcn, devices=mesh_devices(config, jax.devices()))
   rules = tuple((name, tuple(axes) if isinstance(axes, list) else axes)
                 for name, axes in config.sharding.rules)
   replicated = NamedSharding(mesh, PartitionSpec())
@@ -134,7 +134,8 @@ def train(config: ml_collections.ConfigDict, workdir: str) -> dict:
       window_tokens += int((local["segment_ids"] > 0).sum()) * jax.process_count()
       writer.advance()
 
-      will_save = step == config.total_steps or stop.requested or manager.should_save(step)
+      stopping = stop.requested  # read once: a SIGTERM arriving later waits for the next step
+      will_save = step == config.total_steps or stopping or manager.should_save(step)
       if step % config.log_every == 0 or will_save:
         scalars = metrics_lib.host_scalars(step_metrics)
         bad = metrics_lib.first_non_finite(scalars)
@@ -144,14 +145,14 @@ def train(config: ml_collections.ConfigDict, workdir: str) -> dict:
               f"(step {manager.latest_step()}) is kept in {builders.checkpoint_dir(workdir)}")
         elapsed = time.time() - window_start
         scalars.update(_throughput(model_config, local, window_steps, window_tokens, elapsed,
-                                   peak))
+                                   peak, mesh.size))
         writer.write(step, scalars)
         last_scalars = dict(scalars, step=step)
         window_start, window_steps, window_tokens = time.time(), 0, 0
       if will_save:
         checkpoint.save(manager, state, data_iter.get_state(),
-                        force=step == config.total_steps or stop.requested)
-      if stop.requested:
+                        force=step == config.total_steps or stopping)
+      if stopping:
         log.warning("SIGTERM: saved step %d, exiting", step)
         break
   finally:
@@ -189,13 +190,13 @@ def _initial_state(config, model, init_batch, tx, abstract_state, state_sharding
 
 
 def _throughput(model_config, local_batch, steps: int, tokens: int, elapsed: float,
-                peak: Optional[float]) -> dict:
+                peak: Optional[float], num_devices: int) -> dict:
   """tokens/s, step time, analytic TFLOP/s per device and (on TPU) MFU over the last window."""
   batch, length = local_batch["input_ids"].shape
   patches = local_batch["pixel_patches"].shape[1]
   step_flops = flops.train_flops(model_config, batch * jax.process_count(), length, patches)
   step_time = elapsed / max(steps, 1)
-  tflops = step_flops / step_time / jax.device_count() / 1e12
+  tflops = step_flops / step_time / num_devices / 1e12
   out = {"tokens_per_second": tokens / max(elapsed, 1e-9), "step_time": step_time,
          "tflops_per_device": tflops}
   if peak:
