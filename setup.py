@@ -25,6 +25,7 @@ setup(
         "absl-py",
         "etils[epath]",
         "tqdm",
+        "tensorboardX",
     ],
     extras_require={
         "torch": TORCH,
