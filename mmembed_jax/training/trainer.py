@@ -73,6 +73,9 @@ def train(config: ml_collections.ConfigDict, workdir: str) -> dict:
   model = VisionLanguageModel(model_config)
   init_batch = dummy_batch(model_config)
   boxed = jax.eval_shape(model.init, jax.random.key(config.seed), init_batch)["params"]
+  extra_params = getattr(objective, "boxed_extra_shapes", None)  # e.g. MoCa's MAE decoder
+  if extra_params is not None:
+    boxed = dict(boxed, **extra_params())
   param_shardings = sharding_lib.logical_shardings(boxed, mesh, rules)
   abstract_params = nn.meta.unbox(boxed)
   sharding_lib.check_replicated(abstract_params, param_shardings, mesh,
@@ -104,8 +107,8 @@ def train(config: ml_collections.ConfigDict, workdir: str) -> dict:
       data_iter.set_state(data_state)
     log.info("resumed from step %d", int(state.step))
   else:
-    state = _initial_state(config, model, init_batch, tx, abstract_state, state_shardings,
-                           param_shardings, in_context)
+    state = _initial_state(config, model, objective, init_batch, tx, abstract_state,
+                           state_shardings, param_shardings, in_context)
 
   # ----- The update step: one jit, explicit shardings, donated state.
   update = make_update_fn(objective, tx, schedule, config.grad_accum_steps)
@@ -163,27 +166,41 @@ def train(config: ml_collections.ConfigDict, workdir: str) -> dict:
   return last_scalars
 
 
-def _initial_state(config, model, init_batch, tx, abstract_state, state_shardings, param_shardings,
-                   in_context) -> TrainState:
+def _initial_state(config, model, objective, init_batch, tx, abstract_state, state_shardings,
+                   param_shardings, in_context) -> TrainState:
   """State at step 0, created sharded: parameters never sit whole on one host."""
-  make = jax.jit(lambda params: create_state(params, tx, config.seed),
-                 in_shardings=(param_shardings,), out_shardings=state_shardings)
+  # Objective-owned parameters (MoCa's MAE decoder) are made from the backbone's, unless the
+  # source (another run of the same objective) already has them.
+  init_extra = getattr(objective, "init_extra", None)
+  extra_keys = list(objective.boxed_extra_shapes()) if init_extra is not None else []
+  extra_key = jax.random.fold_in(jax.random.key(config.seed), 1)
+
+  def with_extra(params):
+    if all(k in params for k in extra_keys):
+      return params
+    return dict(params, **init_extra(extra_key, params))
+
+  backbone_shardings = {k: v for k, v in param_shardings.items() if k not in extra_keys}
+  make = jax.jit(lambda params: create_state(with_extra(params), tx, config.seed),
+                 out_shardings=state_shardings)
   if builders.is_hf_dir(config.init_from):
     from mmembed_jax.convert.hf_import import import_hf  # pylint: disable=g-import-not-at-top
     flat = {tuple(str(k.key) for k in path): s for path, s in jax.tree.leaves_with_path(
-        param_shardings, is_leaf=lambda x: isinstance(x, NamedSharding))}
+        backbone_shardings, is_leaf=lambda x: isinstance(x, NamedSharding))}
     _, params = import_hf(config.init_from, param_dtype=config.model.param_dtype,
                           scan_layers=config.model.scan_layers,
                           put=lambda path, array: jax.device_put(array, flat[path]))
-    return make(params)
+    with in_context():
+      return make(params)
   if config.init_from:
     params = checkpoint.restore_params(
         os.path.abspath(builders.checkpoint_dir(config.init_from)), abstract_state.params)
-    return make(params)
+    with in_context():
+      return make(params)
 
   def init(key):
     params = nn.meta.unbox(model.init(key, init_batch)["params"])
-    return create_state(params, tx, config.seed)
+    return create_state(with_extra(params), tx, config.seed)
 
   with in_context():
     return jax.jit(init, out_shardings=state_shardings)(jax.random.key(config.seed))
