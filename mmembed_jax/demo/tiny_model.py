@@ -2,9 +2,13 @@
 from mmembed_jax.models.config import ModelConfig, TextConfig, VisionConfig
 
 
-def tiny_config(family: str = "qwen2_5_vl", vocab_size: int = 512, tie_word_embeddings: bool = False,
+def tiny_config(family: str = "qwen2_5_vl", vocab_size: int = 576, tie_word_embeddings: bool = False,
                 **options) -> ModelConfig:
-  """A few-layer model with every architectural feature of the real one (GQA, windows, M-RoPE)."""
+  """A few-layer model with every architectural feature of the real one (GQA, windows, M-RoPE).
+
+  The vocabulary (576) is the 512-token demo tokenizer plus spare rows, as Qwen pads its own,
+  so `<|mask|>` or compression tokens get ids without resizing the embedding.
+  """
   if family == "qwen2_5_vl":
     # 3 blocks, block 1 full attention, the others windowed (window = 4x4 merged tokens).
     vision = VisionConfig(depth=3, hidden_size=32, num_heads=2, intermediate_size=48,

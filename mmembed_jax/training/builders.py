@@ -53,7 +53,18 @@ def _synthetic_tokens(model_config: ModelConfig, seed: int, global_batch_size: i
   return synthetic_token_dataset(global_batch_size, length, model_config.text.vocab_size - 16, seed)
 
 
-OBJECTIVES = {"masked_lm": _masked_lm}
+def _moca_cpt(model_config: ModelConfig, tokenizer_dir: str, mae_weight: float = 0.5,
+              mlm_shift_labels: bool = True, noise: str = "shared", logits_chunk: int = 512):
+  import transformers  # pylint: disable=g-import-not-at-top
+  from mmembed_jax.data.special_tokens import mask_token_id  # pylint: disable=g-import-not-at-top
+  from mmembed_jax.objectives.moca_cpt import MocaCpt  # pylint: disable=g-import-not-at-top
+  tokenizer = transformers.AutoTokenizer.from_pretrained(tokenizer_dir)
+  return MocaCpt(model_config, mask_token_id(tokenizer, model_config.text.vocab_size),
+                 mae_weight=mae_weight, shift_labels=mlm_shift_labels, noise=noise,
+                 logits_chunk=logits_chunk)
+
+
+OBJECTIVES = {"masked_lm": _masked_lm, "moca_cpt": _moca_cpt}
 INPUTS = {"synthetic_tokens": _synthetic_tokens}
 
 
