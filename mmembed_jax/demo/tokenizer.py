@@ -73,7 +73,7 @@ _STATEMENTS = (
 
 
 def demo_corpus() -> List[str]:
-  """Returns the built-in English training corpus: a few hundred deterministic sentences."""
+  """Returns the built-in English training corpus: about two thousand deterministic sentences."""
   sentences = []
   fields = itertools.count()
   templates = _STATEMENTS + _QUESTIONS
@@ -96,6 +96,10 @@ def demo_corpus() -> List[str]:
   # A little punctuation, digits and line structure so those bytes get merges too.
   sentences += [f"Line {n}:\n  item {n * 3}, price ${n}.{n * 7 % 100:02d}; note (see page {n})."
                 for n in range(40)]
+  # The synthetic demo data's own words (scene captions, page lines, questions, passages), so the
+  # demo data tokenises into few tokens. Imported here: the data module is only needed for training.
+  from mmembed_jax.data import demo_data  # pylint: disable=g-import-not-at-top
+  sentences += demo_data.corpus_sentences()
   return sentences
 
 
