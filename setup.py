@@ -22,6 +22,7 @@ setup(
         "safetensors",
         "numpy",
         "pillow",
+        "pyarrow",
         "absl-py",
         "etils[epath]",
         "tqdm",

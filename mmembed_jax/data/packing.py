@@ -1,0 +1,252 @@
+"""First-fit packing of encoded examples into fixed-shape rows, as a checkpointable Grain stage.
+
+An example (one dict from `cpt_pipeline`'s encoder) holds
+  input_ids int32 [n], positions int32 [3, n] (from 0), mlm_mask int32 [n],
+  pixel_patches float32 [p, 1176], mae_mask int32 [p], image_grid_thw int32 [k, 3],
+  example_id int.
+A skipped input is the dict {"bad_record": "FILE:LINE: reason"} instead.
+
+A packed row has the batch contract of `models/inputs.py` plus the masks:
+  input_ids        int32 [length]            examples back to back, then pad_id
+  segment_ids      int32 [length]            s on the s-th example's tokens (1..k), 0 on padding
+  positions        int32 [3, length]         each example's own positions (restart at 0), 0 on pad
+  mlm_mask         int32 [length]            the examples' text masks, 0 on padding
+  pixel_patches    float32 [max_patches, 1176] the examples' patches in row order, zero padded
+  patch_image_ids  int32 [max_patches]       1..(images in the row) across all segments, 0 = pad
+  mae_mask         int32 [max_patches]       the examples' patch masks, 0 on padding
+  image_grid_thw   int32 [max_images, 3]     grid of the row's i-th image at slot i - 1
+  example_ids      int32 [max_segments]      example id of segment s at s - 1, -1 unused
+  bad_records      int32 []                  inputs skipped while this row's group was read
+
+Packing (like grain's FirstFitPackIterDataset): up to `num_bins` open rows; each example goes
+to the first row where it fits all four budgets (tokens, patches, images, segments); the first
+example that fits in none closes the group: its rows are emitted in order and that example
+opens the next group. The iterator state is {"group_parent": the parent's state before the
+group's first input, "emitted": rows of the group already emitted}: no pixels, a few numbers.
+`set_state` restores the parent there and re-reads (re-decodes) the group, so a resumed
+iterator emits exactly what an uninterrupted one would. The skipped inputs of a group are
+counted on its first row and logged (with FILE:LINE) when that row is emitted.
+"""
+import dataclasses
+import logging
+from typing import Any, Dict, List, Mapping, Optional, Sequence
+
+import grain
+import numpy as np
+
+from mmembed_jax.models import inputs
+
+log = logging.getLogger(__name__)
+
+BAD_RECORD = "bad_record"
+
+
+@dataclasses.dataclass(frozen=True)
+class PackingBudget:
+  """Static shape of a packed row: tokens, patches, images and examples per row."""
+  length: int
+  max_patches: int
+  max_images: int
+  max_segments: int = 64
+  pad_id: int = 0
+  merge_unit: int = 4  # patches per merged token (2x2)
+
+  def __post_init__(self):
+    for name in ("length", "max_segments", "merge_unit"):
+      if getattr(self, name) < 1:
+        raise ValueError(f"packing: {name} must be >= 1, found {getattr(self, name)}")
+    for name in ("max_patches", "max_images"):
+      if getattr(self, name) < 0:
+        raise ValueError(f"packing: {name} must be >= 0, found {getattr(self, name)}")
+    if self.max_patches % self.merge_unit:
+      raise ValueError(f"packing: max_patches {self.max_patches} must be a multiple of "
+                       f"{self.merge_unit} (whole merged tokens)")
+
+
+def example_size(example: Mapping[str, Any]) -> tuple:
+  """(tokens, patches, images) of an encoded example."""
+  return (int(example["input_ids"].shape[0]), int(example["pixel_patches"].shape[0]),
+          int(example["image_grid_thw"].shape[0]))
+
+
+class _Bin:
+  """One row being filled: its examples and the budgets they use."""
+
+  def __init__(self):
+    self.examples: List[Mapping[str, Any]] = []
+    self.tokens = self.patches = self.images = 0
+
+  def fits(self, size: tuple, budget: PackingBudget) -> bool:
+    """Whether an example of `size` fits in what is left of every budget."""
+    tokens, patches, images = size
+    return (self.tokens + tokens <= budget.length and self.patches + patches <= budget.max_patches
+            and self.images + images <= budget.max_images
+            and len(self.examples) < budget.max_segments)
+
+  def add(self, example: Mapping[str, Any], size: tuple) -> None:
+    self.examples.append(example)
+    self.tokens += size[0]
+    self.patches += size[1]
+    self.images += size[2]
+
+
+def layout_row(examples: Sequence[Mapping[str, Any]], budget: PackingBudget) -> Dict[str, np.ndarray]:
+  """The fixed-shape row holding `examples` back to back (see the module docstring)."""
+  length, max_patches, max_images = budget.length, budget.max_patches, budget.max_images
+  row = {
+      "input_ids": np.full((length,), budget.pad_id, np.int32),
+      "segment_ids": np.zeros((length,), np.int32),
+      "positions": np.zeros((3, length), np.int32),
+      "mlm_mask": np.zeros((length,), np.int32),
+      "pixel_patches": np.zeros((max_patches, inputs.PATCH_DIM), np.float32),
+      "patch_image_ids": np.zeros((max_patches,), np.int32),
+      "mae_mask": np.zeros((max_patches,), np.int32),
+      "image_grid_thw": np.zeros((max_images, 3), np.int32),
+      "example_ids": np.full((budget.max_segments,), -1, np.int32),
+  }
+  t = p = k = 0
+  for s, example in enumerate(examples, start=1):
+    n, num_patches, num_images = example_size(example)
+    row["input_ids"][t:t + n] = example["input_ids"]
+    row["segment_ids"][t:t + n] = s
+    row["positions"][:, t:t + n] = example["positions"]
+    row["mlm_mask"][t:t + n] = example["mlm_mask"]
+    row["pixel_patches"][p:p + num_patches] = example["pixel_patches"]
+    patches_per_image = np.prod(example["image_grid_thw"], axis=-1)  # [num_images]
+    row["patch_image_ids"][p:p + num_patches] = np.repeat(
+        np.arange(k + 1, k + num_images + 1, dtype=np.int32), patches_per_image)
+    row["mae_mask"][p:p + num_patches] = example["mae_mask"]
+    row["image_grid_thw"][k:k + num_images] = example["image_grid_thw"]
+    row["example_ids"][s - 1] = example["example_id"]
+    t, p, k = t + n, p + num_patches, k + num_images
+  return row
+
+
+def packing_efficiency(batch: Mapping[str, np.ndarray]) -> Dict[str, float]:
+  """Share of the token and patch slots that hold real data (not padding), and examples per row."""
+  patch_ids = np.asarray(batch["patch_image_ids"])
+  return {
+      "token_fill": float(np.mean(np.asarray(batch["segment_ids"]) > 0)),
+      "patch_fill": float(np.mean(patch_ids > 0)) if patch_ids.size else 0.0,
+      "examples_per_row": float(np.mean(np.sum(np.asarray(batch["example_ids"]) >= 0, axis=-1))),
+  }
+
+
+class PackIterDataset(grain.IterDataset):
+  """Packs the parent's encoded examples into rows of `budget`'s fixed shape, first fit."""
+
+  def __init__(self, parent: grain.IterDataset, budget: PackingBudget, num_bins: int,
+               max_consecutive_bad: int = 1000):
+    super().__init__(parent)
+    if num_bins < 1:
+      raise ValueError(f"packing: num_bins must be >= 1, found {num_bins}")
+    self._budget, self._num_bins = budget, num_bins
+    self._max_consecutive_bad = max_consecutive_bad
+
+  def __iter__(self) -> "PackIterator":
+    return PackIterator(self._parent.__iter__(), self._budget, self._num_bins,
+                        self._max_consecutive_bad)
+
+  def __str__(self) -> str:
+    return f"PackIterDataset(budget={self._budget}, num_bins={self._num_bins})"
+
+
+class PackIterator(grain.DatasetIterator):
+  """Iterator of PackIterDataset; its state replays the current group (see the module docstring)."""
+
+  def __init__(self, parent: grain.DatasetIterator, budget: PackingBudget, num_bins: int,
+               max_consecutive_bad: int):
+    super().__init__(parent)
+    self._budget, self._num_bins = budget, num_bins
+    self._max_consecutive_bad = max_consecutive_bad
+    self._restart(self._parent.get_state(), skip=0)
+
+  def _restart(self, group_parent: Any, skip: int) -> None:
+    """Forgets everything read; the next group starts at the parent state `group_parent`."""
+    self._group_parent = group_parent  # parent state before the current group's first input
+    self._emitted = 0  # rows of the current group already emitted
+    self._skip = skip  # rows to drop after re-packing a group (restored mid-group)
+    self._rows: List[Dict[str, np.ndarray]] = []  # packed rows not yet emitted
+    self._bad: List[str] = []  # skipped inputs of the group, reported with its first row
+    self._carry: Optional[tuple] = None  # (example, size) that opens the next group
+    self._next_group_parent: Any = None
+
+  def get_state(self) -> Dict[str, Any]:
+    return {"group_parent": self._group_parent, "emitted": self._emitted}
+
+  def set_state(self, state: Dict[str, Any]) -> None:
+    self._parent.set_state(state["group_parent"])
+    self._restart(state["group_parent"], skip=int(state["emitted"]))
+
+  def _read_group(self) -> None:
+    """Reads inputs until a group is complete; fills self._rows (StopIteration at the end)."""
+    bins: List[_Bin] = []
+    consecutive_bad = 0
+    pending = [self._carry] if self._carry is not None else []
+    self._carry = None
+    while True:
+      if pending:
+        example, size = pending.pop()
+      else:
+        state_before = self._parent.get_state()
+        try:
+          element = next(self._parent)
+        except StopIteration:
+          if not bins:
+            for message in self._bad:  # nothing left to carry the count: log it at least
+              log.warning("skipped bad record %s", message)
+            self._bad = []
+            raise
+          self._next_group_parent = state_before
+          break
+        if BAD_RECORD in element:
+          self._bad.append(element[BAD_RECORD])
+          consecutive_bad += 1
+          if consecutive_bad > self._max_consecutive_bad:
+            raise RuntimeError(f"packing: {consecutive_bad} bad records in a row, the last: "
+                               f"{self._bad[-3:]}; is the data or its configuration broken?")
+          continue
+        consecutive_bad = 0
+        example, size = element, example_size(element)
+      target = next((b for b in bins if b.fits(size, self._budget)), None)
+      if target is None and len(bins) < self._num_bins:
+        target = _Bin()
+        if not target.fits(size, self._budget):
+          raise ValueError(f"packing: example {example.get('example_id')} of (tokens, patches, "
+                           f"images) {size} exceeds an empty row's budget {self._budget}")
+        bins.append(target)
+      if target is None:
+        self._carry = (example, size)
+        self._next_group_parent = state_before
+        break
+      target.add(example, size)
+    self._rows = [layout_row(b.examples, self._budget) for b in bins]
+    for i, row in enumerate(self._rows):
+      row["bad_records"] = np.int32(len(self._bad) if i == 0 else 0)
+    self._rows[0]["bad_messages"] = self._bad
+    self._bad = []
+
+  def __next__(self) -> Dict[str, np.ndarray]:
+    while not self._rows:
+      self._read_group()
+      while self._skip and self._rows:  # restored mid-group: these rows were emitted before
+        self._rows.pop(0)
+        self._skip -= 1
+        self._emitted += 1
+      if not self._rows:
+        self._advance_group()
+    row = self._rows.pop(0)
+    for message in row.pop("bad_messages", ()):
+      log.warning("skipped bad record %s", message)
+    self._emitted += 1
+    if not self._rows:
+      self._advance_group()
+    return row
+
+  def _advance_group(self) -> None:
+    """The current group is fully emitted: the state now points at the next group."""
+    self._group_parent = self._next_group_parent
+    self._emitted = 0
+
+  def __str__(self) -> str:
+    return f"PackIterator(budget={self._budget}, num_bins={self._num_bins})"

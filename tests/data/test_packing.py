@@ -1,0 +1,164 @@
+"""Tests of first-fit packing into fixed-shape rows (mmembed_jax.data.packing)."""
+import json
+import logging
+
+import grain
+import numpy as np
+import pytest
+
+from mmembed_jax.data import mrope, packing
+from mmembed_jax.models import inputs
+
+IMAGE, PAD = 9, 0
+
+
+def _example(example_id, text_tokens, grids=()):
+  """An encoded example: text, then images of the given grids; values encode (id, patch)."""
+  ids = [100 + example_id % 50] * text_tokens
+  patches = []
+  for t, h, w in grids:
+    ids += [2] + [IMAGE] * (t * h * w // 4) + [3]
+    values = example_id * 1000 + np.arange(t * h * w, dtype=np.float32) + len(patches) * 100
+    patches.append(np.broadcast_to(values[:, None], (t * h * w, inputs.PATCH_DIM)))
+  ids = np.asarray(ids, np.int32)
+  grid_thw = np.asarray(grids, np.int32).reshape(-1, 3)
+  pixel_patches = (np.concatenate(patches).astype(np.float32) if patches
+                   else np.zeros((0, inputs.PATCH_DIM), np.float32))
+  return {"input_ids": ids, "positions": mrope.mrope_positions(ids, grid_thw, IMAGE),
+          "mlm_mask": (np.arange(ids.shape[0]) % 3 == 0).astype(np.int32),
+          "pixel_patches": pixel_patches,
+          "mae_mask": np.repeat(np.arange(pixel_patches.shape[0] // 4) % 2, 4).astype(np.int32),
+          "image_grid_thw": grid_thw, "example_id": example_id}
+
+
+def _stream(n, seed=0, bad_every=0):
+  """n examples of mixed sizes (text-only and 1-2 images), with a bad marker every bad_every."""
+  rng = np.random.default_rng(seed)
+  elements = []
+  for i in range(n):
+    if bad_every and i % bad_every == bad_every - 1:
+      elements.append({packing.BAD_RECORD: f"data.jsonl:{i + 1}: broken"})
+      continue
+    kind = rng.integers(3)
+    grids = [] if kind == 0 else [(1, 2 * int(rng.integers(1, 3)), 2 * int(rng.integers(1, 3)))
+                                  for _ in range(kind)]
+    elements.append(_example(i, int(rng.integers(1, 30)), grids))
+  return elements
+
+
+def _packed(elements, budget, num_bins):
+  """The PackIterDataset over a list of elements."""
+  parent = grain.MapDataset.source(elements).to_iter_dataset()
+  return packing.PackIterDataset(parent, budget, num_bins)
+
+
+BUDGET = packing.PackingBudget(length=64, max_patches=48, max_images=3, max_segments=6, pad_id=PAD)
+
+
+def test_rows_have_fixed_shapes_and_the_batch_contract():
+  rows = list(_packed(_stream(60), BUDGET, num_bins=4))
+  for row in rows:
+    assert row["input_ids"].shape == (64,) and row["positions"].shape == (3, 64)
+    assert row["pixel_patches"].shape == (48, inputs.PATCH_DIM)
+    assert row["patch_image_ids"].shape == (48,) and row["mae_mask"].shape == (48,)
+    assert row["image_grid_thw"].shape == (3, 3) and row["example_ids"].shape == (6,)
+    assert row["bad_records"].shape == () and row["bad_records"].dtype == np.int32
+  batch = {k: np.stack([r[k] for r in rows[:4]]) for k in rows[0]}
+  inputs.check_batch(batch)
+
+
+def test_segment_position_and_patch_layout():
+  examples = [_example(1, 5, [(1, 2, 4)]), _example(2, 3), _example(3, 2, [(1, 2, 2), (1, 4, 2)])]
+  row = packing.layout_row(examples, BUDGET)
+  n = [e["input_ids"].shape[0] for e in examples]  # 5 + 4 = 9 (8 patches), 3, 2 + 3 + 4 = 9
+  starts = np.cumsum([0] + n)
+  for s, example in enumerate(examples, start=1):
+    span = slice(starts[s - 1], starts[s])
+    assert (row["segment_ids"][span] == s).all()
+    np.testing.assert_array_equal(row["input_ids"][span], example["input_ids"])
+    np.testing.assert_array_equal(row["positions"][:, span], example["positions"])
+    assert (row["positions"][:, starts[s - 1]] == 0).all()  # positions restart per segment
+    np.testing.assert_array_equal(row["mlm_mask"][span], example["mlm_mask"])
+  assert (row["segment_ids"][starts[-1]:] == 0).all() and (row["input_ids"][starts[-1]:] == PAD).all()
+  assert (row["positions"][:, starts[-1]:] == 0).all()
+  # Patches: example 1's image is image 1, example 3's images are images 2 and 3 of the row.
+  np.testing.assert_array_equal(row["patch_image_ids"], [1] * 8 + [2] * 4 + [3] * 8 + [0] * 28)
+  np.testing.assert_array_equal(row["image_grid_thw"], [[1, 2, 4], [1, 2, 2], [1, 4, 2]])
+  np.testing.assert_array_equal(row["pixel_patches"][:8], examples[0]["pixel_patches"])
+  np.testing.assert_array_equal(row["pixel_patches"][8:20], examples[2]["pixel_patches"])
+  assert not row["pixel_patches"][20:].any()
+  np.testing.assert_array_equal(row["mae_mask"][8:20], examples[2]["mae_mask"])
+  np.testing.assert_array_equal(row["example_ids"], [1, 2, 3, -1, -1, -1])
+  # The k-th image token of the row belongs to the k-th merged group of its patches.
+  assert (row["input_ids"] == IMAGE).sum() == (row["patch_image_ids"] > 0).sum() // 4
+
+
+def test_budgets_hold_and_no_example_is_lost_or_duplicated():
+  elements = _stream(200, seed=1)
+  rows = list(_packed(elements, BUDGET, num_bins=3))
+  for row in rows:
+    assert (row["segment_ids"] > 0).sum() <= BUDGET.length
+    assert (row["patch_image_ids"] > 0).sum() <= BUDGET.max_patches
+    assert (row["image_grid_thw"].sum(-1) > 0).sum() <= BUDGET.max_images
+    assert row["segment_ids"].max() == (row["example_ids"] >= 0).sum() <= BUDGET.max_segments
+  packed_ids = [int(i) for row in rows for i in row["example_ids"] if i >= 0]
+  assert sorted(packed_ids) == sorted(e["example_id"] for e in elements)
+  assert len(packed_ids) == len(set(packed_ids))
+
+
+def test_packing_efficiency_reports_fill_of_tokens_and_patches():
+  rows = list(_packed(_stream(300, seed=2), BUDGET, num_bins=8))
+  batch = {k: np.stack([r[k] for r in rows[:-8]]) for k in rows[0]}  # full groups only
+  efficiency = packing.packing_efficiency(batch)
+  assert efficiency["token_fill"] == pytest.approx((batch["segment_ids"] > 0).mean())
+  assert efficiency["patch_fill"] == pytest.approx((batch["patch_image_ids"] > 0).mean())
+  assert efficiency["token_fill"] > 0.6 and efficiency["examples_per_row"] > 2
+  one_per_row = list(_packed(_stream(300, seed=2), BUDGET, num_bins=1))
+  single = {k: np.stack([r[k] for r in one_per_row]) for k in rows[0]}
+  assert packing.packing_efficiency(single)["token_fill"] < efficiency["token_fill"]
+
+
+def test_resume_from_state_replays_exactly():
+  elements = _stream(150, seed=3, bad_every=7)
+  dataset = _packed(elements, BUDGET, num_bins=3)
+  iterator = iter(dataset)
+  states, rows = [], []
+  for row in iterator:
+    states.append(iterator.get_state())
+    rows.append(row)
+  for k in [0, 1, 2, 4, 7, len(rows) - 2]:
+    json.dumps(states[k])  # small and JSON-able: no pixels
+    resumed = iter(dataset)
+    resumed.set_state(states[k])
+    rest = list(resumed)
+    assert len(rest) == len(rows) - k - 1
+    for expected, got in zip(rows[k + 1:], rest):
+      assert expected.keys() == got.keys()
+      for key in expected:
+        np.testing.assert_array_equal(expected[key], got[key], err_msg=f"{key} after row {k}")
+
+
+def test_bad_records_are_counted_once_and_logged_with_their_line(caplog):
+  elements = _stream(120, seed=4, bad_every=10)
+  with caplog.at_level(logging.WARNING, logger="mmembed_jax.data.packing"):
+    rows = list(_packed(elements, BUDGET, num_bins=2))
+  assert sum(int(r["bad_records"]) for r in rows) == 12
+  logged = [r.getMessage() for r in caplog.records]
+  assert len(logged) == 12
+  assert "skipped bad record data.jsonl:10: broken" in logged
+
+
+def test_too_many_bad_records_in_a_row_stop_the_pipeline():
+  elements = [{packing.BAD_RECORD: f"x:{i}: broken"} for i in range(20)]
+  dataset = packing.PackIterDataset(grain.MapDataset.source(elements).to_iter_dataset(), BUDGET, 2,
+                                    max_consecutive_bad=10)
+  with pytest.raises(RuntimeError, match="11 bad records in a row"):
+    next(iter(dataset))
+
+
+def test_an_example_larger_than_a_row_is_an_error():
+  dataset = _packed([_example(0, 100)], BUDGET, num_bins=2)
+  with pytest.raises(ValueError, match=r"exceeds an empty row's budget"):
+    next(iter(dataset))
+  with pytest.raises(ValueError, match="multiple of 4"):
+    packing.PackingBudget(length=8, max_patches=6, max_images=1)
