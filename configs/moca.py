@@ -69,7 +69,7 @@ def get_config(arg: str = "") -> ml_collections.ConfigDict:
 def _demo(config: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
   """A tiny model from scratch on the synthetic demo data: minutes on a 2-core CPU."""
   config.model.preset = "tiny_qwen2_5_vl"
-  config.total_steps = 120
+  config.total_steps = 300
   config.log_every = 10
   config.optimizer.update(lr=2e-3, max_grad_norm=5.0, warmup_ratio=0.05)
   config.objective.logits_chunk = 0
@@ -77,5 +77,5 @@ def _demo(config: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
       name="moca_cpt", sources="demo", global_batch_size=8, length=128, max_patches=256,
       max_images=4, min_pixels=16 * 28 * 28, max_pixels=48 * 28 * 28,
       text_mask_prob=0.4, image_mask_prob=0.5, num_workers=0)
-  config.checkpoint.update(every=40, keep=2)
+  config.checkpoint.update(every=100, keep=2)
   return config

@@ -12,9 +12,12 @@ from mmembed_jax.models.presets import preset_config
 
 
 def is_hf_dir(path: str) -> bool:
-  """True for a Hugging Face model directory (it holds config.json)."""
+  """True for a Hugging Face model directory: config.json, but not a run's workdir (checkpoints/)."""
   from etils import epath  # pylint: disable=g-import-not-at-top
-  return bool(path) and (epath.Path(path) / "config.json").exists()
+  if not path:
+    return False
+  root = epath.Path(path)
+  return (root / "config.json").exists() and not (root / "checkpoints").exists()
 
 
 def build_model_config(config: ml_collections.ConfigDict) -> ModelConfig:
@@ -48,9 +51,49 @@ def _masked_lm(model_config: ModelConfig, mask_prob: float = 0.15, mask_token_id
   return make_masked_lm(model_config, mask_token_id, mask_prob)
 
 
+def _moca_cpt_input(model_config: ModelConfig, seed: int, sources: Any, tokenizer_dir: str,
+                    **fields):
+  from mmembed_jax.data.cpt_pipeline import cpt_dataset  # pylint: disable=g-import-not-at-top
+  if sources == "demo":
+    from mmembed_jax.data.demo_data import write_demo_dataset  # pylint: disable=g-import-not-at-top
+    files = write_demo_dataset(os.path.join(DEMO_CACHE, "data"), seed=0)
+    sources = [dict(name=name, path=path, kind="jsonl", weight=1.0) for name, path in files.items()]
+  else:
+    sources = {name: dict(source) for name, source in dict(sources).items()}
+    unset = [name for name, source in sources.items() if not source.get("path")]
+    if unset:
+      raise ValueError(f"input.sources: no path set for {unset}; set --config.input.sources."
+                       f"{unset[0]}.path=... (local or gs://) or remove the source")
+  return cpt_dataset(sources, tokenizer_dir, seed=seed, **fields)
+
+
 def _synthetic_tokens(model_config: ModelConfig, seed: int, global_batch_size: int, length: int):
   from mmembed_jax.data.synthetic_tokens import synthetic_token_dataset  # pylint: disable=g-import-not-at-top
   return synthetic_token_dataset(global_batch_size, length, model_config.text.vocab_size - 16, seed)
+
+
+DEMO_CACHE = os.environ.get("MMEMBED_DEMO_CACHE",
+                            os.path.join(os.path.expanduser("~"), ".cache", "mmembed_jax", "demo"))
+
+
+def demo_tokenizer_dir() -> str:
+  """The demo tokenizer, trained into the demo cache on first use."""
+  from mmembed_jax.demo.tokenizer import build_tokenizer  # pylint: disable=g-import-not-at-top
+  path = os.path.join(DEMO_CACHE, "tokenizer")
+  if not os.path.exists(os.path.join(path, "tokenizer.json")):
+    build_tokenizer(path)
+  return path
+
+
+def resolve_tokenizer_dir(config: ml_collections.ConfigDict, tokenizer_dir: str) -> str:
+  """An explicit tokenizer_dir, else the init_from HF directory, else the demo tokenizer."""
+  if tokenizer_dir:
+    return tokenizer_dir
+  if is_hf_dir(config.init_from):
+    return config.init_from
+  if config.input.get("sources") == "demo":
+    return demo_tokenizer_dir()
+  raise ValueError("no tokenizer: set objective.tokenizer_dir or init_from an HF model directory")
 
 
 def _moca_cpt(model_config: ModelConfig, tokenizer_dir: str, mae_weight: float = 0.5,
@@ -65,21 +108,34 @@ def _moca_cpt(model_config: ModelConfig, tokenizer_dir: str, mae_weight: float =
 
 
 OBJECTIVES = {"masked_lm": _masked_lm, "moca_cpt": _moca_cpt}
-INPUTS = {"synthetic_tokens": _synthetic_tokens}
+INPUTS = {"synthetic_tokens": _synthetic_tokens, "moca_cpt": _moca_cpt_input}
 
 
 def build_objective(config: ml_collections.ConfigDict, model_config: ModelConfig) -> Callable:
   """fn(params, batch, rng) -> (loss, metrics) named by `config.objective.name`."""
   if config.objective.name not in OBJECTIVES:
     raise ValueError(f"unknown objective '{config.objective.name}', expected one of {sorted(OBJECTIVES)}")
-  return _checked(OBJECTIVES[config.objective.name], config.objective, "objective", model_config)
+  return _checked(OBJECTIVES[config.objective.name], _with_tokenizer(config, config.objective),
+                  "objective", model_config)
 
 
 def build_input(config: ml_collections.ConfigDict, model_config: ModelConfig) -> Any:
   """This process's Grain iterator dataset of batches, named by `config.input.name`."""
   if config.input.name not in INPUTS:
     raise ValueError(f"unknown input '{config.input.name}', expected one of {sorted(INPUTS)}")
-  return _checked(INPUTS[config.input.name], config.input, "input", model_config, config.seed)
+  return _checked(INPUTS[config.input.name], _with_tokenizer(config, config.input), "input",
+                  model_config, config.seed)
+
+
+def _with_tokenizer(config: ml_collections.ConfigDict, section: ml_collections.ConfigDict
+                    ) -> ml_collections.ConfigDict:
+  """The section with `tokenizer_dir` resolved, when the builder takes one."""
+  builder = {**OBJECTIVES, **INPUTS}[section.name]
+  if "tokenizer_dir" not in builder.__code__.co_varnames:
+    return section
+  section = ml_collections.ConfigDict(section.to_dict())
+  section.tokenizer_dir = resolve_tokenizer_dir(config, section.get("tokenizer_dir", ""))
+  return section
 
 
 def checkpoint_dir(workdir: str) -> str:

@@ -121,10 +121,13 @@ def train(config: ml_collections.ConfigDict, workdir: str) -> dict:
   stop = _StopRequest()
   peak = flops.peak_flops_per_device(jax.devices()[0])
   last_scalars: dict = {}
+  bad_records = 0  # skipped by this process's input pipeline since this run started
   window_start, window_steps, window_tokens = time.time(), 0, 0
   try:
     for step in range(start_step + 1, config.total_steps + 1):
       local = next(data_iter)
+      bad_records += int(np.sum(local.pop("bad_records", 0)))
+      local.pop("example_ids", None)  # host-side bookkeeping only
       if train_step is None:
         batch_shardings = {k: batch_sharding for k in local}
         train_step = jax.jit(update, in_shardings=(state_shardings, batch_shardings),
@@ -147,6 +150,7 @@ def train(config: ml_collections.ConfigDict, workdir: str) -> dict:
               f"step {step}: {bad} is {scalars[bad]}; stopping. The last good checkpoint "
               f"(step {manager.latest_step()}) is kept in {builders.checkpoint_dir(workdir)}")
         elapsed = time.time() - window_start
+        scalars["bad_records"] = bad_records
         scalars.update(_throughput(model_config, local, window_steps, window_tokens, elapsed,
                                    peak, mesh.size))
         writer.write(step, scalars)
@@ -161,6 +165,8 @@ def train(config: ml_collections.ConfigDict, workdir: str) -> dict:
   finally:
     manager.wait_until_finished()
     manager.close()
+    if hasattr(data_iter, "close"):
+      data_iter.close()  # worker processes and their shared memory
     writer.close()
     stop.restore()
   return last_scalars
