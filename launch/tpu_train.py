@@ -36,6 +36,7 @@ def main(argv):
   del argv
   logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(message)s")
   absl_logging.set_verbosity(absl_logging.WARNING)  # Orbax logs every file it writes at INFO
+  logging.getLogger("mmembed_jax").setLevel(logging.INFO)  # the root is at WARNING now; ours is not
   import jax  # pylint: disable=g-import-not-at-top
   distributed = _DISTRIBUTED.value
   if distributed is None:

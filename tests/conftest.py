@@ -4,7 +4,6 @@ The tiny models are transformers' own Qwen2-VL / Qwen2.5-VL classes with random 
 norms and biases (so a swapped or missing scale/bias shows), saved as sharded safetensors
 next to a tokenizer trained on the spot. Nothing is downloaded.
 """
-import json
 import os
 
 os.environ.setdefault("XLA_FLAGS", "--xla_force_host_platform_device_count=8")
@@ -14,9 +13,7 @@ os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 
 import pytest  # pylint: disable=g-import-not-at-top,wrong-import-position
 
-FAMILIES = ("qwen2_5_vl", "qwen2_vl")
-# Small images keep the suite fast: at most 64 merged tokens per image.
-TEST_PIXELS = {"min_pixels": 4 * 28 * 28, "max_pixels": 64 * 28 * 28}
+from tiny_models import FAMILIES, build_tiny_hf_model  # noqa: E402  pylint: disable=wrong-import-position
 
 
 @pytest.fixture(scope="session")
@@ -31,47 +28,6 @@ def tokenizer(tokenizer_dir):
   """The demo tokenizer loaded with transformers.AutoTokenizer."""
   import transformers
   return transformers.AutoTokenizer.from_pretrained(tokenizer_dir)
-
-
-def randomize_norms_and_biases(model, seed: int = 0) -> None:
-  """Gives every norm weight and bias a non-trivial random value (HF inits them to 1 and 0)."""
-  import torch
-  generator = torch.Generator().manual_seed(seed)
-  with torch.no_grad():
-    for name, param in model.named_parameters():
-      is_norm = "norm" in name or "ln_q" in name
-      if name.endswith("bias") or is_norm:
-        noise = torch.randn(param.shape, generator=generator) * 0.5
-        param.copy_(noise + (1.0 if is_norm and name.endswith("weight") else 0.0))
-
-
-def build_tiny_hf_model(out_dir: str, family: str, tokenizer_dir: str, tie: bool = False,
-                        seed: int = 0) -> str:
-  """Saves a random tiny transformers model (sharded) with tokenizer and preprocessor files."""
-  import shutil
-  import torch
-  import transformers
-  from mmembed_jax.data.images import ImageProcessingConfig
-  from mmembed_jax.demo.tiny_model import tiny_config
-  from mmembed_jax.demo.tokenizer import special_token_ids
-  from mmembed_jax.models.config import hf_config_object
-
-  tokenizer = transformers.AutoTokenizer.from_pretrained(tokenizer_dir)
-  ids = special_token_ids(tokenizer)
-  config = tiny_config(family, tie_word_embeddings=tie,
-                       **{k: v for k, v in ids.items() if k not in ("pad_token_id", "eos_token_id")})
-  hf_config = hf_config_object(config)
-  torch.manual_seed(seed)
-  cls = {"qwen2_5_vl": transformers.Qwen2_5_VLForConditionalGeneration,
-         "qwen2_vl": transformers.Qwen2VLForConditionalGeneration}[family]
-  model = cls(hf_config).eval()
-  randomize_norms_and_biases(model, seed)
-  model.save_pretrained(out_dir, max_shard_size="300KB")
-  for name in os.listdir(tokenizer_dir):
-    shutil.copy(os.path.join(tokenizer_dir, name), out_dir)
-  with open(os.path.join(out_dir, "preprocessor_config.json"), "w") as f:
-    json.dump(ImageProcessingConfig(**TEST_PIXELS).to_preprocessor_config(), f)
-  return out_dir
 
 
 @pytest.fixture(scope="session")

@@ -18,7 +18,7 @@ from mmembed_jax.data import rows as rows_lib
 from mmembed_jax.data.images import ImageProcessingConfig
 from mmembed_jax.models.embedder import make_embed_fn
 
-from conftest import TEST_PIXELS
+from tiny_models import TEST_PIXELS
 
 TOLERANCE = 1e-5
 # Text-only, one-image and two-image rows, chosen so that batches of 1, 3 and 8 rows compile

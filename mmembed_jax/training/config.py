@@ -74,6 +74,8 @@ def validate(config: ml_collections.ConfigDict, devices: list) -> None:
   ici = resolve_axis_sizes(config.mesh.ici, len(devices) // slices, "mesh.ici")
   sizes = dict(zip(MESH_AXES, (a * b for a, b in zip(ici, dcn))))
   data_parallel = sizes["data"] * sizes["fsdp"]
+  if "global_batch_size" not in config.input:
+    raise ValueError(f"input '{config.input.get('name')}' has no global_batch_size")
   batch = config.input.global_batch_size
   if batch % data_parallel:
     raise ValueError(f"input.global_batch_size={batch} is not divisible by the data-parallel size "

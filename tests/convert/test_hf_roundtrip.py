@@ -23,7 +23,7 @@ from mmembed_jax.convert.hf_import import import_hf
 from mmembed_jax.convert.mapping import canonical_hf_name
 from mmembed_jax.data import images as images_lib
 
-from conftest import FAMILIES, TEST_PIXELS, build_tiny_hf_model
+from tiny_models import FAMILIES, TEST_PIXELS, build_tiny_hf_model
 
 CLASSES = {"qwen2_5_vl": transformers.Qwen2_5_VLForConditionalGeneration,
            "qwen2_vl": transformers.Qwen2VLForConditionalGeneration}

@@ -15,7 +15,7 @@ from mmembed_jax.data import rows as rows_lib
 from mmembed_jax.data.images import ImageProcessingConfig
 from mmembed_jax.models.embedder import make_embed_fn
 
-from conftest import FAMILIES, TEST_PIXELS
+from tiny_models import FAMILIES, TEST_PIXELS
 
 TOLERANCE = 1e-4
 ROWS = [

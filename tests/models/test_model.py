@@ -17,7 +17,7 @@ from mmembed_jax.models.embedder import dummy_batch, make_embed_fn
 from mmembed_jax.models.pooling import pool
 from mmembed_jax.models.vlm import VisionLanguageModel
 
-from conftest import TEST_PIXELS
+from tiny_models import TEST_PIXELS
 
 ROWS = [{"text": "two shapes <image> side by side", "image": "wide.png"},
         {"text": "a text only passage with several words"},

@@ -18,7 +18,7 @@ from mmembed_jax.models.pooling import pool
 from mmembed_jax.models.vlm import VisionLanguageModel
 from mmembed_jax.convert.torch_embed import forward_hidden
 
-from conftest import TEST_PIXELS
+from tiny_models import TEST_PIXELS
 
 TOLERANCE = 1e-4
 ROWS = [

@@ -14,7 +14,7 @@ from mmembed_jax.models.llm import DecoderLayer, attention_mask, mrope_tables
 from mmembed_jax.models.vlm import VisionLanguageModel
 from mmembed_jax.objectives.moca_cpt import MAE_DECODER, MocaCpt
 
-from conftest import TEST_PIXELS
+from tiny_models import TEST_PIXELS
 
 ROWS = [{"text": "<image> a red circle above a blue square", "image": "wide.png"},
         {"text": "a passage of plain text only, with a few more words"},

@@ -1,0 +1,140 @@
+"""A bad config fails before compiling: a one-line ValueError, or exit 2 and one CLI error line."""
+import sys
+import textwrap
+
+import jax
+import pytest
+
+from engine_runs import DEMO, TRAIN, run_commands
+from mmembed_jax.training import builders
+from mmembed_jax.training.config import default_config, validate
+
+RECIPES = {
+    "unknown_fields": """
+        config = base()
+        config.learning_rate = 1e-3      # top level: optimizer.lr was meant
+        config.optimizer.foo = 1         # nested
+        return config""",
+    "bad_objective_field": """
+        config = base()
+        config.objective = dict(name="masked_lm", mask_prop=0.3)  # mask_prob was meant
+        return config""",
+}
+
+# case -> (recipe or the demo, extra command-line arguments, words the error line must hold)
+CLI_CASES = {
+    "unknown_fields_in_recipe": ("unknown_fields", (),
+                                 ("unknown config field(s)", "learning_rate", "optimizer.foo")),
+    "unknown_nested_override": (None, ("--config.optimizer.foo=1",),
+                                ("unknown config field", "foo", "--config")),
+    "unknown_top_level_override": (None, ("--config.learning_rate=1",),
+                                   ("unknown config field", "learning_rate", "--config")),
+    "mesh_not_matching_devices": (None, ("--config.mesh.ici.data=3",),
+                                  ("mesh.ici", "3", "8 are available")),
+    "unknown_objective": (None, ("--config.objective.name=contrastive",),
+                          ("unknown objective 'contrastive'", "masked_lm")),
+    "bad_objective_field": ("bad_objective_field", (),
+                            ("objective 'masked_lm'", "mask_prop")),
+}
+
+
+@pytest.fixture(scope="module")
+def cli_results(tmp_path_factory, cache_dir):
+  """{case: CompletedProcess} of launch/tpu_train.py for every CLI case, run side by side."""
+  root = tmp_path_factory.mktemp("config_errors")
+  commands = {}
+  for case, (recipe, extra, _) in CLI_CASES.items():
+    config = DEMO
+    if recipe is not None:
+      config = str(root / f"{recipe}.py")
+      with open(config, "w") as f:
+        f.write(f"from mmembed_jax.training.config import default_config as base\n\n\n"
+                f"def get_config():\n{textwrap.indent(textwrap.dedent(RECIPES[recipe]), '  ')}\n")
+    commands[case] = [sys.executable, TRAIN,
+                      f"--config={config}", f"--workdir={root / case}", *extra]
+  return dict(zip(commands, run_commands(cache_dir, list(commands.values()))))
+
+
+@pytest.mark.parametrize("case", sorted(CLI_CASES))
+def test_launcher_reports_a_config_error_in_one_line_with_status_2(case, cli_results):
+  result = cli_results[case]
+  assert result.returncode == 2, result.stderr[-3000:]
+  assert "Traceback" not in result.stderr
+  errors = [line for line in result.stderr.splitlines() if line.startswith("error:")]
+  assert len(errors) == 1, result.stderr[-3000:]
+  for words in CLI_CASES[case][2]:
+    assert words in errors[0], errors[0]
+
+
+def _config(**changes):
+  config = default_config()
+  for name, value in changes.items():
+    *sections, key = name.split("__")
+    target = config
+    for section in sections:
+      target = target[section]
+    target[key] = value
+  return config
+
+
+VALIDATE_CASES = {
+    "unknown_top_level_field": (dict(learning_rate=1.0), "unknown config field(s): learning_rate"),
+    "unknown_nested_field": (dict(optimizer__foo=1), "unknown config field(s): optimizer.foo"),
+    "mesh_not_matching_devices": (dict(mesh__ici=dict(data=2, fsdp=2, tensor=1)),
+                                  "has 4 devices, but 8 are available"),
+    "minus_one_that_cannot_fill": (dict(mesh__ici=dict(data=-1, fsdp=3, tensor=1)),
+                                   "cannot fill 8 devices (8 is not a multiple of 3)"),
+    "two_minus_ones": (dict(mesh__ici=dict(data=-1, fsdp=-1, tensor=1)),
+                       "at most one axis may be -1"),
+    "unknown_mesh_axis": (dict(mesh__ici=dict(data=-1, pipeline=2)),
+                          "unknown mesh axes ['pipeline']"),
+    "batch_not_divisible_by_data_parallel": (
+        dict(input__global_batch_size=12, mesh__ici=dict(data=2, fsdp=4, tensor=1)),
+        "global_batch_size=12 is not divisible by the data-parallel size 8"),
+    "grad_accum_not_dividing": (dict(grad_accum_steps=3),
+                                "grad_accum_steps=3: global batch 16 must split into 3"),
+    "micro_batch_not_divisible": (dict(grad_accum_steps=4),
+                                  "grad_accum_steps=4: global batch 16 must split into 4"),
+    "num_devices_too_large": (dict(mesh__num_devices=9), "mesh.num_devices=9 must be 0 (all)"),
+    "total_steps_not_positive": (dict(total_steps=0), "total_steps must be positive"),
+    "input_without_batch_size": (dict(input=dict(name="synthetic_tokens", length=32)),
+                                 "input 'synthetic_tokens' has no global_batch_size"),
+}
+
+
+@pytest.mark.parametrize("case", sorted(VALIDATE_CASES))
+def test_validate_raises_one_line_naming_the_problem(case):
+  changes, message = VALIDATE_CASES[case]
+  with pytest.raises(ValueError) as error:
+    validate(_config(**changes), jax.devices())
+  assert message in str(error.value)
+  assert "\n" not in str(error.value)
+
+
+def test_validate_accepts_the_defaults_and_a_restricted_device_count():
+  validate(default_config(), jax.devices())
+  validate(_config(mesh__num_devices=1, mesh__ici=dict(data=1, fsdp=1, tensor=1)), jax.devices())
+
+
+BUILDER_CASES = {
+    "unknown_objective": (dict(objective=dict(name="contrastive")), builders.build_objective,
+                          "unknown objective 'contrastive', expected one of"),
+    "bad_objective_field": (dict(objective=dict(name="masked_lm", mask_prop=0.3)),
+                            builders.build_objective, "objective 'masked_lm': bad fields"),
+    "unknown_input": (dict(input=dict(name="webdataset", global_batch_size=16)),
+                      builders.build_input,
+                      "unknown input 'webdataset', expected one of"),
+    "bad_input_field": (dict(input=dict(name="synthetic_tokens", global_batch_size=16, len=32)),
+                        builders.build_input, "input 'synthetic_tokens': bad fields"),
+}
+
+
+@pytest.mark.parametrize("case", sorted(BUILDER_CASES))
+def test_builders_raise_one_line_naming_the_section(case):
+  changes, build, message = BUILDER_CASES[case]
+  config = _config(**changes)
+  validate(config, jax.devices())  # free-form sections: only their builder can judge them
+  with pytest.raises(ValueError) as error:
+    build(config, builders.build_model_config(config))
+  assert message in str(error.value)
+  assert "\n" not in str(error.value)
