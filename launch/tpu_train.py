@@ -43,12 +43,15 @@ def main(argv):
     distributed = bool(os.environ.get("TPU_WORKER_HOSTNAMES", "").count(","))
   if distributed:
     jax.distributed.initialize()
-  from mmembed_jax.training.trainer import train  # pylint: disable=g-import-not-at-top
+  from mmembed_jax.training.trainer import NonFiniteLossError, train  # pylint: disable=g-import-not-at-top
   try:
     train(_CONFIG.value, _WORKDIR.value)
-  except (ValueError, FileNotFoundError) as e:
+  except (ValueError, FileNotFoundError) as e:  # bad config or input: nothing was trained
     print(f"error: {e}", file=sys.stderr)
     sys.exit(2)
+  except NonFiniteLossError as e:  # diverged: the last good checkpoint is kept
+    print(f"error: {e}", file=sys.stderr)
+    sys.exit(3)
 
 
 if __name__ == "__main__":
