@@ -27,6 +27,7 @@ import jax
 import numpy as np
 from etils import epath
 
+from mmembed_jax.convert.hf_export import EMBEDDING_FILE
 from mmembed_jax.data import collate as collate_lib
 from mmembed_jax.data import images as images_lib
 from mmembed_jax.data import rows as rows_lib
@@ -37,7 +38,6 @@ from mmembed_jax.models.config import ModelConfig
 ATTENTIONS = ("causal", "bidirectional")
 POOLINGS = ("mean", "last")  # 'ctoken' needs a per-token mask that plain rows do not carry
 DTYPES = ("float32", "bfloat16")
-EMBEDDING_FILE = "mmembed.json"  # written by convert/hf_export.py
 PREPROCESSOR_FILE = "preprocessor_config.json"
 DEFAULT_MAX_LENGTH = 8192
 DEFAULT_BATCH_SIZE = 8
