@@ -8,7 +8,7 @@ import logging
 import os
 import signal
 import time
-from typing import Any, Optional
+from typing import Optional
 
 import flax.linen as nn
 import jax
