@@ -2,7 +2,8 @@
 
   mixture (sources.py, mixture.py: weighted, capped, shuffled, this process's slice)
     -> map CptEncoder (decode + smart_resize images, tokenize with `<image>` expansion,
-       truncate to `length` without cutting an image, M-RoPE positions, MoCa masks)
+       truncate to `length` without cutting an image, M-RoPE positions: the SequenceEncoder
+       shared with cl_pipeline.py; then MoCa masks)
     -> to_iter_dataset (read threads) -> first-fit pack (packing.py) -> batch
     -> mp_prefetch (worker processes) when num_workers > 0
 
@@ -53,17 +54,13 @@ def _read_text(path: str) -> str:
   return epath.Path(path).read_text()
 
 
-class CptEncoder:
-  """Record -> encoded, truncated, masked example, or {"bad_record": "FILE:LINE: why"}."""
+class SequenceEncoder:
+  """Text with `<image>` markers + images -> token ids, patches, grids and M-RoPE positions."""
   # Picklable and thread-safe: the tokenizer (the `tokenizers` library, from tokenizer.json) is
   # loaded lazily once per process, so worker processes do not import transformers.
 
-  def __init__(self, tokenizer_dir: str, budget: packing.PackingBudget,
-               image_config: images_lib.ImageProcessingConfig, text_mask_prob: float,
-               image_mask_prob: float, mask_seed: int, extra_never_mask: Sequence[int] = ()):
-    self.tokenizer_dir, self.budget, self.image_config = tokenizer_dir, budget, image_config
-    self.text_mask_prob, self.image_mask_prob = text_mask_prob, image_mask_prob
-    self.mask_seed, self.extra_never_mask = int(mask_seed), tuple(extra_never_mask)
+  def __init__(self, tokenizer_dir: str, image_config: images_lib.ImageProcessingConfig):
+    self.tokenizer_dir, self.image_config = tokenizer_dir, image_config
     self._lock = threading.Lock()
     self._tokenizer = None
 
@@ -89,10 +86,13 @@ class CptEncoder:
           if ids[token] is None:
             raise ValueError(f"{self.tokenizer_dir}/tokenizer.json has no token {token!r}; "
                              f"expected a Qwen-VL tokenizer")
-        self.never_mask = frozenset(tokenizer.get_added_tokens_decoder()) | set(self.extra_never_mask)
         self.vision_ids = ids
-        self._tokenizer = tokenizer
+        self._loaded(tokenizer)
+        self._tokenizer = tokenizer  # last: other threads test it without the lock
     return self._tokenizer
+
+  def _loaded(self, tokenizer: Any) -> None:
+    """Hook for subclasses: derive more ids from the freshly loaded tokenizer (under the lock)."""
 
   def _encode_text(self, text: str) -> List[int]:
     """Token ids of plain text; BadRecord if it spells a vision token literally."""
@@ -121,38 +121,43 @@ class CptEncoder:
       raise BadRecord(f"cannot read image {k} ({name}): {e}") from e
     return patches, np.asarray(grid, np.int32).reshape(3)
 
-  def encode(self, record: Mapping[str, Any]) -> Dict[str, Any]:
-    """The encoded example of a record; raises BadRecord (see the module docstring)."""
+  def encode_sequence(self, text: str, record_images: Sequence[Any], length: int, max_patches: int,
+                      max_images: int, cut_images: bool = True) -> Dict[str, np.ndarray]:
+    """{input_ids [n], positions [3, n], pixel_patches [p, 1176], image_grid_thw [k, 3]}.
+
+    n <= length: text past `length` is cut. An image that does not fit what is left of the token,
+    patch or image budget raises BadRecord if it is the first image or cut_images is False;
+    otherwise the sequence is cut before its `<|vision_start|>` and later images are dropped.
+    """
     if self._tokenizer is None:
       self._load_tokenizer()
-    if record.get("error"):
-      raise BadRecord(record["error"])
-    text, record_images = record["text"], list(record["images"])
+    record_images = list(record_images)
     pieces = text.split(IMAGE_MARKER)
     if len(pieces) == 1 and record_images:
       pieces = [""] * len(record_images) + [text]  # the prepend rule of rows.py
     elif len(pieces) - 1 != len(record_images):
       raise BadRecord(f"text has {len(pieces) - 1} '{IMAGE_MARKER}' markers but the record has "
                       f"{len(record_images)} images; expected one per image (or none, to prepend)")
-    budget, merge = self.budget, self.image_config.merge_size
+    merge = self.image_config.merge_size
     ids = self._encode_text(pieces[0])
     patches: List[np.ndarray] = []
     grids: List[np.ndarray] = []
     num_patches = 0
     for k, image in enumerate(record_images):
-      if k < budget.max_images:
+      if k < max_images:
         image_patches, grid = self._image(image, k)
         image_tokens = int(np.prod(grid)) // merge**2
-        fits = (len(ids) + image_tokens + 2 <= budget.length
-                and num_patches + image_patches.shape[0] <= budget.max_patches)
+        fits = (len(ids) + image_tokens + 2 <= length
+                and num_patches + image_patches.shape[0] <= max_patches)
       else:
         fits = False
       if not fits:
-        if k == 0:
+        if k == 0 or not cut_images:
           detail = (f"{image_tokens} tokens and {image_patches.shape[0]} patches after "
-                    f"{len(ids)} text tokens" if budget.max_images else "max_images is 0")
-          raise BadRecord(f"image 0 ({_image_name(image)}) does not fit the budget (length "
-                          f"{budget.length}, max_patches {budget.max_patches}): it needs {detail}")
+                    f"{len(ids)} text tokens and {num_patches} patches" if k < max_images
+                    else f"max_images is {max_images}")
+          raise BadRecord(f"image {k} ({_image_name(image)}) does not fit the budget (length "
+                          f"{length}, max_patches {max_patches}): it needs {detail}")
         break  # cut before this image's vision start; later images are dropped too
       ids += ([self.vision_ids[VISION_START]] + [self.vision_ids[IMAGE_PAD]] * image_tokens
               + [self.vision_ids[VISION_END]])
@@ -160,19 +165,45 @@ class CptEncoder:
       grids.append(grid)
       num_patches += image_patches.shape[0]
       ids += self._encode_text(pieces[k + 1])
-    input_ids = np.asarray(ids[:budget.length], np.int32)  # [n]; cuts text only
+    input_ids = np.asarray(ids[:length], np.int32)  # [n]; cuts text only
     if input_ids.shape[0] == 0:
       raise BadRecord("empty: no text and no image")
     grid_thw = np.stack(grids).astype(np.int32) if grids else np.zeros((0, 3), np.int32)  # [k, 3]
     pixel_patches = (np.concatenate(patches).astype(np.float32, copy=False) if patches
-                     else np.zeros((0, images_lib.ImageProcessingConfig().patch_dim), np.float32))
+                     else np.zeros((0, self.image_config.patch_dim), np.float32))
     positions = mrope.mrope_positions(input_ids, grid_thw, self.vision_ids[IMAGE_PAD], merge)
+    return {"input_ids": input_ids, "positions": positions, "pixel_patches": pixel_patches,
+            "image_grid_thw": grid_thw}
+
+
+class CptEncoder(SequenceEncoder):
+  """Record -> encoded, truncated, masked example, or {"bad_record": "FILE:LINE: why"}."""
+
+  def __init__(self, tokenizer_dir: str, budget: packing.PackingBudget,
+               image_config: images_lib.ImageProcessingConfig, text_mask_prob: float,
+               image_mask_prob: float, mask_seed: int, extra_never_mask: Sequence[int] = ()):
+    super().__init__(tokenizer_dir, image_config)
+    self.budget = budget
+    self.text_mask_prob, self.image_mask_prob = text_mask_prob, image_mask_prob
+    self.mask_seed, self.extra_never_mask = int(mask_seed), tuple(extra_never_mask)
+
+  def _loaded(self, tokenizer: Any) -> None:
+    """Ids never masked: every added (special) token and extra_never_mask."""
+    self.never_mask = frozenset(tokenizer.get_added_tokens_decoder()) | set(self.extra_never_mask)
+
+  def encode(self, record: Mapping[str, Any]) -> Dict[str, Any]:
+    """The encoded example of a record; raises BadRecord (see the module docstring)."""
+    if record.get("error"):
+      raise BadRecord(record["error"])
+    budget, merge = self.budget, self.image_config.merge_size
+    example = self.encode_sequence(record["text"], record["images"], budget.length,
+                                   budget.max_patches, budget.max_images, cut_images=True)
     mlm_mask, mae_mask = masking.mask_example(
-        self.mask_seed, record["example_id"], input_ids, num_patches, self.never_mask,
-        self.text_mask_prob, self.image_mask_prob, merge**2)
-    return {"input_ids": input_ids, "positions": positions, "mlm_mask": mlm_mask,
-            "pixel_patches": pixel_patches, "mae_mask": mae_mask, "image_grid_thw": grid_thw,
-            "example_id": int(record["example_id"])}
+        self.mask_seed, record["example_id"], example["input_ids"],
+        example["pixel_patches"].shape[0], self.never_mask, self.text_mask_prob,
+        self.image_mask_prob, merge**2)
+    return dict(example, mlm_mask=mlm_mask, mae_mask=mae_mask,
+                example_id=int(record["example_id"]))
 
   def __call__(self, record: Mapping[str, Any]) -> Dict[str, Any]:
     try:

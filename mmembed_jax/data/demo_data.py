@@ -25,6 +25,8 @@ Layout of cache_dir (image paths in rows are relative to their JSONL file, as ro
                                                   pos_image_path, and lists neg_text, neg_image_path
                                                   ("" = no image), one file per dataset
   pairs/images/..., pairs/DEMO_PAIRS_COMPLETE
+  pairs_eval/...                                  the same for write_demo_pairs(name="pairs_eval"),
+                                                  e.g. a held-out split with another seed
 Every row also carries its items' metadata in an extra "meta" field (readers ignore it). A writer
 reuses a directory whose marker has the same parameters and files and otherwise rebuilds it, so a
 second call is free and an interrupted one is redone. Same seed, same bytes. The demo tokenizer's
@@ -700,14 +702,22 @@ def write_demo_dataset(cache_dir: str, num_scenes: int = 160, num_documents: int
 
 def write_demo_pairs(cache_dir: str, num_scenes: int = 96, num_documents: int = 48,
                      num_passages: int = 96, num_negatives: int = 2, seed: int = 0,
-                     prompts: Optional[Dict[str, str]] = None) -> Dict[str, str]:
-  """Writes (or reuses) the contrastive demo pairs under cache_dir/pairs; returns {dataset: jsonl}."""
+                     prompts: Optional[Dict[str, str]] = None,
+                     name: str = PAIRS_DIR) -> Dict[str, str]:
+  """Writes (or reuses) the contrastive demo pairs under cache_dir/name; returns {dataset: jsonl}.
+
+  name: the split's directory, e.g. "pairs_eval" with another seed for a held-out split next to
+  the training pairs (each directory has its own marker, so neither overwrites the other).
+  """
   _check_counts("write_demo_pairs", num_scenes=num_scenes, num_documents=num_documents,
                 num_passages=num_passages)
+  if not isinstance(name, str) or not name or name in (".", "..") or os.sep in name or "/" in name:
+    raise ValueError(f"write_demo_pairs: name={name!r}; expected a directory name such as "
+                     f"'pairs' or 'pairs_eval' (no path separators)")
   params = {"version": _VERSION, "seed": seed, "num_scenes": num_scenes, "num_documents": num_documents,
             "num_passages": num_passages, "num_negatives": num_negatives,
             "prompts": {**PROMPTS, **(prompts or {})}}
-  directory = os.path.join(cache_dir, PAIRS_DIR)
+  directory = os.path.join(cache_dir, name)
   done = _finished(directory, PAIRS_MARKER, params)
   if done is not None:
     return done
