@@ -1,10 +1,15 @@
 """MoCa (modality-aware continual pre-training, then heterogeneous contrastive learning).
 
-  python launch/tpu_train.py --config configs/moca.py --workdir runs/demo              # demo, CPU
-  python launch/tpu_train.py --config configs/moca.py:size=3b --workdir gs://b/moca3b \\
+  python launch/tpu_train.py --config configs/moca.py --workdir runs/demo              # CPT demo, CPU
+  python launch/tpu_train.py --config configs/moca.py:stage=cl --workdir runs/demo_cl \
+      --config.init_from=runs/demo                                                  # CL demo, CPU
+  python launch/tpu_train.py --config configs/moca.py:size=3b --workdir gs://b/moca3b \
       --config.init_from=/ckpt/Qwen2.5-VL-3B-Instruct --config.input.sources.dclm.path=...
+  python launch/tpu_train.py --config configs/moca.py:size=3b,stage=cl --workdir gs://b/moca3b_cl \
+      --config.init_from=gs://b/moca3b --config.input.sources.mmeb_ImageNet_1K.path=...
 
-Argument (comma-separated): `size=demo|3b|7b` (default demo), `stage=cpt|cl` (default cpt).
+Argument (comma-separated): `size=demo|3b|7b` (default demo), `stage=cpt|cl` (default cpt),
+`lr=paper|code` (stage cl only: 1e-5 or 2e-5).
 
 Stage 1 (cpt), paper values for 3b/7b (../shared/METHODS.md §1): AdamW lr 2e-6, 10% warm-up,
 linear decay, max grad norm 5, sequence 2048, text/image mask probability 0.4/0.5 (3b) and
@@ -13,10 +18,23 @@ images of 256-1024 merged tokens, 500K samples per source. The paper's token-bud
 (12,800 cost units per device, cost = text tokens + 4 x image tokens + 2 x images) becomes
 static TPU shapes: packed rows of 2048 tokens with a per-row patch budget, 4 rows per chip.
 The demo trains a tiny model from scratch on the package's synthetic data in minutes.
+
+Stage 2 (cl, METHODS.md §2): full fine-tuning from the stage-1 run (`init_from` its workdir;
+its MAE decoder is left behind), bidirectional attention, mean pooling, InfoNCE with tau 0.03
+over all-gathered in-batch positives plus K = 2 hard negatives per query, every query scoring
+all hard negatives (`objective.negatives=global`, the paper; `own` is the released code),
+task-aware batching (each global batch from one dataset), global batch 2048 (GradCache chunks
+of 4 rows per chip), lr 1e-5 (paper) / 2e-5 (code), 5% warm-up, linear decay, one epoch of
+about 2M pairs (<= 50K per dataset), length 1280. Prompts live in the data rows and in each
+source's `query_template` / `target_template`. The demo fine-tunes on the synthetic pairs
+(caption <-> scene, question -> document page, question -> passage) and reports held-out
+Precision@1 before training and every 50 steps.
 """
 import ml_collections
 
-from mmembed_jax.training.config import default_config
+from mmembed_jax.data.mmeb import MMEB_TRAIN
+from mmembed_jax.training.config import (contrastive_config, default_config, demo_contrastive,
+                                           demo_pairs_input)
 
 _SIZES = {
     # size: (preset, text mask probability, image mask probability)
@@ -25,13 +43,31 @@ _SIZES = {
 }
 # The paper's stage-1 mixture; set each path (local or gs://) on the command line or here.
 PAPER_SOURCES = ("dclm", "pixelprose", "mammoth_vl", "mmeb_train", "docmatix", "visrag", "colpali")
+# Stage 2's data (METHODS.md §2): MMEB-train's 20 sets, one source each so that a task-aware batch
+# comes from one set, then the other corpora. Set each path; remove the sources you lack.
+DOCUMENT_QUERY = "Find a document image that matches the given query: {text}"
+DOCUMENT_TARGET = "<image>\nRepresent the given document image."
+
+
+def cl_sources() -> dict:
+  """The stage-2 sources with their formats and prompts; paths are left to the user."""
+  sources = {f"mmeb_{name}": dict(path="", kind="jsonl", format="mmeb") for name in MMEB_TRAIN}
+  sources["mme5_synthetic"] = dict(path="", kind="jsonl", format="mmE5")
+  for name in ("visrag", "colpali", "tat_dqa", "arxivqa"):
+    sources[name] = dict(path="", kind="jsonl", format="mmeb", query_template=DOCUMENT_QUERY,
+                         target_template=DOCUMENT_TARGET)
+  sources["infoseek"] = dict(path="", kind="jsonl", format="mmeb")
+  sources["e5_text"] = dict(path="", kind="jsonl", format="mmeb")
+  for source in sources.values():
+    source.update(weight=1.0, cap=50_000)
+  return sources
 
 
 def _options(arg: str) -> dict:
   options = dict(item.split("=", 1) for item in arg.split(",") if item)
-  unknown = set(options) - {"size", "stage"}
+  unknown = set(options) - {"size", "stage", "lr"}
   if unknown:
-    raise ValueError(f"configs/moca.py: unknown argument(s) {sorted(unknown)}; use size=, stage=")
+    raise ValueError(f"configs/moca.py: unknown argument(s) {sorted(unknown)}; use size=, stage=, lr=")
   return options
 
 
@@ -41,8 +77,10 @@ def get_config(arg: str = "") -> ml_collections.ConfigDict:
   size, stage = options.get("size", "demo"), options.get("stage", "cpt")
   if size not in ("demo", "3b", "7b"):
     raise ValueError(f"configs/moca.py: size must be demo, 3b or 7b, got '{size}'")
-  if stage != "cpt":
-    raise ValueError(f"configs/moca.py: stage '{stage}' is not available yet (cpt only)")
+  if stage not in ("cpt", "cl"):
+    raise ValueError(f"configs/moca.py: stage must be cpt or cl, got '{stage}'")
+  if stage == "cl":
+    return _contrastive(size, options.get("lr", "paper"))
   config = default_config()
   config.model.attention = "bidirectional"
   config.optimizer.update(decay="linear", warmup_ratio=0.1, end_lr_ratio=0.0, weight_decay=0.0)
@@ -78,4 +116,28 @@ def _demo(config: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
       max_images=4, min_pixels=16 * 28 * 28, max_pixels=48 * 28 * 28,
       text_mask_prob=0.4, image_mask_prob=0.5, num_workers=0)
   config.checkpoint.update(every=100, keep=2)
+  return config
+
+
+def _contrastive(size: str, lr: str) -> ml_collections.ConfigDict:
+  """Stage 2: heterogeneous contrastive fine-tuning from the stage-1 run."""
+  if lr not in ("paper", "code"):
+    raise ValueError(f"configs/moca.py: lr must be paper (1e-5) or code (2e-5), got '{lr}'")
+  config = contrastive_config(pooling="mean", temperature=0.03, negatives="global")
+  config.model.attention = "bidirectional"
+  if size == "demo":
+    config.input = demo_pairs_input(num_negatives=2, task_batching=True)
+    return demo_contrastive(config, "tiny_qwen2_5_vl")
+  config.model.update(preset=_SIZES[size][0], dtype="bfloat16", param_dtype="float32",
+                      scan_layers=True, remat_policy="full")
+  config.objective.grad_cache_chunk = 4
+  config.total_steps = 1000  # one epoch: about 2M pairs / 2048
+  config.optimizer.update(lr=1e-5 if lr == "paper" else 2e-5, max_grad_norm=1.0)
+  config.input = dict(
+      name="contrastive_pairs", sources=cl_sources(), global_batch_size=2048, num_negatives=2,
+      task_batching=True, query_length=1280, target_length=1280, query_max_patches=4 * 1024,
+      target_max_patches=4 * 1024, max_images=1, min_pixels=256 * 28 * 28,
+      max_pixels=1024 * 28 * 28, num_workers=8)
+  config.mesh.ici = dict(data=1, fsdp=-1, tensor=1)
+  config.checkpoint.update(every=200, keep=3)
   return config

@@ -4,6 +4,7 @@ from typing import Any, Sequence
 
 import flax.linen as nn
 import jax
+import jax.numpy as jnp
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
 Rules = Sequence[tuple[str, Any]]
@@ -39,6 +40,17 @@ def data_parallel_size(mesh: Mesh) -> int:
 def batch_sharding(mesh: Mesh) -> NamedSharding:
   """Leading (batch) axis split over data x fsdp, the rest replicated."""
   return NamedSharding(mesh, PartitionSpec(("data", "fsdp")))
+
+
+def split_rows(x: jax.Array, steps: int) -> jax.Array:
+  """[n, ...] -> [steps, n // steps, ...]; step s takes rows s, s + steps, ... so each batch shard
+  keeps its own rows (no communication when n // steps is divisible by the shard count)."""
+  return jnp.swapaxes(x.reshape((x.shape[0] // steps, steps) + x.shape[1:]), 0, 1)
+
+
+def merge_rows(x: jax.Array) -> jax.Array:
+  """Inverse of `split_rows`: [steps, n // steps, ...] -> [n, ...]."""
+  return jnp.swapaxes(x, 0, 1).reshape((-1,) + x.shape[2:])
 
 
 def logical_shardings(boxed_tree: Any, mesh: Mesh, rules: Rules) -> Any:

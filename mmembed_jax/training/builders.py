@@ -2,8 +2,9 @@
 
 Each recipe names its objective and input by `name`; new recipes register a builder here.
 """
+import json
 import os
-from typing import Any, Callable
+from typing import Any, Callable, Mapping, Optional
 
 import ml_collections
 
@@ -20,14 +21,31 @@ def is_hf_dir(path: str) -> bool:
   return (root / "config.json").exists() and not (root / "checkpoints").exists()
 
 
+def source_hf_dir(init_from: str) -> str:
+  """The HF directory a run starts from: `init_from` itself, or the one the run it names (and so
+  on, through each workdir's config.json) started from; "" when there is none."""
+  from etils import epath  # pylint: disable=g-import-not-at-top
+  seen = set()
+  while init_from and init_from not in seen:
+    if is_hf_dir(init_from):
+      return init_from
+    seen.add(init_from)
+    config_file = epath.Path(init_from) / "config.json"
+    if not config_file.exists():
+      return ""
+    init_from = json.loads(config_file.read_text()).get("init_from", "")
+  return ""
+
+
 def build_model_config(config: ml_collections.ConfigDict) -> ModelConfig:
-  """The architecture from `init_from` when it is an HF directory, else from `model.preset`."""
+  """The architecture of the HF directory the run starts from (`source_hf_dir`), else `model.preset`."""
   options = dict(attention=config.model.attention, dtype=config.model.dtype,
                  param_dtype=config.model.param_dtype, scan_layers=config.model.scan_layers,
                  remat_policy=config.model.remat_policy)
-  if is_hf_dir(config.init_from):
+  hf_dir = source_hf_dir(config.init_from)
+  if hf_dir:
     from mmembed_jax.convert.hf_import import model_config  # pylint: disable=g-import-not-at-top
-    return model_config(config.init_from, **options)
+    return model_config(hf_dir, **options)
   return preset_config(config.model.preset, **options)
 
 
@@ -86,14 +104,16 @@ def demo_tokenizer_dir() -> str:
 
 
 def resolve_tokenizer_dir(config: ml_collections.ConfigDict, tokenizer_dir: str) -> str:
-  """An explicit tokenizer_dir, else the init_from HF directory, else the demo tokenizer."""
+  """An explicit tokenizer_dir, else the source HF directory's, else the demo tokenizer."""
   if tokenizer_dir:
     return tokenizer_dir
-  if is_hf_dir(config.init_from):
-    return config.init_from
+  hf_dir = source_hf_dir(config.init_from)
+  if hf_dir:
+    return hf_dir
   if config.input.get("sources") == "demo":
     return demo_tokenizer_dir()
-  raise ValueError("no tokenizer: set objective.tokenizer_dir or init_from an HF model directory")
+  raise ValueError("no tokenizer: set tokenizer_dir (in the objective or input section) or "
+                   "init_from an HF model directory (or a run that started from one)")
 
 
 def _moca_cpt(model_config: ModelConfig, tokenizer_dir: str, mae_weight: float = 0.5,
@@ -107,8 +127,43 @@ def _moca_cpt(model_config: ModelConfig, tokenizer_dir: str, mae_weight: float =
                  logits_chunk=logits_chunk)
 
 
-OBJECTIVES = {"masked_lm": _masked_lm, "moca_cpt": _moca_cpt}
-INPUTS = {"synthetic_tokens": _synthetic_tokens, "moca_cpt": _moca_cpt_input}
+def _contrastive(model_config: ModelConfig, **fields):
+  from mmembed_jax.objectives.contrastive_objective import Contrastive  # pylint: disable=g-import-not-at-top
+  return Contrastive(model_config, **fields)
+
+
+# The demo's synthetic pairs (data/demo_data.py): a training split and a held-out one.
+DEMO_PAIRS = dict(num_scenes=192, num_documents=64, num_passages=192, seed=0, name="pairs")
+DEMO_HELD_OUT_PAIRS = dict(num_scenes=48, num_documents=16, num_passages=48, seed=1,
+                           name="pairs_eval")
+
+
+def pair_sources(sources: Any, demo_split: Mapping[str, Any] = DEMO_PAIRS) -> dict:
+  """{name: source dict} of a config's pair sources; "demo" writes (or reuses) the demo pairs."""
+  if sources == "demo":
+    from mmembed_jax.data.demo_data import write_demo_pairs  # pylint: disable=g-import-not-at-top
+    files = write_demo_pairs(os.path.join(DEMO_CACHE, "data"), **demo_split)
+    return {name: dict(path=path, kind="jsonl", format="mmeb") for name, path in files.items()}
+  sources = {name: dict(source) for name, source in dict(sources).items()}
+  unset = [name for name, source in sources.items() if not source.get("path")]
+  if unset:
+    raise ValueError(f"pair sources: no path set for {unset}; set --config.input.sources."
+                     f"{unset[0]}.path=... (local or gs://) or remove the source")
+  return sources
+
+
+def _contrastive_pairs_input(model_config: ModelConfig, seed: int, sources: Any, tokenizer_dir: str,
+                             **fields):
+  from mmembed_jax.data.cl_pipeline import cl_dataset  # pylint: disable=g-import-not-at-top
+  return cl_dataset(pair_sources(sources), tokenizer_dir, seed=seed, **fields)
+
+
+OBJECTIVES = {"masked_lm": _masked_lm, "moca_cpt": _moca_cpt, "contrastive": _contrastive}
+INPUTS = {"synthetic_tokens": _synthetic_tokens, "moca_cpt": _moca_cpt_input,
+          "contrastive_pairs": _contrastive_pairs_input}
+# Input fields that say how pairs are encoded; held-out evaluation encodes the same way.
+PAIR_ENCODING = ("num_negatives", "query_length", "target_length", "query_max_patches",
+                 "target_max_patches", "max_images", "min_pixels", "max_pixels")
 
 
 def build_objective(config: ml_collections.ConfigDict, model_config: ModelConfig) -> Callable:
@@ -125,6 +180,24 @@ def build_input(config: ml_collections.ConfigDict, model_config: ModelConfig) ->
     raise ValueError(f"unknown input '{config.input.name}', expected one of {sorted(INPUTS)}")
   return _checked(INPUTS[config.input.name], _with_tokenizer(config, config.input), "input",
                   model_config, config.seed)
+
+
+def build_eval(config: ml_collections.ConfigDict, objective: Any, mesh: Any) -> Optional[Callable]:
+  """fn(params) -> held-out metrics (`config.eval`), or None when `eval.every` is 0."""
+  if not config.eval.every:
+    return None
+  if config.input.name != "contrastive_pairs" or not hasattr(objective, "embed"):
+    raise ValueError("eval: held-out retrieval needs input 'contrastive_pairs' and objective "
+                     f"'contrastive', got '{config.input.name}' / '{config.objective.name}'")
+  from mmembed_jax.data.cl_pipeline import cl_eval_batches  # pylint: disable=g-import-not-at-top
+  from mmembed_jax.parallel.sharding import batch_sharding  # pylint: disable=g-import-not-at-top
+  from mmembed_jax.training.retrieval_eval import RetrievalEval  # pylint: disable=g-import-not-at-top
+  sources = pair_sources(config.eval.sources, DEMO_HELD_OUT_PAIRS)
+  encoding = {k: config.input[k] for k in PAIR_ENCODING if k in config.input}
+  batches = cl_eval_batches(sources, resolve_tokenizer_dir(config, config.input.get("tokenizer_dir", "")),
+                            config.input.global_batch_size,
+                            max_rows_per_dataset=config.eval.max_rows_per_dataset, **encoding)
+  return RetrievalEval(objective.embed, batches, list(sources), batch_sharding(mesh))
 
 
 def _with_tokenizer(config: ml_collections.ConfigDict, section: ml_collections.ConfigDict

@@ -53,12 +53,20 @@ def restore(manager: ocp.CheckpointManager, abstract_state: TrainState, step: Op
 
 
 def restore_params(directory: str, abstract_params: Any, step: Optional[int] = None) -> Any:
-  """Only the params of another run's checkpoint (for `init_from`), resharded to abstract_params."""
+  """Params of another run's checkpoint (for `init_from`), resharded to abstract_params.
+
+  Top-level entries only one side has are left out: the checkpoint's are not read (MoCa's MAE
+  decoder when stage 2 starts from stage 1), ours are absent from the result for the caller to
+  create (a new objective's parameters, e.g. a learned temperature).
+  """
   with ocp.CheckpointManager(directory, options=ocp.CheckpointManagerOptions(read_only=True)
                              ) as manager:
     step = manager.latest_step() if step is None else step
     if step is None:
       raise FileNotFoundError(f"init_from={directory}: no checkpoint found")
-    restored = manager.restore(step, args=ocp.args.Composite(
-        params=ocp.args.StandardRestore(abstract_params)))
+    saved = ocp.PyTreeCheckpointHandler().metadata(epath.Path(directory) / str(step) / "params")
+    wanted = {k: v for k, v in abstract_params.items() if k in saved.tree}
+    restored = manager.restore(step, args=ocp.args.Composite(params=ocp.args.PyTreeRestore(
+        item=wanted, restore_args=ocp.checkpoint_utils.construct_restore_args(wanted),
+        partial_restore=True)))
     return restored["params"]

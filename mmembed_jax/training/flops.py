@@ -4,9 +4,11 @@ Compiler FLOP counts are wrong under `nn.scan` (a loop body is counted once, see
 shared/TPU_NOTES.md), so the count is analytic, MaxText style: 2 FLOPs per multiply-add,
 backward = 2x forward.
 """
-from typing import Optional
+import math
+from typing import Any, Mapping, Optional
 
 import jax
+import numpy as np
 
 from mmembed_jax.models.config import ModelConfig
 
@@ -66,3 +68,37 @@ def train_flops(config: ModelConfig, batch: int, length: int, patches_per_row: i
   forward = llm_forward_flops(config, batch * length, length, with_lm_head)
   forward += vision_forward_flops(config, batch * patches_per_row, patches_per_row)
   return 3.0 * forward
+
+
+def sequence_groups(batch: Any) -> list[tuple[int, int, int]]:
+  """(rows, length, patches per row) of every sequence sub-batch in a (possibly nested) batch.
+
+  A CPT batch is one group; a contrastive batch has query, positive and negative groups
+  (negatives [batch, K, length] count batch x K rows).
+  """
+  groups = []
+  if isinstance(batch, Mapping):
+    if "input_ids" in batch:
+      shape = batch["input_ids"].shape
+      groups.append((math.prod(shape[:-1]), shape[-1], batch["pixel_patches"].shape[-2]))
+    for value in batch.values():
+      if isinstance(value, Mapping):
+        groups += sequence_groups(value)
+  return groups
+
+
+def batch_train_flops(config: ModelConfig, batch: Any, forwards: int = 1,
+                      with_lm_head: bool = True) -> float:
+  """Training FLOPs of a batch (every sequence group); `forwards` = 2 adds GradCache's re-encode."""
+  total = 0.0
+  for rows, length, patches in sequence_groups(batch):
+    total += train_flops(config, rows, length, patches, with_lm_head)
+  return total * (2.0 + forwards) / 3.0
+
+
+def batch_tokens(batch: Any) -> int:
+  """Non-pad tokens over every `segment_ids` in a (possibly nested) batch."""
+  if not isinstance(batch, Mapping):
+    return 0
+  own = int((np.asarray(batch["segment_ids"]) > 0).sum()) if "segment_ids" in batch else 0
+  return own + sum(batch_tokens(v) for v in batch.values() if isinstance(v, Mapping))

@@ -34,10 +34,10 @@ def learning_rate_schedule(opt: ml_collections.ConfigDict, total_steps: int) -> 
 
 
 def weight_decay_mask(params: Any) -> Any:
-  """True where weight decay applies: matrices, not norm scales or biases."""
-  def decays(path, _):
+  """True where weight decay applies: matrices, not norm scales, biases or scalars (temperature)."""
+  def decays(path, leaf):
     last = path_name(path).rsplit("/", 1)[-1]
-    return last not in ("bias", "scale")
+    return last not in ("bias", "scale") and len(leaf.shape) > 0
   return jax.tree_util.tree_map_with_path(decays, params)
 
 

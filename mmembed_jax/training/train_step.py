@@ -10,6 +10,8 @@ import jax
 import jax.numpy as jnp
 import optax
 
+from mmembed_jax.parallel.sharding import split_rows
+
 Objective = Callable[[Any, Mapping[str, jax.Array], jax.Array], tuple[jax.Array, dict]]
 
 
@@ -27,11 +29,9 @@ def create_state(params: Any, tx: optax.GradientTransformation, seed: int) -> Tr
                     rng=jax.random.key_data(jax.random.key(seed)))
 
 
-def _micro_batches(batch: Mapping[str, jax.Array], steps: int) -> dict:
-  """[batch, ...] -> [steps, batch // steps, ...], interleaved so each data shard keeps its rows."""
-  def split(x):
-    return jnp.swapaxes(x.reshape((x.shape[0] // steps, steps) + x.shape[1:]), 0, 1)
-  return {k: split(v) for k, v in batch.items()}
+def _micro_batches(batch: Mapping[str, Any], steps: int) -> dict:
+  """Every leaf [batch, ...] -> [steps, batch // steps, ...], each data shard keeping its rows."""
+  return jax.tree.map(lambda x: split_rows(x, steps), dict(batch))
 
 
 def make_update_fn(objective: Objective, tx: optax.GradientTransformation,
@@ -69,4 +69,4 @@ def make_update_fn(objective: Objective, tx: optax.GradientTransformation,
 
 
 def _first(batch, steps):
-  return {k: v[:v.shape[0] // steps] for k, v in batch.items()}
+  return jax.tree.map(lambda v: v[:v.shape[0] // steps], dict(batch))

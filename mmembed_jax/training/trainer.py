@@ -115,9 +115,22 @@ def train(config: ml_collections.ConfigDict, workdir: str) -> dict:
   batch_shardings = None  # filled from the first batch's keys
   train_step = None
 
+  # ----- Held-out evaluation (contrastive runs): before training and every `eval.every` steps.
+  evaluator = builders.build_eval(config, objective, mesh)
+
+  def evaluate(step):
+    with in_context():
+      scalars = evaluator(state.params)
+    writer.write(step, scalars)
+    log.info("step %d held-out: %s", step, {k: round(v, 4) for k, v in scalars.items()
+                                            if "/" not in k})
+    return scalars
+
   # ----- Loop.
   start_step = int(jax.device_get(state.step))
   writer = metrics_lib.MetricWriter(workdir, config.total_steps, start_step)
+  if evaluator is not None and start_step == 0:
+    evaluate(0)
   stop = _StopRequest()
   peak = flops.peak_flops_per_device(jax.devices()[0])
   last_scalars: dict = {}
@@ -129,15 +142,15 @@ def train(config: ml_collections.ConfigDict, workdir: str) -> dict:
       bad_records += int(np.sum(local.pop("bad_records", 0)))
       local.pop("example_ids", None)  # host-side bookkeeping only
       if train_step is None:
-        batch_shardings = {k: batch_sharding for k in local}
+        batch_shardings = jax.tree.map(lambda _: batch_sharding, local)
         train_step = jax.jit(update, in_shardings=(state_shardings, batch_shardings),
                              out_shardings=(state_shardings, None), donate_argnums=(0,))
-      batch = {k: jax.make_array_from_process_local_data(batch_shardings[k], np.asarray(v))
-               for k, v in local.items()}
+      batch = jax.tree.map(lambda s, v: jax.make_array_from_process_local_data(s, np.asarray(v)),
+                           batch_shardings, local)
       with in_context():
         state, step_metrics = train_step(state, batch)
       window_steps += 1
-      window_tokens += int((local["segment_ids"] > 0).sum()) * jax.process_count()
+      window_tokens += flops.batch_tokens(local) * jax.process_count()
       writer.advance()
 
       stopping = stop.requested  # read once: a SIGTERM arriving later waits for the next step
@@ -152,10 +165,14 @@ def train(config: ml_collections.ConfigDict, workdir: str) -> dict:
         elapsed = time.time() - window_start
         scalars["bad_records"] = bad_records
         scalars.update(_throughput(model_config, local, window_steps, window_tokens, elapsed,
-                                   peak, mesh.size))
+                                   peak, mesh.size, objective))
         writer.write(step, scalars)
         last_scalars = dict(scalars, step=step)
         window_start, window_steps, window_tokens = time.time(), 0, 0
+      if evaluator is not None and (step % config.eval.every == 0 or step == config.total_steps):
+        eval_start = time.time()
+        last_scalars.update(evaluate(step))
+        window_start += time.time() - eval_start  # throughput counts training time only
       if will_save:
         checkpoint.save(manager, state, data_iter.get_state(),
                         force=step == config.total_steps or stopping)
@@ -184,7 +201,7 @@ def _initial_state(config, model, objective, init_batch, tx, abstract_state, sta
   def with_extra(params):
     if all(k in params for k in extra_keys):
       return params
-    return dict(params, **init_extra(extra_key, params))
+    return dict(init_extra(extra_key, params), **params)
 
   backbone_shardings = {k: v for k, v in param_shardings.items() if k not in extra_keys}
   make = jax.jit(lambda params: create_state(with_extra(params), tx, config.seed),
@@ -201,6 +218,10 @@ def _initial_state(config, model, objective, init_batch, tx, abstract_state, sta
   if config.init_from:
     params = checkpoint.restore_params(
         os.path.abspath(builders.checkpoint_dir(config.init_from)), abstract_state.params)
+    missing = sorted(set(abstract_state.params) - set(params) - set(extra_keys))
+    if missing:
+      raise ValueError(f"init_from={config.init_from}: its checkpoint has no {missing}; "
+                       f"expected a run of the same model")
     with in_context():
       return make(params)
 
@@ -213,11 +234,11 @@ def _initial_state(config, model, objective, init_batch, tx, abstract_state, sta
 
 
 def _throughput(model_config, local_batch, steps: int, tokens: int, elapsed: float,
-                peak: Optional[float], num_devices: int) -> dict:
+                peak: Optional[float], num_devices: int, objective) -> dict:
   """tokens/s, step time, analytic TFLOP/s per device and (on TPU) MFU over the last window."""
-  batch, length = local_batch["input_ids"].shape
-  patches = local_batch["pixel_patches"].shape[1]
-  step_flops = flops.train_flops(model_config, batch * jax.process_count(), length, patches)
+  step_flops = flops.batch_train_flops(
+      model_config, local_batch, getattr(objective, "forwards_per_step", 1),
+      getattr(objective, "uses_lm_head", True)) * jax.process_count()
   step_time = elapsed / max(steps, 1)
   tflops = step_flops / step_time / num_devices / 1e12
   out = {"tokens_per_second": tokens / max(elapsed, 1e-9), "step_time": step_time,

@@ -31,8 +31,8 @@ CLI_CASES = {
                                    ("unknown config field", "learning_rate", "--config")),
     "mesh_not_matching_devices": (None, ("--config.mesh.ici.data=3",),
                                   ("mesh.ici", "3", "8 are available")),
-    "unknown_objective": (None, ("--config.objective.name=contrastive",),
-                          ("unknown objective 'contrastive'", "masked_lm")),
+    "unknown_objective": (None, ("--config.objective.name=coma",),
+                          ("unknown objective 'coma'", "masked_lm")),
     "bad_objective_field": ("bad_objective_field", (),
                             ("objective 'masked_lm'", "mask_prop")),
 }
@@ -117,8 +117,8 @@ def test_validate_accepts_the_defaults_and_a_restricted_device_count():
 
 
 BUILDER_CASES = {
-    "unknown_objective": (dict(objective=dict(name="contrastive")), builders.build_objective,
-                          "unknown objective 'contrastive', expected one of"),
+    "unknown_objective": (dict(objective=dict(name="coma")), builders.build_objective,
+                          "unknown objective 'coma', expected one of"),
     "bad_objective_field": (dict(objective=dict(name="masked_lm", mask_prop=0.3)),
                             builders.build_objective, "objective 'masked_lm': bad fields"),
     "unknown_input": (dict(input=dict(name="webdataset", global_batch_size=16)),

@@ -1,0 +1,72 @@
+"""UNITE: modality-aware masked contrastive learning (MAMCL) on Qwen2-VL, in two stages (METHODS.md §3).
+
+  python launch/tpu_train.py --config configs/unite.py:stage=1 --workdir runs/unite1_demo  # demo, CPU
+  python launch/tpu_train.py --config configs/unite.py:stage=2 --workdir runs/unite2_demo \\
+      --config.init_from=runs/unite1_demo
+  python launch/tpu_train.py --config configs/unite.py:size=7b,stage=2 --workdir gs://b/unite7b \\
+      --config.init_from=gs://b/unite7b_stage1 --config.input.sources.mmeb_ImageNet_1K.path=...
+
+Argument: `size=demo|2b|7b` (default demo), `stage=1|2` (default 2).
+
+Causal Qwen2-VL, last-token pooling, tau 0.03, mixed batches. Stage 1 (retrieval adaptation):
+text-text, text-image (and text-video) pairs, lr 1e-4, the symmetric loss (q->c + c->q) / 2
+without the modality mask. Stage 2 (instruction tuning): MMEB-train and others, lr 2e-5, MAMCL:
+positive j competes for query i only when both positives have the same modality set
+(`target_modal`, text=1, image=2, video=4), query->candidate only. Prompts end in "... in one
+word:" and live in each source's templates.
+"""
+import ml_collections
+
+from mmembed_jax.data.mmeb import MMEB_TRAIN
+from mmembed_jax.training.config import contrastive_config, demo_contrastive, demo_pairs_input
+
+_PRESETS = {"2b": "qwen2_vl_2b", "7b": "qwen2_vl_7b"}
+TEXT_PROMPT = "{text}\nSummarize above sentence in one word:"
+IMAGE_PROMPT = "{text}\nSummarize above image in one word:"
+
+
+def _sources(stage: str) -> dict:
+  """Stage 1: retrieval pairs; stage 2: MMEB-train's sets. Paths are left to the user."""
+  if stage == "1":
+    sources = {"text_text": dict(query_template=TEXT_PROMPT, target_template=TEXT_PROMPT),
+               "text_image": dict(query_template=TEXT_PROMPT, target_template=IMAGE_PROMPT),
+               "image_text": dict(query_template=IMAGE_PROMPT, target_template=TEXT_PROMPT)}
+  else:
+    sources = {f"mmeb_{name}": dict(query_template="{text} in one word:",
+                                    target_template="{text} in one word:") for name in MMEB_TRAIN}
+  for source in sources.values():
+    source.update(path="", kind="jsonl", format="mmeb", weight=1.0, cap=50_000)
+  return sources
+
+
+def get_config(arg: str = "") -> ml_collections.ConfigDict:
+  """UNITE config for `size` and `stage`."""
+  options = dict(item.split("=", 1) for item in arg.split(",") if item)
+  if set(options) - {"size", "stage"}:
+    raise ValueError(f"configs/unite.py: unknown argument(s) {sorted(set(options) - {'size', 'stage'})}")
+  size, stage = options.get("size", "demo"), options.get("stage", "2")
+  if size not in ("demo", "2b", "7b") or stage not in ("1", "2"):
+    raise ValueError(f"configs/unite.py: size must be demo, 2b or 7b and stage 1 or 2, got "
+                     f"'{size}', '{stage}'")
+  config = contrastive_config(pooling="last", temperature=0.03, negatives="own",
+                              symmetric=stage == "1", modality_mask=stage == "2")
+  config.model.attention = "causal"
+  lr = 1e-4 if stage == "1" else 2e-5
+  if size == "demo":
+    config.input = demo_pairs_input(num_negatives=0, task_batching=False)
+    config = demo_contrastive(config, "tiny_qwen2_vl")
+    config.optimizer.lr = lr * 10  # a tiny model from scratch learns at a larger rate
+    return config
+  config.model.update(preset=_PRESETS[size], dtype="bfloat16", param_dtype="float32",
+                      scan_layers=True, remat_policy="full")
+  config.objective.grad_cache_chunk = 4
+  config.total_steps = 2000
+  config.optimizer.update(lr=lr, max_grad_norm=1.0)
+  config.input = dict(
+      name="contrastive_pairs", sources=_sources(stage), global_batch_size=1024, num_negatives=0,
+      task_batching=False, query_length=1024, target_length=1024, query_max_patches=4 * 1024,
+      target_max_patches=4 * 1024, max_images=1, min_pixels=256 * 28 * 28,
+      max_pixels=1024 * 28 * 28, num_workers=8)
+  config.mesh.ici = dict(data=1, fsdp=-1, tensor=1)
+  config.checkpoint.update(every=200, keep=3)
+  return config
