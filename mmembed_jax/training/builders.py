@@ -46,7 +46,26 @@ def build_model_config(config: ml_collections.ConfigDict) -> ModelConfig:
   if hf_dir:
     from mmembed_jax.convert.hf_import import model_config  # pylint: disable=g-import-not-at-top
     return model_config(hf_dir, **options)
-  return preset_config(config.model.preset, **options)
+  architecture = preset_config(config.model.preset, **options)
+  tokenizer_dir = _any_tokenizer_dir(config)
+  if not tokenizer_dir:
+    return architecture
+  # The vision token ids are the tokenizer's: a mismatch would silently drop every image.
+  import transformers  # pylint: disable=g-import-not-at-top
+  from mmembed_jax.demo.tokenizer import special_token_ids  # pylint: disable=g-import-not-at-top
+  ids = special_token_ids(transformers.AutoTokenizer.from_pretrained(tokenizer_dir))
+  return architecture.replace(**ids)
+
+
+def _any_tokenizer_dir(config: ml_collections.ConfigDict) -> str:
+  """The run's tokenizer directory (objective's, input's, or resolved), "" when it has none."""
+  for section in (config.objective, config.input):
+    if section.get("tokenizer_dir"):
+      return section.tokenizer_dir
+  try:
+    return resolve_tokenizer_dir(config, "")
+  except ValueError:
+    return ""
 
 
 def _fields(section: ml_collections.ConfigDict) -> dict:

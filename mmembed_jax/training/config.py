@@ -106,9 +106,9 @@ def contrastive_config(**objective: Any) -> ml_collections.ConfigDict:
 def demo_pairs_input(num_negatives: int, task_batching: bool) -> dict:
   """The input section of a contrastive demo: the package's synthetic pairs, tiny images."""
   return dict(name="contrastive_pairs", sources="demo", global_batch_size=32,
-              num_negatives=num_negatives, task_batching=task_batching, query_length=64,
-              target_length=128, query_max_patches=192, target_max_patches=192, max_images=1,
-              min_pixels=16 * 28 * 28, max_pixels=48 * 28 * 28, num_workers=0)
+              num_negatives=num_negatives, task_batching=task_batching, query_length=96,
+              target_length=112, query_max_patches=128, target_max_patches=128, max_images=1,
+              min_pixels=16 * 28 * 28, max_pixels=32 * 28 * 28, num_workers=0)
 
 
 def demo_contrastive(config: ml_collections.ConfigDict, preset: str) -> ml_collections.ConfigDict:

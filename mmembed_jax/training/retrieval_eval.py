@@ -1,7 +1,8 @@
 """Held-out Precision@1 during contrastive training.
 
-For each held-out dataset, query i's candidates are the positives of all that dataset's held-out
-pairs plus query i's own hard negatives; a hit is its own positive scoring highest. Chance is
+For each held-out dataset, query i's candidates are the distinct positives of all that dataset's
+held-out pairs plus query i's own hard negatives; a hit is its own positive scoring highest
+(positives with the same input, e.g. one page asked about twice, count as one candidate). Chance is
 1 / (candidates) per query. Reported per dataset and as the mean over datasets (MMEB averages
 per dataset). Embeddings come from the objective's own `embed` (same pooling, same model), on the
 training mesh; the held-out batches are the same on every process and sharded like training
@@ -17,16 +18,26 @@ from jax.sharding import NamedSharding
 SIDES = ("query", "positive", "negative")
 
 
+def content_keys(sequences: Mapping[str, np.ndarray]) -> np.ndarray:
+  """One hash per row of a side's sequences (token ids and pixels): equal inputs, equal keys."""
+  rows = len(sequences["input_ids"])
+  return np.array([hash(tuple(np.asarray(sequences[k])[i].tobytes()
+                              for k in ("input_ids", "pixel_patches"))) for i in range(rows)])
+
+
 def precision_at_1(query: np.ndarray, positive: np.ndarray, negative: np.ndarray,
-                   negative_mask: np.ndarray) -> tuple[float, float]:
-  """(P@1, chance) of one dataset: query [m, d], positive [m, d], negative [m, K, d], mask [m, K]."""
+                   negative_mask: np.ndarray, positive_key: np.ndarray) -> tuple[float, float]:
+  """(P@1, chance) of one dataset: query [m, d], positive [m, d], negative [m, K, d], mask [m, K];
+  positive_key [m] names each positive's content (equal keys = one candidate)."""
   in_batch = query @ positive.T  # [m, m]
   own = np.einsum("md,mkd->mk", query, negative)  # [m, K]
   own = np.where(negative_mask > 0, own, -np.inf)
-  others = np.where(np.eye(len(query), dtype=bool), -np.inf, in_batch)
+  # A positive shared by several pairs (one page, several questions) is one candidate.
+  same = positive_key[:, None] == positive_key[None, :]  # [m, m]
+  others = np.where(same, -np.inf, in_batch)
   best_other = np.maximum(others.max(axis=1, initial=-np.inf), own.max(axis=1, initial=-np.inf))
   hits = np.diagonal(in_batch) > best_other
-  chance = 1.0 / (len(query) + negative_mask.sum(axis=1))
+  chance = 1.0 / (len(np.unique(positive_key)) + negative_mask.sum(axis=1))
   return float(hits.mean()), float(chance.mean())
 
 
@@ -50,8 +61,8 @@ class RetrievalEval:
     return np.asarray(multihost_utils.process_allgather(out, tiled=True))
 
   def embeddings(self, params: Any) -> dict:
-    """Host arrays of every held-out pair: query, positive, negative, negative_mask, dataset_index."""
-    parts: dict = {key: [] for key in SIDES + ("negative_mask", "dataset_index")}
+    """Host arrays of every held-out pair: embeddings, negative_mask, dataset_index, positive_key."""
+    parts: dict = {key: [] for key in SIDES + ("negative_mask", "dataset_index", "positive_key")}
     for batch in self.batches:
       valid = np.asarray(batch["valid"]) > 0
       parts["query"].append(self._embed_side(params, batch["query"])[valid])
@@ -67,6 +78,7 @@ class RetrievalEval:
       parts["negative"].append(negative[valid])
       parts["negative_mask"].append(mask[valid])
       parts["dataset_index"].append(np.asarray(batch["dataset_index"])[valid])
+      parts["positive_key"].append(content_keys(batch["positive"])[valid])
     return {key: np.concatenate(value) for key, value in parts.items()}
 
   def __call__(self, params: Any) -> dict:
@@ -78,7 +90,7 @@ class RetrievalEval:
       if not rows.any():
         continue
       hit, chance = precision_at_1(e["query"][rows], e["positive"][rows], e["negative"][rows],
-                                   e["negative_mask"][rows])
+                                   e["negative_mask"][rows], e["positive_key"][rows])
       out[f"eval_precision_at_1/{name}"], out[f"eval_chance/{name}"] = hit, chance
       hits.append(hit)
       chances.append(chance)
