@@ -230,7 +230,7 @@ def _encoder(sources: Sequence[pairs.PairSource], tokenizer_dir: str, seed: int,
   query_shape, target_shape = _shapes(query_length, target_length, query_max_patches,
                                       target_max_patches, max_images, num_negatives,
                                       image_config.merge_size**2)
-  pad_id = cpt_pipeline._pad_id(tokenizer_dir)  # pylint: disable=protected-access
+  pad_id = cpt_pipeline.tokenizer_pad_id(tokenizer_dir)
   return PairEncoder(sources, tokenizer_dir, image_config, query_shape, target_shape,
                      num_negatives, seed, pad_id, sample_negatives)
 
@@ -264,13 +264,7 @@ def cl_dataset(sources: Any, tokenizer_dir: str, global_batch_size: int, seed: i
   ds = ds.batch(sampler.local_batch_size, drop_remainder=True)
   ds = ds.to_iter_dataset(grain.ReadOptions(num_threads=read_threads,
                                             prefetch_buffer_size=read_buffer or read_threads))
-  if num_workers > 0:
-    from absl import flags  # pylint: disable=g-import-not-at-top
-    if not flags.FLAGS.is_parsed():  # outside absl.app (tests, notebooks) grain reads flag defaults
-      flags.FLAGS.mark_as_parsed()
-    ds = ds.mp_prefetch(grain.MultiprocessingOptions(num_workers=num_workers,
-                                                     per_worker_buffer_size=worker_buffer))
-  return ds
+  return cpt_pipeline.with_worker_processes(ds, num_workers, worker_buffer)
 
 
 def _stack(rows: Sequence[Mapping[str, Any]]) -> Dict[str, Any]:

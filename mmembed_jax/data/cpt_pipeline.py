@@ -261,7 +261,7 @@ def cpt_dataset(sources: Any, tokenizer_dir: str, global_batch_size: int,
                      f"{process_count} processes")
   local_batch = global_batch_size // process_count
   image_config = images_lib.ImageProcessingConfig(min_pixels=min_pixels, max_pixels=max_pixels)
-  pad_id = _pad_id(tokenizer_dir)
+  pad_id = tokenizer_pad_id(tokenizer_dir)
   budget = packing.PackingBudget(length, max_patches, max_images, max_segments, pad_id,
                                  image_config.merge_size**2)
   encoder = CptEncoder(tokenizer_dir, budget, image_config, text_mask_prob, image_mask_prob,
@@ -272,16 +272,22 @@ def cpt_dataset(sources: Any, tokenizer_dir: str, global_batch_size: int,
                                             prefetch_buffer_size=read_buffer))
   ds = packing.PackIterDataset(ds, budget, packing_bins or 2 * local_batch)
   ds = ds.batch(local_batch, drop_remainder=True)
-  if num_workers > 0:
-    from absl import flags  # pylint: disable=g-import-not-at-top
-    if not flags.FLAGS.is_parsed():  # outside absl.app (tests, notebooks) grain reads flag defaults
-      flags.FLAGS.mark_as_parsed()
-    ds = ds.mp_prefetch(grain.MultiprocessingOptions(num_workers=num_workers,
+  return with_worker_processes(ds, num_workers, worker_buffer)
+
+
+def with_worker_processes(ds: grain.IterDataset, num_workers: int,
+                          worker_buffer: int) -> grain.IterDataset:
+  """`ds` prefetched by `num_workers` worker processes (unchanged when 0)."""
+  if num_workers <= 0:
+    return ds
+  from absl import flags  # pylint: disable=g-import-not-at-top
+  if not flags.FLAGS.is_parsed():  # outside absl.app (tests, notebooks) grain reads flag defaults
+    flags.FLAGS.mark_as_parsed()
+  return ds.mp_prefetch(grain.MultiprocessingOptions(num_workers=num_workers,
                                                      per_worker_buffer_size=worker_buffer))
-  return ds
 
 
-def _pad_id(tokenizer_dir: str) -> int:
+def tokenizer_pad_id(tokenizer_dir: str) -> int:
   """Id of the tokenizer's pad token (tokenizer_config.json), else of `<|endoftext|>`."""
   import tokenizers  # pylint: disable=g-import-not-at-top
   tokenizer = tokenizers.Tokenizer.from_str(_read_text(os.path.join(tokenizer_dir, "tokenizer.json")))

@@ -94,6 +94,32 @@ def _seed32(*keys: int) -> int:
   return int(np.random.SeedSequence([int(k) for k in keys]).generate_state(1)[0])
 
 
+class SeededPermutations:
+  """fn(index, size, *keys): position of `index` in the permutation of range(size) seeded by
+  (seed, *keys); small permutations are cached (a bounded cache, dropped when pickled)."""
+
+  def __init__(self, seed: int):
+    self.seed = int(seed)
+    self._cache: Dict[Tuple[int, int], np.ndarray] = {}
+
+  def __call__(self, index: int, size: int, *keys: int) -> int:
+    seed = _seed32(self.seed, *keys)
+    if size > SMALL_PERMUTATION:  # grain's index_shuffle is fast for large ranges only
+      return grain.experimental.index_shuffle(index, max_index=size - 1, seed=seed, rounds=4)
+    permutation = self._cache.get((size, seed))
+    if permutation is None:
+      if len(self._cache) >= 64:
+        self._cache.clear()
+      permutation = self._cache[(size, seed)] = np.random.default_rng(seed).permutation(size)
+    return int(permutation[index])
+
+  def __getstate__(self):
+    return {"seed": self.seed}
+
+  def __setstate__(self, state):
+    self.__init__(state["seed"])
+
+
 class Mixture:
   """Process `process_index`'s endless mixed stream: mixture[j] -> record with example_id."""
 
@@ -127,19 +153,7 @@ class Mixture:
     seen = [0] * len(entries)
     for slot, i in enumerate(self.pattern):
       self.rank[slot], seen[i] = seen[i], seen[i] + 1
-    self._permutations: Dict[tuple, np.ndarray] = {}  # small permutations, a bounded cache
-
-  def _shuffled(self, index: int, size: int, *keys: int) -> int:
-    """Position of `index` in the seeded permutation of range(size) named by `keys`."""
-    seed = _seed32(self.seed, *keys)
-    if size > SMALL_PERMUTATION:  # grain's index_shuffle is fast for large ranges only
-      return grain.experimental.index_shuffle(index, max_index=size - 1, seed=seed, rounds=4)
-    permutation = self._permutations.get((size, seed))
-    if permutation is None:
-      if len(self._permutations) >= 64:
-        self._permutations.clear()
-      permutation = self._permutations[(size, seed)] = np.random.default_rng(seed).permutation(size)
-    return int(permutation[index])
+    self._shuffled = SeededPermutations(self.seed)
 
   def __len__(self) -> int:
     return sys.maxsize  # endless; Grain reads positions in order from the one it resumes at

@@ -40,13 +40,10 @@ literal that does not parse, a marker count that does not match the images) is n
 it comes back with `error` set and `where` naming it ("data.jsonl:7", "data.parquet:row 3").
 """
 import ast
-import bisect
 import dataclasses
-import json
 import os
 import posixpath
 import re
-import threading
 from typing import Any, Dict, List, Mapping, Optional, Sequence, Tuple
 
 import numpy as np
@@ -120,48 +117,23 @@ class RawJsonlSource(sources_lib.JsonlSource):
   """JsonlSource's line index, returning each row as parsed JSON instead of a CPT record."""
 
   def __getitem__(self, index: int) -> Dict[str, Any]:
-    if not 0 <= index < len(self):
-      raise IndexError(f"{self.path}: row {index} out of range [0, {len(self)})")
-    where = f"{self.path}:{int(self._lines[index])}"
-    data = self._file.read_at(int(self._starts[index]), int(self._sizes[index]))
-    try:
-      return _raw(json.loads(data), where, self._base_dir, None)
-    except json.JSONDecodeError as e:
-      return _raw(None, where, self._base_dir, f"malformed JSON ({e.msg} at column {e.colno})")
-    except UnicodeDecodeError as e:
-      return _raw(None, where, self._base_dir, f"malformed JSON (not UTF-8: {e.reason})")
+    row, where, error = self.read_row(index)
+    return _raw(row, where, self._base_dir, error)
 
 
 class RawParquetSource(sources_lib.ParquetSource):
   """ParquetSource's row-group cache over the pair columns, returning each row as a dict."""
 
-  # pylint: disable=super-init-not-called,protected-access
-  def __init__(self, path: str, name: str, cached_row_groups: int = 4):
-    import pyarrow.parquet as pq  # pylint: disable=g-import-not-at-top
-    # ParquetSource.__init__ insists on a 'text' column; the same attributes, pair columns instead.
-    self.path, self.name = sources_lib._absolute(str(path)), name
-    self._base_dir = sources_lib._dirname(self.path)
-    self._cached_row_groups = cached_row_groups
-    with sources_lib._open(self.path) as f:
-      parquet_file = pq.ParquetFile(f)
-      metadata = parquet_file.metadata
-      columns = set(parquet_file.schema_arrow.names)
-    self._columns = [c for c in PAIR_FIELDS if c in columns]
+  def select_columns(self, columns: set) -> List[str]:
+    """The pair columns the file has; ValueError without a query or a positive column."""
     if not {"qry", "qry_image_path"} & columns or not {"pos_text", "pos_image_path"} & columns:
       raise ValueError(f"{self.path}: Parquet file has no query or no positive column (found "
                        f"{sorted(columns)}); expected columns {list(PAIR_FIELDS)}")
-    counts = [metadata.row_group(g).num_rows for g in range(metadata.num_row_groups)]
-    self._group_starts = np.concatenate([[0], np.cumsum(counts)]).astype(np.int64)  # [groups + 1]
-    self._lock, self._cache = threading.Lock(), {}
+    return [c for c in PAIR_FIELDS if c in columns]
 
   def __getitem__(self, index: int) -> Dict[str, Any]:
-    if not 0 <= index < len(self):
-      raise IndexError(f"{self.path}: row {index} out of range [0, {len(self)})")
-    group = bisect.bisect_right(self._group_starts, index) - 1
-    columns = self._row_group(group)
-    offset = index - int(self._group_starts[group])
-    row = {name: values[offset] for name, values in columns.items()}
-    return _raw(row, f"{self.path}:row {index + 1}", self._base_dir, None)
+    row, where, _ = self.read_row(index)
+    return _raw(row, where, self._base_dir, None)
 
 
 RAW_KINDS = {"jsonl": RawJsonlSource, "parquet": RawParquetSource}

@@ -162,15 +162,23 @@ class JsonlSource:
   def __len__(self) -> int:
     return int(self._starts.shape[0])
 
-  def __getitem__(self, index: int) -> Dict[str, Any]:
+  def read_row(self, index: int) -> tuple[Any, str, Optional[str]]:
+    """(parsed JSON or None, "FILE:LINE", None or why the line is not JSON) of record `index`."""
+    if not 0 <= index < len(self):
+      raise IndexError(f"{self.path}: row {index} out of range [0, {len(self)})")
     where = f"{self.path}:{int(self._lines[index])}"
     data = self._file.read_at(int(self._starts[index]), int(self._sizes[index]))
     try:
-      raw = json.loads(data)
+      return json.loads(data), where, None
     except json.JSONDecodeError as e:
-      return error_record(self.name, where, f"malformed JSON ({e.msg} at column {e.colno})")
+      return None, where, f"malformed JSON ({e.msg} at column {e.colno})"
     except UnicodeDecodeError as e:
-      return error_record(self.name, where, f"malformed JSON (not UTF-8: {e.reason})")
+      return None, where, f"malformed JSON (not UTF-8: {e.reason})"
+
+  def __getitem__(self, index: int) -> Dict[str, Any]:
+    raw, where, error = self.read_row(index)
+    if error:
+      return error_record(self.name, where, error)
     return make_record(raw, self._base_dir, self.name, where)
 
 
@@ -189,14 +197,18 @@ class ParquetSource:
       parquet_file = pq.ParquetFile(f)
       metadata = parquet_file.metadata
       columns = set(parquet_file.schema_arrow.names)
-    if "text" not in columns:
-      raise ValueError(f"{self.path}: Parquet file has no column 'text' (found {sorted(columns)}); "
-                       f"expected columns text and images (or image)")
-    self._columns = ["text"] + [c for c in IMAGE_FIELDS if c in columns]
+    self._columns = self.select_columns(columns)
     counts = [metadata.row_group(g).num_rows for g in range(metadata.num_row_groups)]
     self._group_starts = np.concatenate([[0], np.cumsum(counts)]).astype(np.int64)  # [groups + 1]
     self._lock = threading.Lock()
     self._cache: Dict[int, Dict[str, list]] = {}
+
+  def select_columns(self, columns: set) -> List[str]:
+    """The columns to read, from those the file has; ValueError if a needed one is missing."""
+    if "text" not in columns:
+      raise ValueError(f"{self.path}: Parquet file has no column 'text' (found {sorted(columns)}); "
+                       f"expected columns text and images (or image)")
+    return ["text"] + [c for c in IMAGE_FIELDS if c in columns]
 
   def __getstate__(self):
     state = dict(self.__dict__)
@@ -225,15 +237,20 @@ class ParquetSource:
       self._cache[group] = columns
     return columns
 
-  def __getitem__(self, index: int) -> Dict[str, Any]:
+  def read_row(self, index: int) -> tuple[Dict[str, Any], str, None]:
+    """({column: value}, "FILE:row R", None) of row `index` (1-based R)."""
     if not 0 <= index < len(self):
       raise IndexError(f"{self.path}: row {index} out of range [0, {len(self)})")
     group = bisect.bisect_right(self._group_starts, index) - 1
     columns = self._row_group(group)
     offset = index - int(self._group_starts[group])
-    raw = {name: values[offset] for name, values in columns.items()}
+    return ({name: values[offset] for name, values in columns.items()},
+            f"{self.path}:row {index + 1}", None)
+
+  def __getitem__(self, index: int) -> Dict[str, Any]:
+    raw, where, _ = self.read_row(index)
     raw = {k: v for k, v in raw.items() if not (k in IMAGE_FIELDS and v is None)}
-    return make_record(raw, self._base_dir, self.name, f"{self.path}:row {index + 1}")
+    return make_record(raw, self._base_dir, self.name, where)
 
 
 class ArrayRecordSource:

@@ -32,7 +32,6 @@ import numpy as np
 
 from mmembed_jax.data import mixture
 
-SMALL_PERMUTATION = 1 << 14  # below this, a cached numpy permutation beats index_shuffle
 
 
 @dataclasses.dataclass(frozen=True)
@@ -50,36 +49,6 @@ class Slot:
   dataset_index: int
   record_index: int
   epoch: int
-
-
-def _seed32(*keys: int) -> int:
-  """A 32-bit seed derived from integer keys."""
-  return int(np.random.SeedSequence([int(k) for k in keys]).generate_state(1)[0])
-
-
-class _Permutations:
-  """Position of an index in seeded permutations of range(size); small permutations cached."""
-
-  def __init__(self, seed: int):
-    self.seed = int(seed)
-    self._cache: Dict[Tuple[int, int], np.ndarray] = {}
-
-  def __call__(self, index: int, size: int, *keys: int) -> int:
-    seed = _seed32(self.seed, *keys)
-    if size > SMALL_PERMUTATION:  # grain's index_shuffle is fast for large ranges only
-      return grain.experimental.index_shuffle(index, max_index=size - 1, seed=seed, rounds=4)
-    permutation = self._cache.get((size, seed))
-    if permutation is None:
-      if len(self._cache) >= 64:
-        self._cache.clear()
-      permutation = self._cache[(size, seed)] = np.random.default_rng(seed).permutation(size)
-    return int(permutation[index])
-
-  def __getstate__(self):
-    return {"seed": self.seed}
-
-  def __setstate__(self, state):
-    self.__init__(state["seed"])
 
 
 class TaskBatchSampler:
@@ -129,7 +98,7 @@ class TaskBatchSampler:
     seen = [0] * len(self.datasets)
     for slot, i in enumerate(self.pattern):
       self.rank[slot], seen[i] = seen[i], seen[i] + 1
-    self._permute = _Permutations(seed)
+    self._permute = mixture.SeededPermutations(seed)
 
   def _turn(self, t: int) -> Tuple[int, int]:
     """(dataset i, k): turn t of the weighted blocks is the k-th turn of dataset i."""
