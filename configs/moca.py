@@ -34,7 +34,7 @@ import ml_collections
 
 from mmembed_jax.data.mmeb import MMEB_TRAIN
 from mmembed_jax.training.config import (contrastive_config, default_config, demo_contrastive,
-                                           demo_pairs_input)
+                                           demo_pairs_input, pod_contrastive)
 
 _SIZES = {
     # size: (preset, text mask probability, image mask probability)
@@ -128,16 +128,7 @@ def _contrastive(size: str, lr: str) -> ml_collections.ConfigDict:
   if size == "demo":
     config.input = demo_pairs_input(num_negatives=2, task_batching=True)
     return demo_contrastive(config, "tiny_qwen2_5_vl")
-  config.model.update(preset=_SIZES[size][0], dtype="bfloat16", param_dtype="float32",
-                      scan_layers=True, remat_policy="full")
-  config.objective.grad_cache_chunk = 4
-  config.total_steps = 1000  # one epoch: about 2M pairs / 2048
-  config.optimizer.update(lr=1e-5 if lr == "paper" else 2e-5, max_grad_norm=1.0)
-  config.input = dict(
-      name="contrastive_pairs", sources=cl_sources(), global_batch_size=2048, num_negatives=2,
-      task_batching=True, query_length=1280, target_length=1280, query_max_patches=4 * 1024,
-      target_max_patches=4 * 1024, max_images=1, min_pixels=256 * 28 * 28,
-      max_pixels=1024 * 28 * 28, num_workers=8)
-  config.mesh.ici = dict(data=1, fsdp=-1, tensor=1)
-  config.checkpoint.update(every=200, keep=3)
-  return config
+  # One epoch: about 2M pairs / 2048.
+  return pod_contrastive(config, _SIZES[size][0], cl_sources(), global_batch_size=2048,
+                         num_negatives=2, task_batching=True, length=1280,
+                         lr=1e-5 if lr == "paper" else 2e-5, total_steps=1000)

@@ -18,7 +18,8 @@ word:" and live in each source's templates.
 import ml_collections
 
 from mmembed_jax.data.mmeb import MMEB_TRAIN
-from mmembed_jax.training.config import contrastive_config, demo_contrastive, demo_pairs_input
+from mmembed_jax.training.config import (contrastive_config, demo_contrastive, demo_pairs_input,
+                                           pod_contrastive)
 
 _PRESETS = {"2b": "qwen2_vl_2b", "7b": "qwen2_vl_7b"}
 TEXT_PROMPT = "{text}\nSummarize above sentence in one word:"
@@ -57,16 +58,5 @@ def get_config(arg: str = "") -> ml_collections.ConfigDict:
     config = demo_contrastive(config, "tiny_qwen2_vl")
     config.optimizer.lr = lr * 10  # a tiny model from scratch learns at a larger rate
     return config
-  config.model.update(preset=_PRESETS[size], dtype="bfloat16", param_dtype="float32",
-                      scan_layers=True, remat_policy="full")
-  config.objective.grad_cache_chunk = 4
-  config.total_steps = 2000
-  config.optimizer.update(lr=lr, max_grad_norm=1.0)
-  config.input = dict(
-      name="contrastive_pairs", sources=_sources(stage), global_batch_size=1024, num_negatives=0,
-      task_batching=False, query_length=1024, target_length=1024, query_max_patches=4 * 1024,
-      target_max_patches=4 * 1024, max_images=1, min_pixels=256 * 28 * 28,
-      max_pixels=1024 * 28 * 28, num_workers=8)
-  config.mesh.ici = dict(data=1, fsdp=-1, tensor=1)
-  config.checkpoint.update(every=200, keep=3)
-  return config
+  return pod_contrastive(config, _PRESETS[size], _sources(stage), global_batch_size=1024,
+                         num_negatives=0, task_batching=False, length=1024, lr=lr, total_steps=2000)

@@ -16,7 +16,8 @@ on the package's synthetic pairs and reports held-out Precision@1.
 import ml_collections
 
 from mmembed_jax.data.mmeb import MMEB_TRAIN
-from mmembed_jax.training.config import contrastive_config, demo_contrastive, demo_pairs_input
+from mmembed_jax.training.config import (contrastive_config, demo_contrastive, demo_pairs_input,
+                                           pod_contrastive)
 
 _PRESETS = {"2b": "qwen2_vl_2b", "7b": "qwen2_vl_7b"}
 
@@ -35,18 +36,7 @@ def get_config(arg: str = "") -> ml_collections.ConfigDict:
     config.input = demo_pairs_input(num_negatives=0, task_batching=False)
     config.objective.grad_cache_chunk = 2  # exercised on the demo too: 4 rows per device here
     return demo_contrastive(config, "tiny_qwen2_vl")
-  config.model.update(preset=_PRESETS[size], dtype="bfloat16", param_dtype="float32",
-                      scan_layers=True, remat_policy="full")
-  config.objective.grad_cache_chunk = 4
-  config.total_steps = 2000
-  config.optimizer.update(lr=2e-5, max_grad_norm=1.0)
-  config.input = dict(
-      name="contrastive_pairs",
-      sources={f"mmeb_{name}": dict(path="", kind="jsonl", format="mmeb", weight=1.0, cap=50_000)
-               for name in MMEB_TRAIN},
-      global_batch_size=1024, num_negatives=0, task_batching=False, query_length=1024,
-      target_length=1024, query_max_patches=4 * 1024, target_max_patches=4 * 1024, max_images=1,
-      min_pixels=256 * 28 * 28, max_pixels=1024 * 28 * 28, num_workers=8)
-  config.mesh.ici = dict(data=1, fsdp=-1, tensor=1)
-  config.checkpoint.update(every=200, keep=3)
-  return config
+  sources = {f"mmeb_{name}": dict(path="", kind="jsonl", format="mmeb", weight=1.0, cap=50_000)
+             for name in MMEB_TRAIN}
+  return pod_contrastive(config, _PRESETS[size], sources, global_batch_size=1024, num_negatives=0,
+                         task_batching=False, length=1024, lr=2e-5, total_steps=2000)

@@ -573,6 +573,16 @@ def _negatives(meta: Dict[str, Any], rng: random.Random, count: int) -> List[Tup
   return [_perturb_fields(meta, rng, field, "negatives") for field in fields]
 
 
+def _add_images(images: Dict[str, dict], stem: str, item: Dict[str, Any],
+                negatives: Sequence[Tuple[Dict[str, Any], str]]) -> Tuple[str, List[str]]:
+  """Registers an item's image (STEM.png) and its negatives' (STEM_negK.png); returns their paths."""
+  path = f"{stem}.png"
+  neg_paths = [f"{stem}_neg{k}.png" for k in range(len(negatives))]
+  images[path] = item
+  images.update({p: n for p, (n, _) in zip(neg_paths, negatives)})
+  return path, neg_paths
+
+
 def pair_records(seed: int = 0, num_scenes: int = 96, num_documents: int = 48, num_passages: int = 96,
                  num_negatives: int = 2, prompts: Optional[Dict[str, str]] = None
                  ) -> Tuple[Dict[str, List[dict]], Dict[str, dict]]:
@@ -593,10 +603,7 @@ def pair_records(seed: int = 0, num_scenes: int = 96, num_documents: int = 48, n
     rng = item_rng(seed, "pair-scene", i)
     scene = make_scene(rng)
     negatives = _negatives(scene, rng, num_negatives)
-    path = f"images/scenes/scene_{i:05d}.png"
-    neg_paths = [f"images/scenes/scene_{i:05d}_neg{k}.png" for k in range(len(negatives))]
-    images[path] = scene
-    images.update({p: n for p, (n, _) in zip(neg_paths, negatives)})
+    path, neg_paths = _add_images(images, f"images/scenes/scene_{i:05d}", scene, negatives)
     extra = {"meta": {"pos": scene, "neg": [n for n, _ in negatives], "changes": [c for _, c in negatives]}}
     caption = scene_caption(scene)
     datasets["caption_scene"].append({
@@ -611,10 +618,7 @@ def pair_records(seed: int = 0, num_scenes: int = 96, num_documents: int = 48, n
     rng = item_rng(seed, "pair-document", i)
     doc = make_document(rng)
     negatives = _negatives(doc, rng, num_negatives)
-    path = f"images/documents/doc_{i:05d}.png"
-    neg_paths = [f"images/documents/doc_{i:05d}_neg{k}.png" for k in range(len(negatives))]
-    images[path] = doc
-    images.update({p: n for p, (n, _) in zip(neg_paths, negatives)})
+    path, neg_paths = _add_images(images, f"images/documents/doc_{i:05d}", doc, negatives)
     for qa in document_qa(doc):
       datasets["query_document"].append({
           "qry": prompts["document_query"].format(query=qa["query"]), "qry_image_path": "",

@@ -111,6 +111,26 @@ def demo_pairs_input(num_negatives: int, task_batching: bool) -> dict:
               min_pixels=16 * 28 * 28, max_pixels=32 * 28 * 28, num_workers=0)
 
 
+def pod_contrastive(config: ml_collections.ConfigDict, preset: str, sources: dict,
+                    global_batch_size: int, num_negatives: int, task_batching: bool, length: int,
+                    lr: float, total_steps: int) -> ml_collections.ConfigDict:
+  """Pod sizes of a contrastive recipe: bf16 compute, scanned and rematerialised layers, FSDP,
+  GradCache chunks of 4 rows per chip, images of 256-1024 merged tokens."""
+  config.model.update(preset=preset, dtype="bfloat16", param_dtype="float32", scan_layers=True,
+                      remat_policy="full")
+  config.objective.grad_cache_chunk = 4
+  config.total_steps = total_steps
+  config.optimizer.update(lr=lr, max_grad_norm=1.0)
+  config.input = dict(
+      name="contrastive_pairs", sources=sources, global_batch_size=global_batch_size,
+      num_negatives=num_negatives, task_batching=task_batching, query_length=length,
+      target_length=length, query_max_patches=4 * 1024, target_max_patches=4 * 1024, max_images=1,
+      min_pixels=256 * 28 * 28, max_pixels=1024 * 28 * 28, num_workers=8)
+  config.mesh.ici = dict(data=1, fsdp=-1, tensor=1)
+  config.checkpoint.update(every=200, keep=3)
+  return config
+
+
 def demo_contrastive(config: ml_collections.ConfigDict, preset: str) -> ml_collections.ConfigDict:
   """Demo sizes of a contrastive recipe: a tiny model, minutes on a 2-core CPU, held-out P@1."""
   config.model.update(preset=preset, dtype="float32", param_dtype="float32", scan_layers=False,

@@ -49,6 +49,7 @@ class RetrievalEval:
                sharding: NamedSharding):
     self.batches, self.names, self.sharding = list(batches), list(dataset_names), sharding
     self._embed = jax.jit(embed)
+    self._positive_keys = [content_keys(batch["positive"]) for batch in self.batches]  # once
 
   def _put(self, array: np.ndarray) -> jax.Array:
     """A host array held whole by every process -> a global array sharded over the batch axes."""
@@ -63,7 +64,7 @@ class RetrievalEval:
   def embeddings(self, params: Any) -> dict:
     """Host arrays of every held-out pair: embeddings, negative_mask, dataset_index, positive_key."""
     parts: dict = {key: [] for key in SIDES + ("negative_mask", "dataset_index", "positive_key")}
-    for batch in self.batches:
+    for batch, positive_keys in zip(self.batches, self._positive_keys):
       valid = np.asarray(batch["valid"]) > 0
       parts["query"].append(self._embed_side(params, batch["query"])[valid])
       parts["positive"].append(self._embed_side(params, batch["positive"])[valid])
@@ -78,7 +79,7 @@ class RetrievalEval:
       parts["negative"].append(negative[valid])
       parts["negative_mask"].append(mask[valid])
       parts["dataset_index"].append(np.asarray(batch["dataset_index"])[valid])
-      parts["positive_key"].append(content_keys(batch["positive"])[valid])
+      parts["positive_key"].append(positive_keys[valid])
     return {key: np.concatenate(value) for key, value in parts.items()}
 
   def __call__(self, params: Any) -> dict:

@@ -11,6 +11,8 @@ import pytest
 from mmembed_jax.data import cl_pipeline, demo_data, images, mixture, mrope, rows
 from mmembed_jax.models import inputs
 
+from pipeline_checks import assert_same, take
+
 SMALL_PAIRS = {"num_scenes": 8, "num_documents": 4, "num_passages": 8}
 OPTIONS = dict(num_negatives=2, query_length=96, target_length=160, query_max_patches=64,
                target_max_patches=64, max_images=1, min_pixels=4 * 28 * 28,
@@ -40,24 +42,6 @@ def _sources(paths):
 def _dataset(sources, tokenizer_dir, global_batch_size=4, seed=5, **overrides):
   options = dict(OPTIONS, **{"process_index": 0, "process_count": 1, **overrides})
   return cl_pipeline.cl_dataset(sources, tokenizer_dir, global_batch_size, seed, **options)
-
-
-def _take(iterator, n):
-  """The next n batches and the state before each."""
-  states, batches = [], []
-  for _ in range(n):
-    states.append(iterator.get_state())
-    batches.append(next(iterator))
-  return states, batches
-
-
-def _assert_same(expected, got, what):
-  assert expected.keys() == got.keys(), what
-  for key in expected:
-    if isinstance(expected[key], dict):
-      _assert_same(expected[key], got[key], f"{what}: {key}")
-    else:
-      np.testing.assert_array_equal(expected[key], got[key], err_msg=f"{what}: {key}")
 
 
 @functools.lru_cache(maxsize=None)
@@ -126,7 +110,7 @@ def test_contents_are_the_templated_texts_and_their_images(demo, tokenizer_dir, 
   sources = _sources(demo["train"])
   opened, _ = cl_pipeline.open_pair_sources(sources)
   names = list(sources)
-  _, batches = _take(iter(_dataset(sources, tokenizer_dir)), 8)
+  _, batches = take(iter(_dataset(sources, tokenizer_dir)), 8)
   seen = set()
   for b, batch in enumerate(batches):
     assert len(set(batch["dataset_index"].tolist())) == 1  # task-aware: one dataset per batch
@@ -214,26 +198,26 @@ def test_bad_rows_stay_in_the_batch_marked_and_named(demo, tokenizer_dir, tmp_pa
 
 def test_resume_processes_and_workers_give_the_same_batches(demo, tokenizer_dir):
   sources = _sources(demo["train"])
-  states, batches = _take(iter(_dataset(sources, tokenizer_dir)), 6)
+  states, batches = take(iter(_dataset(sources, tokenizer_dir)), 6)
   resumed = iter(_dataset(sources, tokenizer_dir))
   resumed.set_state(json.loads(json.dumps(states[3])))
   for i in range(3, 6):
-    _assert_same(batches[i], next(resumed), f"batch {i} resumed at 3")
+    assert_same(batches[i], next(resumed), f"batch {i} resumed at 3")
   for process_index in range(2):
-    _, local = _take(iter(_dataset(sources, tokenizer_dir, process_index=process_index,
+    _, local = take(iter(_dataset(sources, tokenizer_dir, process_index=process_index,
                                    process_count=2)), 3)
     for i in range(3):
       half = {k: (v[2 * process_index:2 * process_index + 2] if not isinstance(v, dict) else
                   {kk: vv[2 * process_index:2 * process_index + 2] for kk, vv in v.items()})
               for k, v in batches[i].items()}
-      _assert_same(half, local[i], f"process {process_index} batch {i}")
+      assert_same(half, local[i], f"process {process_index} batch {i}")
   workers = iter(_dataset(sources, tokenizer_dir, num_workers=2))
   try:
-    _, from_workers = _take(workers, 4)
+    _, from_workers = take(workers, 4)
   finally:
     workers.close()
   for i in range(4):
-    _assert_same(batches[i], from_workers[i], f"batch {i} with 2 worker processes")
+    assert_same(batches[i], from_workers[i], f"batch {i} with 2 worker processes")
 
 
 def test_eval_batches_cover_each_datasets_first_rows_once(demo, tokenizer_dir, tokenizer):
@@ -254,7 +238,7 @@ def test_eval_batches_cover_each_datasets_first_rows_once(demo, tokenizer_dir, t
   first = {k: v[0] for k, v in batches[0]["query"].items()}
   _check_sequence(first, opened[0][0]["query"], tokenizer, 96, "eval batch 0 row 0")
   again = cl_pipeline.cl_eval_batches(sources, tokenizer_dir, 6, max_rows_per_dataset=5, **OPTIONS)
-  _assert_same(batches[1], again[1], "eval batches are deterministic")
+  assert_same(batches[1], again[1], "eval batches are deterministic")
 
 
 def test_bad_source_specs_are_named(demo, tokenizer_dir):

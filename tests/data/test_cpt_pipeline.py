@@ -13,6 +13,8 @@ from mmembed_jax.data import cpt_pipeline, images, mrope, packing, rows
 from mmembed_jax.demo import tokenizer as tokenizer_lib
 from mmembed_jax.models import inputs
 
+from pipeline_checks import assert_same, take, write_jsonl
+
 # Images are 4..64 merged tokens; a row holds 160 tokens and 160 patches (40 merged tokens), so
 # square.png (100 patches) + wide.png (96) never share an example and big.png (196) never fits.
 OPTIONS = dict(length=160, max_patches=160, max_images=3, min_pixels=4 * 28 * 28,
@@ -25,13 +27,6 @@ def _text(i, n):
   return " ".join(SENTENCES[(i + k) % len(SENTENCES)] for k in range(n))
 
 
-def _jsonl(path, rows_):
-  with open(path, "w") as f:
-    for row in rows_:
-      f.write((row if isinstance(row, str) else json.dumps(row)) + "\n")
-  return str(path)
-
-
 @pytest.fixture(scope="module")
 def data(tmp_path_factory, image_dir):
   """{name: path}: text-only, image, document (Parquet), ArrayRecord and bad-record files."""
@@ -42,9 +37,9 @@ def data(tmp_path_factory, image_dir):
   (root / "img" / "corrupt.png").write_bytes(b"\x89PNG\r\n\x1a\n not really a png")
   names = ["img/wide.png", "img/tall.png", "img/square.png", "img/small.png"]
   paths = {}
-  paths["text"] = _jsonl(root / "text.jsonl", [{"text": _text(i, 1 + i % 6)} for i in range(60)]
+  paths["text"] = write_jsonl(root / "text.jsonl", [{"text": _text(i, 1 + i % 6)} for i in range(60)]
                          + [{"text": _text(0, 300)}])
-  paths["images"] = _jsonl(root / "images.jsonl", [
+  paths["images"] = write_jsonl(root / "images.jsonl", [
       {"text": _text(i, 1 + i % 3), "images": [names[i % 4]]} if i % 3 else
       {"text": f"{_text(i, 1)} <image> {_text(i + 1, 1)} <image> end",
        "images": [names[i % 4], "img/small.png"]} for i in range(40)])
@@ -62,7 +57,7 @@ def data(tmp_path_factory, image_dir):
   for i in range(20):
     writer.write(json.dumps({"text": _text(i, 2), "image": names[i % 4]}).encode())
   writer.close()
-  paths["bad"] = _jsonl(root / "bad.jsonl", [
+  paths["bad"] = write_jsonl(root / "bad.jsonl", [
       {"text": _text(0, 2)},
       "{malformed json",  # line 2
       {"caption": "no text field"},  # line 3
@@ -91,21 +86,6 @@ def _dataset(sources, tokenizer_dir, global_batch_size=4, num_workers=0, process
   return cpt_pipeline.cpt_dataset(sources, tokenizer_dir, global_batch_size, seed=7,
                                   num_workers=num_workers, process_index=process_index,
                                   process_count=process_count, **options)
-
-
-def _take(iterator, n):
-  """The next n batches and the state before each."""
-  states, batches = [], []
-  for _ in range(n):
-    states.append(iterator.get_state())
-    batches.append(next(iterator))
-  return states, batches
-
-
-def _assert_same(expected, got, what):
-  assert expected.keys() == got.keys(), what
-  for key in expected:
-    np.testing.assert_array_equal(expected[key], got[key], err_msg=f"{what}: {key}")
 
 
 def _encoder(tokenizer_dir, **overrides):
@@ -139,31 +119,31 @@ def test_batches_follow_the_contract_with_masks_and_bookkeeping(mixed, tokenizer
 
 def test_pipeline_is_deterministic(mixed, tokenizer_dir):
   dataset = _dataset(mixed, tokenizer_dir)
-  _, first = _take(iter(dataset), 4)
-  _, second = _take(iter(_dataset(mixed, tokenizer_dir)), 4)
+  _, first = take(iter(dataset), 4)
+  _, second = take(iter(_dataset(mixed, tokenizer_dir)), 4)
   for i, (a, b) in enumerate(zip(first, second)):
-    _assert_same(a, b, f"batch {i}")
+    assert_same(a, b, f"batch {i}")
   other = cpt_pipeline.cpt_dataset(mixed, tokenizer_dir, 4, seed=8, process_index=0,
                                    process_count=1, **OPTIONS)
-  _, other_seed = _take(iter(other), 1)
+  _, other_seed = take(iter(other), 1)
   assert not np.array_equal(other_seed[0]["example_ids"], first[0]["example_ids"])
 
 
 def test_resume_from_state_is_exact_at_several_points(mixed, tokenizer_dir):
   dataset = _dataset(mixed, tokenizer_dir)
-  states, batches = _take(iter(dataset), 9)
+  states, batches = take(iter(dataset), 9)
   for k in (1, 4, 7):
     state = json.loads(json.dumps(states[k]))  # the trainer stores it as JSON
     resumed = iter(_dataset(mixed, tokenizer_dir))
     resumed.set_state(state)
     for i in range(k, 9):
-      _assert_same(batches[i], next(resumed), f"batch {i} resumed at {k}")
+      assert_same(batches[i], next(resumed), f"batch {i} resumed at {k}")
 
 
 def test_resume_from_state_is_exact_with_worker_processes(mixed, tokenizer_dir):
   iterator = iter(_dataset(mixed, tokenizer_dir, num_workers=2))
   try:
-    states, batches = _take(iterator, 7)
+    states, batches = take(iterator, 7)
   finally:
     iterator.close()
   for k in (2, 5):
@@ -171,7 +151,7 @@ def test_resume_from_state_is_exact_with_worker_processes(mixed, tokenizer_dir):
     try:
       resumed.set_state(json.loads(json.dumps(states[k])))
       for i in range(k, 7):
-        _assert_same(batches[i], next(resumed), f"batch {i} resumed at {k} with 2 workers")
+        assert_same(batches[i], next(resumed), f"batch {i} resumed at {k} with 2 workers")
     finally:
       resumed.close()
 
@@ -179,7 +159,7 @@ def test_resume_from_state_is_exact_with_worker_processes(mixed, tokenizer_dir):
 def test_processes_read_disjoint_examples(mixed, tokenizer_dir):
   ids = []
   for process_index in range(2):
-    _, batches = _take(iter(_dataset(mixed, tokenizer_dir, global_batch_size=4,
+    _, batches = take(iter(_dataset(mixed, tokenizer_dir, global_batch_size=4,
                                      process_index=process_index, process_count=2)), 2)
     assert batches[0]["input_ids"].shape == (2, 160)  # the local share of the global batch
     ids.append({int(i) for b in batches for i in b["example_ids"].ravel() if i >= 0})
@@ -190,9 +170,9 @@ def test_processes_read_disjoint_examples(mixed, tokenizer_dir):
 
 def test_sources_may_be_a_mapping_and_bad_specs_are_named(mixed, tokenizer_dir):
   by_name = {s["name"]: {k: v for k, v in s.items() if k != "name"} for s in mixed}
-  _, from_list = _take(iter(_dataset(mixed, tokenizer_dir)), 1)
-  _, from_mapping = _take(iter(_dataset(by_name, tokenizer_dir)), 1)
-  _assert_same(from_list[0], from_mapping[0], "sources as a mapping")
+  _, from_list = take(iter(_dataset(mixed, tokenizer_dir)), 1)
+  _, from_mapping = take(iter(_dataset(by_name, tokenizer_dir)), 1)
+  assert_same(from_list[0], from_mapping[0], "sources as a mapping")
   with pytest.raises(ValueError, match="source 'dclm' has an empty path"):
     cpt_pipeline.open_sources({"dclm": dict(path="", kind="jsonl")})
   with pytest.raises(ValueError, match=r"sources\[0\] \(x\): unknown fields \['wieght'\]"):
@@ -202,7 +182,7 @@ def test_sources_may_be_a_mapping_and_bad_specs_are_named(mixed, tokenizer_dir):
 def test_bad_records_are_skipped_counted_and_named(data, tokenizer_dir, caplog):
   sources = [dict(name="bad", path=data["bad"], kind="jsonl")]
   with caplog.at_level(logging.WARNING, logger="mmembed_jax.data.packing"):
-    _, batches = _take(iter(_dataset(sources, tokenizer_dir, global_batch_size=2)), 6)
+    _, batches = take(iter(_dataset(sources, tokenizer_dir, global_batch_size=2)), 6)
   warnings = [r.getMessage() for r in caplog.records]
   assert sum(int(b["bad_records"].sum()) for b in batches) == len(warnings) > 0
   path = data["bad"]
@@ -244,7 +224,7 @@ def test_truncation_never_cuts_an_image(data, tokenizer_dir):
 
 
 def test_packed_rows_hold_whole_images_only(mixed, tokenizer_dir):
-  _, batches = _take(iter(_dataset(mixed, tokenizer_dir)), 6)
+  _, batches = take(iter(_dataset(mixed, tokenizer_dir)), 6)
   vision = _encoder(tokenizer_dir)._load_tokenizer().token_to_id  # pylint: disable=protected-access
   start, end, pad = (vision(t) for t in (rows.VISION_START, rows.VISION_END, rows.IMAGE_PAD))
   for batch in batches:
@@ -282,7 +262,7 @@ def test_encoding_matches_rows_py_and_the_image_processor(data, tokenizer_dir, t
 
 def test_text_only_data_needs_no_image(data, tokenizer_dir):
   sources = [dict(name="text", path=data["text"], kind="jsonl")]
-  _, batches = _take(iter(_dataset(sources, tokenizer_dir, max_patches=0, max_images=0)), 2)
+  _, batches = take(iter(_dataset(sources, tokenizer_dir, max_patches=0, max_images=0)), 2)
   assert batches[0]["pixel_patches"].shape == (4, 0, inputs.PATCH_DIM)
   assert batches[0]["image_grid_thw"].shape == (4, 0, 3)
   inputs.check_batch(batches[0])
@@ -296,7 +276,7 @@ def test_throughput_and_packing_efficiency(mixed, tokenizer_dir):
     try:
       next(iterator)  # start-up (worker processes, tokenizer) is not counted
       start = time.perf_counter()
-      _, batches = _take(iterator, 8)
+      _, batches = take(iterator, 8)
       seconds = time.perf_counter() - start
     finally:
       if num_workers:

@@ -1,5 +1,4 @@
 """Tests of pair records (mmembed_jax.data.pairs): MMEB and mmE5 rows, settings, bad rows."""
-import json
 import os
 import shutil
 
@@ -8,15 +7,10 @@ import pytest
 
 from mmembed_jax.data import cpt_pipeline, images, pairs, rows
 
+from pipeline_checks import write_jsonl
+
 IMAGE_CONFIG = images.ImageProcessingConfig(min_pixels=4 * 28 * 28, max_pixels=16 * 28 * 28)
 QUERY_INSTRUCTION = "<|image_1|> Represent the given image with the following question: "
-
-
-def _jsonl(path, lines):
-  with open(path, "w") as f:
-    for line in lines:
-      f.write((line if isinstance(line, str) else json.dumps(line)) + "\n")
-  return str(path)
 
 
 @pytest.fixture(scope="module")
@@ -28,7 +22,7 @@ def data(tmp_path_factory, image_dir):
     os.makedirs(root / extra / "sub")
     shutil.copy(os.path.join(image_dir, name), root / extra / "sub" / name)
   paths = {"root": str(root)}
-  paths["mmeb"] = _jsonl(root / "mmeb.jsonl", [
+  paths["mmeb"] = write_jsonl(root / "mmeb.jsonl", [
       {"qry": QUERY_INSTRUCTION + "what is drawn?", "qry_image_path": "img/wide.png",
        "pos_text": "a wide picture", "pos_image_path": "", "neg_text": ["tall", "square"],
        "neg_image_path": ["", ""]},
@@ -44,7 +38,7 @@ def data(tmp_path_factory, image_dir):
       {"qry": "q", "pos_text": "p", "neg_text": ["a", "b", "c"], "neg_image_path": ["", ""]},  # 7
       {"qry": 5, "pos_text": "p"},  # line 8
   ])
-  paths["mme5"] = _jsonl(root / "mme5.jsonl", [
+  paths["mme5"] = write_jsonl(root / "mme5.jsonl", [
       {"qry": "<|image_1|> Find the matching text.", "qry_image_path": "sub/wide.png",
        "pos_text": "a caption", "pos_image_path": "",
        "neg_text": "['first negative', 'second negative']",
@@ -135,7 +129,7 @@ def test_templates_and_target_modal(data, tmp_path):
   assert first["target_modal"] == second["target_modal"] == 3  # explicit: never inferred
   # An instruction template holding the placeholder, for image-only targets.
   image = os.path.join(data["root"], "img/small.png")
-  path = _jsonl(tmp_path / "templated.jsonl", [
+  path = write_jsonl(tmp_path / "templated.jsonl", [
       {"qry": "q", "pos_text": "", "pos_image_path": image},
       {"qry": "q", "pos_text": "<|image_1|> caption", "pos_image_path": image}])
   templated = _source(path, target_template="<|image_1|>\nRepresent the given image. {text}")
