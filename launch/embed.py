@@ -1,10 +1,12 @@
-r"""Embeds the rows of a JSONL file with an HF model directory into an .npy file [rows, embed].
+r"""Embeds the rows of a JSONL file with an HF model directory or a training run into .npy [rows, embed].
 
   python launch/embed.py --model runs/demo/model --input rows.jsonl --output emb.npy \
       [--attention bidirectional|causal] [--pooling mean|last] [--dtype float32|bfloat16] \
       [--batch_size 8] [--max_length 8192]
+  python launch/embed.py --model runs/moca_cl --input rows.jsonl --output emb.npy  # a workdir
 
-Attention and pooling default to the model directory's mmembed.json. A bad row, a missing
+Attention and pooling default to the model directory's mmembed.json, or to the run's config (a
+workdir embeds with its latest checkpoint; WORKDIR/checkpoints/STEP names one step). A bad row, a missing
 image or an over-long input prints one line `error: ...` to stderr and exits with status 2.
 """
 import sys
@@ -15,7 +17,8 @@ from absl import flags
 from mmembed_jax import embedding
 
 _MODEL = flags.DEFINE_string("model", None, "Hugging Face model directory (config.json, "
-                             "safetensors, tokenizer, optional preprocessor_config.json).")
+                             "safetensors, tokenizer, optional preprocessor_config.json), or a "
+                             "training run's workdir (or WORKDIR/checkpoints/STEP).")
 _INPUT = flags.DEFINE_string("input", None, "JSONL file of rows ({'text': ..., 'image': ...}); "
                              "image paths are relative to this file.")
 _OUTPUT = flags.DEFINE_string("output", None, "Output .npy file [rows, embed] float32, written "
@@ -24,8 +27,9 @@ _ATTENTION = flags.DEFINE_enum("attention", None, list(embedding.ATTENTIONS),
                                "Attention mode; default: the model's mmembed.json, else causal.")
 _POOLING = flags.DEFINE_enum("pooling", None, list(embedding.POOLINGS),
                              "Pooling; default: the model's mmembed.json, else last.")
-_DTYPE = flags.DEFINE_enum("dtype", "float32", list(embedding.DTYPES),
-                           "Parameter and compute dtype.")
+_DTYPE = flags.DEFINE_enum("dtype", None, list(embedding.DTYPES),
+                           "Parameter and compute dtype; default float32 for an HF directory, "
+                           "the run's own for a workdir.")
 _BATCH_SIZE = flags.DEFINE_integer("batch_size", embedding.DEFAULT_BATCH_SIZE,
                                    "Rows per batch (the last batch is padded to it).",
                                    lower_bound=1)

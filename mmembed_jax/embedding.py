@@ -26,6 +26,8 @@ from typing import Any, Callable, Dict, Iterator, List, Mapping, Optional, Seque
 import jax
 import numpy as np
 from etils import epath
+from jax.experimental import multihost_utils
+from jax.sharding import Mesh
 
 from mmembed_jax.convert.hf_export import EMBEDDING_FILE
 from mmembed_jax.data import collate as collate_lib
@@ -34,6 +36,7 @@ from mmembed_jax.data import rows as rows_lib
 from mmembed_jax.models import embedder as embedder_lib
 from mmembed_jax.models import inputs
 from mmembed_jax.models.config import ModelConfig
+from mmembed_jax.parallel import sharding as sharding_lib
 
 ATTENTIONS = ("causal", "bidirectional")
 POOLINGS = ("mean", "last")  # 'ctoken' needs a per-token mask that plain rows do not carry
@@ -66,6 +69,12 @@ def _round_up(x: int, multiple: int) -> int:
 def _shared_embed_fn(config: ModelConfig, pooling: str) -> Callable[..., jax.Array]:
   """One jitted fn(params, batch) -> [batch, embed] per (config, pooling), shared by embedders."""
   return embedder_lib.make_embed_fn(config, pooling)
+
+
+def _sharded_put(config: ModelConfig, mesh: Mesh) -> Callable[[tuple, np.ndarray], jax.Array]:
+  """put(path, array) placing each imported parameter with its FSDP sharding on `mesh`."""
+  return sharding_lib.put_by_path(sharding_lib.logical_shardings(
+      embedder_lib.boxed_param_shapes(config), mesh, sharding_lib.DEFAULT_RULES))
 
 
 def _read_json_object(path: Any) -> Dict[str, Any]:
@@ -121,14 +130,14 @@ def _padding_row(pad_id: int) -> rows_lib.EncodedRow:
       source="padding row")
 
 
-def save_npy(path: str, array: np.ndarray) -> str:
-  """Writes array to path atomically (temp file in the same directory, then os.replace)."""
+def _write_atomically(path: str, write: Callable[[Any], None]) -> str:
+  """Calls write(binary file) on a temp file in path's directory, then renames it to path."""
   directory = os.path.dirname(os.path.abspath(path))
   os.makedirs(directory, exist_ok=True)
   fd, tmp = tempfile.mkstemp(dir=directory, prefix=f".{os.path.basename(path)}.", suffix=".tmp")
   try:
     with os.fdopen(fd, "wb") as f:
-      np.save(f, array)
+      write(f)
       f.flush()
       os.fsync(f.fileno())
     umask = os.umask(0)
@@ -142,14 +151,28 @@ def save_npy(path: str, array: np.ndarray) -> str:
   return path
 
 
+def save_npy(path: str, array: np.ndarray) -> str:
+  """Writes array to path atomically (temp file in the same directory, then os.replace)."""
+  return _write_atomically(path, lambda f: np.save(f, array))
+
+
+def save_json(path: str, record: Any) -> str:
+  """Writes record as indented JSON to path atomically."""
+  return _write_atomically(path, lambda f: f.write(json.dumps(record, indent=2).encode()))
+
+
 class JaxEmbedder:
   """Rows -> L2-normalised embeddings [rows, embed] with the Flax model, in fixed-shape batches."""
 
   def __init__(self, config: ModelConfig, params: Mapping[str, Any], tokenizer: Any,
                image_config: Optional[images_lib.ImageProcessingConfig] = None, *,
                pooling: str = "last", max_length: int = DEFAULT_MAX_LENGTH,
-               batch_size: int = DEFAULT_BATCH_SIZE):
-    """Wraps loaded parts; the model's attention mode and dtype are those of `config`."""
+               batch_size: int = DEFAULT_BATCH_SIZE, mesh: Optional[Mesh] = None):
+    """Wraps loaded parts; the model's attention mode and dtype are those of `config`.
+
+    mesh: shard every batch's rows over all its devices (params placed as given, e.g. FSDP-sharded
+    by `load_trained`); batches are then a multiple of the device count. None: one device.
+    """
     self.config = config
     self.pooling = _choice(pooling, POOLINGS, "pooling")
     self.max_length = _positive(max_length, "max_length")
@@ -159,15 +182,42 @@ class JaxEmbedder:
     self._check_compatible()
     pad_id = tokenizer.pad_token_id
     self.pad_id = int(pad_id if pad_id is not None else (tokenizer.eos_token_id or 0))
-    self.params = jax.device_put(params)  # once, not at every call
+    self.mesh = mesh
+    self.params = params if mesh is not None else jax.device_put(params)  # once, not per call
     self._embed_fn = _shared_embed_fn(config, self.pooling)
     self.batch_shapes: set = set()  # (batch, length, patches, images) of every batch run so far
+
+  @classmethod
+  def from_run(cls, path: str, *, attention: Optional[str] = None, pooling: Optional[str] = None,
+               dtype: Optional[str] = None, max_length: int = DEFAULT_MAX_LENGTH,
+               batch_size: int = DEFAULT_BATCH_SIZE, mesh: Optional[Mesh] = None) -> "JaxEmbedder":
+    """Loads a training run (workdir: its latest checkpoint; or WORKDIR/checkpoints/STEP) sharded
+    over `mesh` (default all devices); attention / pooling default to the run's config."""
+    from mmembed_jax.training import trained_model  # pylint: disable=g-import-not-at-top
+    model = trained_model.load_trained(path, dtype=dtype, mesh=mesh)
+    attention = _choice(attention or model.embedding["attention"], ATTENTIONS, "attention")
+    embedder = cls(model.config.replace(attention=attention), model.params,
+                   _load_tokenizer(model.tokenizer_dir), model.image_config,
+                   pooling=pooling or model.embedding["pooling"], max_length=max_length,
+                   batch_size=batch_size, mesh=model.mesh)
+    embedder.step = model.step
+    return embedder
+
+  @classmethod
+  def load(cls, path: str, **options: Any) -> "JaxEmbedder":
+    """`from_run` for a training run's workdir or step directory, else `from_pretrained`."""
+    from mmembed_jax.training import trained_model  # pylint: disable=g-import-not-at-top
+    if trained_model.is_run(path):
+      return cls.from_run(path, **options)
+    options["dtype"] = options.get("dtype") or "float32"
+    return cls.from_pretrained(path, **options)
 
   @classmethod
   def from_pretrained(cls, model_dir: str, *, attention: Optional[str] = None,
                       pooling: Optional[str] = None, dtype: str = "float32",
                       max_length: int = DEFAULT_MAX_LENGTH,
-                      batch_size: int = DEFAULT_BATCH_SIZE) -> "JaxEmbedder":
+                      batch_size: int = DEFAULT_BATCH_SIZE, mesh: Optional[Mesh] = None
+                      ) -> "JaxEmbedder":
     """Loads an HF directory (local or gs://); attention / pooling default to its mmembed.json."""
     from mmembed_jax.convert import hf_import  # pylint: disable=g-import-not-at-top
     root = epath.Path(model_dir)
@@ -190,14 +240,18 @@ class JaxEmbedder:
     _choice(attention, ATTENTIONS, "attention")
     _choice(pooling, POOLINGS, "pooling")
     _choice(dtype, DTYPES, "dtype")
+    put = None
+    if mesh is not None:
+      put = _sharded_put(hf_import.model_config(model_dir, attention=attention, dtype=dtype,
+                                                param_dtype=dtype), mesh)
     config, params = hf_import.import_hf(model_dir, attention=attention, dtype=dtype,
-                                         param_dtype=dtype)
+                                         param_dtype=dtype, put=put)
     tokenizer = _load_tokenizer(model_dir)
     preprocessor = root / PREPROCESSOR_FILE
     image_config = (images_lib.ImageProcessingConfig.from_preprocessor_config(preprocessor)
                     if preprocessor.exists() else images_lib.ImageProcessingConfig())
     return cls(config, params, tokenizer, image_config, pooling=pooling, max_length=max_length,
-               batch_size=batch_size)
+               batch_size=batch_size, mesh=mesh)
 
   @property
   def dim(self) -> int:
@@ -233,8 +287,25 @@ class JaxEmbedder:
     return length, patches, bucket(images)
 
   def _rows_per_batch(self, num_rows: int) -> int:
-    """Returns the batch dimension: batch_size, or the power of two >= num_rows if that is less."""
-    return min(self.batch_size, 1 << max(num_rows - 1, 0).bit_length())
+    """Returns the batch dimension: batch_size, or the power of two >= num_rows if that is less
+    (rounded up to a multiple of the mesh's devices)."""
+    rows = min(self.batch_size, 1 << max(num_rows - 1, 0).bit_length())
+    return rows if self.mesh is None else _round_up(rows, self.mesh.size)
+
+  def run_batch(self, batch: Mapping[str, np.ndarray]) -> jax.Array:
+    """Starts the model on one collated host batch; returns its embeddings [batch, embed] (async)."""
+    if self.mesh is not None:  # every process holds the whole host batch; rows split over devices
+      sharding = sharding_lib.batch_sharding(self.mesh)
+      batch = {k: jax.make_array_from_callback(v.shape, sharding, lambda index, v=v: v[index])
+               for k, v in batch.items()}
+    return self._embed_fn(self.params, batch)
+
+  @staticmethod
+  def to_host(embeddings: jax.Array) -> np.ndarray:
+    """Device embeddings [batch, embed] (sharded across processes or not) -> host float32."""
+    if jax.process_count() > 1:
+      embeddings = multihost_utils.process_allgather(embeddings, tiled=True)
+    return np.asarray(embeddings, np.float32)
 
   def _embed_encoded(self, batches: Iterator[List[rows_lib.EncodedRow]], num_rows: int,
                      progress: bool, desc: str) -> np.ndarray:
@@ -256,13 +327,13 @@ class JaxEmbedder:
         length, patches, images = self.batch_dims(encoded)
         batch = collate_lib.collate(encoded, self.pad_id, length, patches, images)
         self.batch_shapes.add((rows_per_batch, length, patches, images))
-        result = self._embed_fn(self.params, batch)  # [rows_per_batch, embed], dispatched async
+        result = self.run_batch(batch)  # [rows_per_batch, embed], dispatched async
         if pending is not None:
-          outputs.append(np.asarray(pending[0], np.float32)[:pending[1]])
+          outputs.append(self.to_host(pending[0])[:pending[1]])
           bar.update(pending[1])
         pending = (result, real)
       if pending is not None:
-        outputs.append(np.asarray(pending[0], np.float32)[:pending[1]])
+        outputs.append(self.to_host(pending[0])[:pending[1]])
         bar.update(pending[1])
     finally:
       bar.close()
@@ -324,15 +395,18 @@ def check_image_files(items: Sequence[Tuple[str, Dict[str, Any]]],
 
 def embed_file(model_dir: str, input_path: str, output_path: str, *,
                attention: Optional[str] = None, pooling: Optional[str] = None,
-               dtype: str = "float32", max_length: int = DEFAULT_MAX_LENGTH,
+               dtype: Optional[str] = None, max_length: int = DEFAULT_MAX_LENGTH,
                batch_size: int = DEFAULT_BATCH_SIZE, progress: bool = True) -> Dict[str, Any]:
-  """Embeds a JSONL file into an .npy file (written atomically); returns shape, timings, rows/s."""
+  """Embeds a JSONL file into an .npy file (written atomically); returns shape, timings, rows/s.
+
+  model_dir: an HF directory or a training run (`JaxEmbedder.load`).
+  """
   start = time.perf_counter()
   # Bad rows and missing images fail before the model loads.
   items, base_dir = read_jsonl(input_path)
   check_image_files(items, base_dir)
-  embedder = JaxEmbedder.from_pretrained(model_dir, attention=attention, pooling=pooling,
-                                         dtype=dtype, max_length=max_length, batch_size=batch_size)
+  embedder = JaxEmbedder.load(model_dir, attention=attention, pooling=pooling, dtype=dtype,
+                              max_length=max_length, batch_size=batch_size)
   loaded = time.perf_counter()
   embeddings = embedder.embed_items(items, base_dir, progress, desc=os.path.basename(input_path))
   embedded = time.perf_counter()

@@ -4,13 +4,16 @@ Writes sharded safetensors with their index, config.json, the tokenizer and prep
 files of a source directory, and `mmembed.json`, which records how embeddings are made
 (pooling, attention, normalisation, prompts) so the PyTorch side reproduces them.
 """
+import contextlib
 import json
-from typing import Any, Mapping, Optional
+import struct
+from typing import Any, Iterator, Mapping, Optional
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 from etils import epath
+from jax.experimental import multihost_utils
 
 from mmembed_jax.convert.mapping import tensor_maps
 from mmembed_jax.models.config import ModelConfig, to_hf_config_dict
@@ -30,17 +33,76 @@ def _get(tree: Mapping, path: tuple[str, ...]) -> Any:
   return tree
 
 
+def _to_host(leaf: Any, layer: Optional[int]) -> np.ndarray:
+  """One tensor (one layer of a stacked leaf) on the host; a leaf sharded over several processes
+  is gathered (every process must call this, in the same order)."""
+  part = leaf[layer] if layer is not None else leaf
+  if not isinstance(part, jax.Array):
+    return np.asarray(part)
+  if not part.is_fully_addressable:
+    return np.asarray(multihost_utils.process_allgather(part, tiled=True))
+  # Assembled from the shards: np.asarray(part) would also keep a host copy cached on the
+  # parameter itself, so the export would end up holding the whole model twice.
+  out = np.empty(part.shape, part.dtype)
+  for shard in part.addressable_shards:
+    if shard.replica_id == 0:
+      out[shard.index] = np.asarray(shard.data)
+  return out
+
+
+# numpy dtype name -> safetensors dtype code
+_SAFETENSORS_DTYPES = {"float32": "F32", "bfloat16": "BF16", "float16": "F16", "float64": "F64",
+                       "int64": "I64", "int32": "I32", "int8": "I8", "uint8": "U8", "bool": "BOOL"}
+
+
+def _shard_names(shards: list) -> list:
+  """[(file name, shard)]: model.safetensors, or model-0000i-of-0000n.safetensors."""
+  if len(shards) == 1:
+    return [("model.safetensors", shards[0])]
+  return [(f"model-{i:05d}-of-{len(shards):05d}.safetensors", shard)
+          for i, shard in enumerate(shards, start=1)]
+
+
+def _write_safetensors(path: Optional[epath.Path], entries: list, tensors: Iterator[np.ndarray]
+                       ) -> None:
+  """Streams tensors into a safetensors file: the header comes from `entries` (name, shape,
+  dtype), then each tensor is written and dropped, so the host holds one tensor at a time.
+  path None: the tensors are still produced (every process gathers) but nothing is written."""
+  header, offset = {"__metadata__": {"format": "pt"}}, 0
+  for name, shape, dtype in entries:
+    nbytes = int(np.prod(shape)) * jnp.dtype(dtype).itemsize
+    header[name] = {"dtype": _SAFETENSORS_DTYPES[jnp.dtype(dtype).name], "shape": list(shape),
+                    "data_offsets": [offset, offset + nbytes]}
+    offset += nbytes
+  encoded = json.dumps(header, separators=(",", ":")).encode()
+  encoded += b" " * (-len(encoded) % 8)  # the data starts 8-byte aligned
+  with (path.open("wb") if path is not None else contextlib.nullcontext()) as f:
+    if f is not None:
+      f.write(struct.pack("<Q", len(encoded)) + encoded)
+    for (name, shape, dtype), tensor in zip(entries, tensors):
+      if tuple(tensor.shape) != tuple(shape) or tensor.dtype != jnp.dtype(dtype):
+        raise ValueError(f"{name}: produced {tensor.dtype}{list(tensor.shape)}, expected "
+                         f"{jnp.dtype(dtype)}{list(shape)}")
+      if f is not None:
+        f.write(np.ascontiguousarray(tensor).view(np.uint8).reshape(-1).data)
+
+
 def export_hf(config: ModelConfig, params: Mapping, out_dir: str, *,
               source_dir: Optional[str] = None, embedding: Optional[Mapping[str, Any]] = None,
-              dtype: Optional[str] = None, max_shard_bytes: int = 2 * 1024**3) -> epath.Path:
+              dtype: Optional[str] = None, preprocessor: Optional[Mapping[str, Any]] = None,
+              max_shard_bytes: int = 2 * 1024**3) -> epath.Path:
   """Writes the HF checkpoint; `dtype` (e.g. 'bfloat16') casts on write, default keeps params' dtype.
 
   source_dir: directory whose tokenizer / preprocessor files are carried over;
-  embedding: the embedding conventions written to mmembed.json (pooling, attention, ...).
+  embedding: the embedding conventions written to mmembed.json (pooling, attention, ...);
+  preprocessor: a preprocessor_config.json dict written over the carried one.
+  Tensors are gathered and written one at a time, so the host holds one tensor beyond the
+  params; with several processes all take part in the gathers and process 0 writes.
   """
-  import safetensors.numpy  # pylint: disable=g-import-not-at-top
+  writer = jax.process_index() == 0
   out = epath.Path(out_dir)
-  out.mkdir(parents=True, exist_ok=True)
+  if writer:
+    out.mkdir(parents=True, exist_ok=True)
   maps = list(tensor_maps(config))
   leaves = {m.path: _get(params, m.path) for m in maps}
   out_dtype = jnp.dtype(dtype) if dtype else None
@@ -58,19 +120,19 @@ def export_hf(config: ModelConfig, params: Mapping, out_dir: str, *,
     current_bytes += size(m)
   shards.append(current)
 
-  weight_map, total = {}, 0
-  for number, shard in enumerate(shards, start=1):
-    name = (f"model-{number:05d}-of-{len(shards):05d}.safetensors" if len(shards) > 1
-            else "model.safetensors")
-    tensors = {}
-    for m in shard:
-      leaf = leaves[m.path]
-      array = np.asarray(jax.device_get(leaf[m.layer] if m.layer is not None else leaf))
-      tensor = m.to_hf(array)
-      tensors[m.hf_name] = tensor.astype(out_dtype) if out_dtype is not None else tensor
-      weight_map[m.hf_name] = name
-      total += tensors[m.hf_name].nbytes
-    (out / name).write_bytes(safetensors.numpy.save(tensors, metadata={"format": "pt"}))
+  weight_map = {m.hf_name: name for name, shard in _shard_names(shards) for m in shard}
+  for name, shard in _shard_names(shards):
+    entries = [(m.hf_name, m.hf_shape, out_dtype or jnp.dtype(leaves[m.path].dtype)) for m in shard]
+
+    def tensors(shard=shard):
+      for m in shard:
+        tensor = m.to_hf(_to_host(leaves[m.path], m.layer))
+        yield tensor.astype(out_dtype, copy=False) if out_dtype is not None else tensor
+
+    _write_safetensors(out / name if writer else None, entries, tensors())
+  total = sum(size(m) for m in maps)
+  if not writer:
+    return out
   if len(shards) > 1:
     index = {"metadata": {"total_size": total}, "weight_map": weight_map}
     (out / "model.safetensors.index.json").write_text(json.dumps(index, indent=2))
@@ -83,6 +145,8 @@ def export_hf(config: ModelConfig, params: Mapping, out_dir: str, *,
       source = epath.Path(source_dir) / filename
       if source.exists():
         (out / filename).write_bytes(source.read_bytes())
+  if preprocessor is not None:
+    (out / "preprocessor_config.json").write_text(json.dumps(dict(preprocessor), indent=2))
   record = {"attention": config.attention, "pooling": "last", "normalize": True,
             "prompt_format": "text with <image> markers; no chat template; "
                              "<image> -> <|vision_start|> N*<|image_pad|> <|vision_end|>",

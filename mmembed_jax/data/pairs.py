@@ -224,7 +224,7 @@ def _entries(value: Any) -> List[Any]:
   return list(value) if isinstance(value, (list, tuple)) else [value]
 
 
-def _side(text: str, images: List[Any], template: str, field: str) -> Dict[str, Any]:
+def make_side(text: str, images: List[Any], template: str, field: str) -> Dict[str, Any]:
   """{"text", "images"}: templated, placeholders turned into `<image>`, markers checked."""
   text = _PLACEHOLDER.sub(IMAGE_MARKER, template.format(text=text))
   markers = text.count(IMAGE_MARKER)
@@ -250,7 +250,7 @@ def parse_pair(row: Any, settings: PairSettings, base_dir: str) -> Dict[str, Any
       raise ValueError(f"the {side} is empty: fields '{text_field}' and '{image_field}' are both "
                        f"missing, null or empty (found fields {sorted(row)})")
     template = settings.query_template if side == "query" else settings.target_template
-    sides[side] = _side(text, images, template, text_field)
+    sides[side] = make_side(text, images, template, text_field)
   neg_text, neg_images = row.get("neg_text"), row.get("neg_image_path")
   if settings.format == "mmE5":
     neg_text = _list_literal(neg_text, "neg_text")
@@ -264,7 +264,7 @@ def parse_pair(row: Any, settings: PairSettings, base_dir: str) -> Dict[str, Any
     text = _text(texts[k] if texts else None, f"neg_text[{k}]")
     neg_images = _images(images[k] if images else None, f"neg_image_path[{k}]", roots, base_dir)
     if text or neg_images:
-      negatives.append(_side(text, neg_images, settings.target_template, f"neg_text[{k}]"))
+      negatives.append(make_side(text, neg_images, settings.target_template, f"neg_text[{k}]"))
   target_modal = settings.target_modal
   if target_modal is None:
     target_modal = IMAGE_MODALITY if sides["positive"]["images"] else TEXT_MODALITY

@@ -24,6 +24,12 @@ def make_embed_fn(config: ModelConfig, pooling: str) -> Callable[..., jax.Array]
   return embed
 
 
+def boxed_param_shapes(config: ModelConfig) -> dict:
+  """The model's parameters as ShapeDtypeStructs in nn.Partitioned boxes (logical axis names)."""
+  return jax.eval_shape(VisionLanguageModel(config).init, jax.random.key(0),
+                        dummy_batch(config))["params"]
+
+
 def init_params(config: ModelConfig, rng: jax.Array) -> dict:
   """Random parameters, unboxed (no logical-axis metadata), from a one-image dummy batch."""
   variables = VisionLanguageModel(config).init(rng, dummy_batch(config))

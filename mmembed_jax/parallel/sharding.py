@@ -1,6 +1,6 @@
 """Logical axis rules -> shardings, and the check that big parameters are not left replicated."""
 import math
-from typing import Any, Sequence
+from typing import Any, Callable, Sequence
 
 import flax.linen as nn
 import jax
@@ -57,6 +57,14 @@ def logical_shardings(boxed_tree: Any, mesh: Mesh, rules: Rules) -> Any:
   """NamedShardings for a tree whose leaves are nn.Partitioned boxes (abstract or concrete)."""
   specs = nn.get_partition_spec(boxed_tree)
   return nn.logical_to_mesh_sharding(specs, mesh, list(rules))
+
+
+def put_by_path(shardings: Any) -> Callable[[tuple, Any], jax.Array]:
+  """put(path, array) -> the array placed with the sharding at `path` (a tuple of dict keys) of the
+  tree `shardings`; for loaders that hand over one parameter at a time."""
+  flat = {tuple(str(k.key) for k in path): s for path, s in jax.tree.leaves_with_path(
+      shardings, is_leaf=lambda x: isinstance(x, NamedSharding))}
+  return lambda path, array: jax.device_put(array, flat[path])
 
 
 def replicated_report(abstract_params: Any, shardings: Any, min_size: int = 2**20

@@ -47,7 +47,7 @@ def build_model_config(config: ml_collections.ConfigDict) -> ModelConfig:
     from mmembed_jax.convert.hf_import import model_config  # pylint: disable=g-import-not-at-top
     return model_config(hf_dir, **options)
   architecture = preset_config(config.model.preset, **options)
-  tokenizer_dir = _any_tokenizer_dir(config)
+  tokenizer_dir = run_tokenizer_dir(config)
   if not tokenizer_dir:
     return architecture
   # The vision token ids are the tokenizer's: a mismatch would silently drop every image.
@@ -57,7 +57,7 @@ def build_model_config(config: ml_collections.ConfigDict) -> ModelConfig:
   return architecture.replace(**ids)
 
 
-def _any_tokenizer_dir(config: ml_collections.ConfigDict) -> str:
+def run_tokenizer_dir(config: ml_collections.ConfigDict) -> str:
   """The run's tokenizer directory (objective's, input's, or resolved), "" when it has none."""
   for section in (config.objective, config.input):
     if section.get("tokenizer_dir"):

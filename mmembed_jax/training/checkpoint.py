@@ -52,6 +52,16 @@ def restore(manager: ocp.CheckpointManager, abstract_state: TrainState, step: Op
   return state, (restored["data"] if has_data else None)
 
 
+def latest_step(directory: str) -> int:
+  """The newest finished checkpoint step in `directory`; FileNotFoundError when there is none."""
+  with ocp.CheckpointManager(directory, options=ocp.CheckpointManagerOptions(read_only=True)
+                             ) as manager:
+    step = manager.latest_step()
+  if step is None:
+    raise FileNotFoundError(f"{directory}: no checkpoint found")
+  return step
+
+
 def restore_params(directory: str, abstract_params: Any, step: Optional[int] = None) -> Any:
   """Params of another run's checkpoint (for `init_from`), resharded to abstract_params.
 

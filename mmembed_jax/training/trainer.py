@@ -16,7 +16,7 @@ import ml_collections
 import numpy as np
 from jax.sharding import NamedSharding, PartitionSpec
 
-from mmembed_jax.models.embedder import dummy_batch
+from mmembed_jax.models.embedder import boxed_param_shapes, dummy_batch
 from mmembed_jax.models.vlm import VisionLanguageModel
 from mmembed_jax.parallel import sharding as sharding_lib
 from mmembed_jax.parallel.mesh import make_mesh
@@ -72,7 +72,7 @@ def train(config: ml_collections.ConfigDict, workdir: str) -> dict:
   # ----- Sharded state: shapes from eval_shape, shardings from the logical axis names.
   model = VisionLanguageModel(model_config)
   init_batch = dummy_batch(model_config)
-  boxed = jax.eval_shape(model.init, jax.random.key(config.seed), init_batch)["params"]
+  boxed = boxed_param_shapes(model_config)
   extra_params = getattr(objective, "boxed_extra_shapes", None)  # e.g. MoCa's MAE decoder
   if extra_params is not None:
     boxed = dict(boxed, **extra_params())
@@ -208,11 +208,9 @@ def _initial_state(config, model, objective, init_batch, tx, abstract_state, sta
                  out_shardings=state_shardings)
   if builders.is_hf_dir(config.init_from):
     from mmembed_jax.convert.hf_import import import_hf  # pylint: disable=g-import-not-at-top
-    flat = {tuple(str(k.key) for k in path): s for path, s in jax.tree.leaves_with_path(
-        backbone_shardings, is_leaf=lambda x: isinstance(x, NamedSharding))}
     _, params = import_hf(config.init_from, param_dtype=config.model.param_dtype,
                           scan_layers=config.model.scan_layers,
-                          put=lambda path, array: jax.device_put(array, flat[path]))
+                          put=sharding_lib.put_by_path(backbone_shardings))
     with in_context():
       return make(params)
   if config.init_from:

@@ -1,0 +1,146 @@
+"""A training run's model: a workdir (or one step of it) -> architecture, sharded params, tokenizer.
+
+  model = load_trained("runs/moca_cl")                   # the latest checkpoint
+  model = load_trained("runs/moca_cl/checkpoints/400")   # one step
+  model.config, model.params, model.tokenizer_dir, model.image_config, model.embedding
+
+The architecture, tokenizer and image settings are the run's own (its config.json, followed
+through `init_from` back to the source HF directory). Only the backbone is read from the
+checkpoint (not the optimiser state, MoCa's MAE decoder or a learned temperature), straight onto
+a mesh that spans every device with the run's FSDP rules, so no host ever holds the whole model.
+"""
+import dataclasses
+import json
+import os
+from typing import Any, Optional
+
+import jax
+import ml_collections
+from etils import epath
+
+from mmembed_jax.data import images as images_lib
+from mmembed_jax.models.config import ModelConfig
+from mmembed_jax.models.embedder import boxed_param_shapes
+from mmembed_jax.parallel import sharding as sharding_lib
+from mmembed_jax.parallel.mesh import make_mesh
+from mmembed_jax.training import builders, checkpoint
+
+CHECKPOINTS = "checkpoints"
+
+
+@dataclasses.dataclass
+class TrainedModel:
+  """What embedding, evaluation and export need from a run."""
+  config: ModelConfig
+  params: Any  # the backbone's params, sharded over `mesh`
+  mesh: Any
+  tokenizer_dir: str
+  image_config: images_lib.ImageProcessingConfig
+  embedding: dict  # mmembed.json: attention, pooling, normalize
+  workdir: str
+  step: int
+
+
+def locate(path: str) -> tuple[str, Optional[int]]:
+  """(workdir, step or None for the latest) of WORKDIR, WORKDIR/checkpoints or .../checkpoints/STEP."""
+  root = epath.Path(path)
+  if not root.exists():
+    raise FileNotFoundError(f"{path} does not exist")
+  if root.name.isdigit() and root.parent.name == CHECKPOINTS:
+    return str(root.parent.parent), int(root.name)
+  if root.name == CHECKPOINTS and (root.parent / "config.json").exists():
+    return str(root.parent), None
+  if (root / CHECKPOINTS).is_dir() and (root / "config.json").exists():
+    return str(root), None
+  raise FileNotFoundError(f"{path}: not a training run (expected a workdir holding config.json "
+                          f"and {CHECKPOINTS}/, or WORKDIR/{CHECKPOINTS}/STEP)")
+
+
+def is_run(path: str) -> bool:
+  """Whether `path` names a training run (workdir or checkpoint step), not an HF directory."""
+  try:
+    locate(path)
+  except FileNotFoundError:
+    return False
+  return True
+
+
+def run_config(workdir: str) -> ml_collections.ConfigDict:
+  """The config a run was trained with (its workdir's config.json)."""
+  path = epath.Path(workdir) / "config.json"
+  try:
+    return ml_collections.ConfigDict(json.loads(path.read_text()))
+  except json.JSONDecodeError as e:
+    raise ValueError(f"{path}: invalid JSON ({e})") from None
+
+
+def embedding_record(config: ml_collections.ConfigDict) -> dict:
+  """How the run embeds (mmembed.json): its attention, its objective's pooling (else mean for
+  bidirectional and last for causal models), L2-normalised."""
+  attention = config.model.attention
+  pooling = config.objective.get("pooling", "mean" if attention == "bidirectional" else "last")
+  return {"attention": attention, "pooling": pooling, "normalize": True}
+
+
+def image_config(config: ml_collections.ConfigDict) -> images_lib.ImageProcessingConfig:
+  """The run's image preprocessing: the source HF directory's, with the input's pixel bounds."""
+  hf_dir = builders.source_hf_dir(config.init_from)
+  preprocessor = epath.Path(hf_dir) / "preprocessor_config.json" if hf_dir else None
+  base = (images_lib.ImageProcessingConfig.from_preprocessor_config(preprocessor)
+          if preprocessor is not None and preprocessor.exists()
+          else images_lib.ImageProcessingConfig())
+  bounds = {k: config.input[k] for k in ("min_pixels", "max_pixels") if k in config.input}
+  return dataclasses.replace(base, **bounds)
+
+
+def export_mesh() -> Any:
+  """Every device on the FSDP axis: parameters are split as finely as they go."""
+  return make_mesh({"data": 1, "fsdp": -1, "tensor": 1})
+
+
+def load_trained(path: str, *, dtype: Optional[str] = None, mesh: Any = None) -> TrainedModel:
+  """Reads a run's backbone (latest or given step) sharded over `mesh` (default: all devices).
+
+  dtype: compute and parameter dtype (e.g. 'bfloat16'); default, the run's own.
+  """
+  workdir, step = locate(path)
+  config = run_config(workdir)
+  if dtype is not None:
+    config.model.update(dtype=dtype, param_dtype=dtype)
+  config.model.remat_policy = "none"  # inference; scan_layers stays: it shapes the checkpoint
+  model_config = builders.build_model_config(config)
+  mesh = mesh if mesh is not None else export_mesh()
+  rules = [(name, tuple(axes) if isinstance(axes, list) else axes)
+           for name, axes in config.sharding.rules]
+  boxed = boxed_param_shapes(model_config)
+  shardings = sharding_lib.logical_shardings(boxed, mesh, rules)
+  import flax.linen as nn  # pylint: disable=g-import-not-at-top
+  abstract = jax.tree.map(lambda leaf, s: jax.ShapeDtypeStruct(leaf.shape, leaf.dtype, sharding=s),
+                          nn.meta.unbox(boxed), shardings)
+  directory = os.path.abspath(os.path.join(workdir, CHECKPOINTS))
+  step = checkpoint.latest_step(directory) if step is None else step
+  params = checkpoint.restore_params(directory, abstract, step)
+  missing = sorted(set(abstract) - set(params))
+  if missing:
+    raise ValueError(f"{workdir}: checkpoint step {step} has no {missing}; expected a run of "
+                     f"this model")
+  tokenizer_dir = builders.run_tokenizer_dir(config)
+  if not tokenizer_dir:
+    raise ValueError(f"{workdir}/config.json: the run names no tokenizer (tokenizer_dir or an HF "
+                     f"init_from)")
+  return TrainedModel(config=model_config, params=params, mesh=mesh, tokenizer_dir=tokenizer_dir,
+                      image_config=image_config(config), embedding=embedding_record(config),
+                      workdir=workdir, step=step)
+
+
+def export_trained(path: str, out_dir: str, *, dtype: Optional[str] = None,
+                   max_shard_bytes: int = 2 * 1024**3) -> TrainedModel:
+  """Writes a run's backbone as a Hugging Face directory (safetensors, config.json, tokenizer,
+  preprocessor_config.json, mmembed.json); dtype casts on write (default: the run's)."""
+  from mmembed_jax.convert import hf_export  # pylint: disable=g-import-not-at-top
+  model = load_trained(path)
+  hf_export.export_hf(model.config, model.params, out_dir, source_dir=model.tokenizer_dir,
+                      embedding=dict(model.embedding, source_run=model.workdir, step=model.step),
+                      dtype=dtype, preprocessor=model.image_config.to_preprocessor_config(),
+                      max_shard_bytes=max_shard_bytes)
+  return model

@@ -1,0 +1,154 @@
+"""Train -> evaluate -> export -> PyTorch: a real run (launch/tpu_train.py, MoCa stage-2 demo, 2
+steps) is embedded from its workdir by the JAX evaluators on the sample sets, exported with
+launch/export_to_pytorch.py, and embedded again by transformers: the embeddings agree to 1e-4
+(fp32) and so do the Precision@1 scores, dataset by dataset."""
+import json
+import os
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+
+from mmembed_jax.data.demo_eval_data import write_demo_mmeb, write_demo_vidore
+from mmembed_jax.embedding import JaxEmbedder, embed_file
+from mmembed_jax.evaluation import mmeb, vidore
+from mmembed_jax.training import trained_model
+
+ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+
+def _start(script, *args, devices=8, cache=None):
+  """Starts launch/SCRIPT with args on `devices` fake CPU devices (Gloo collectives)."""
+  env = dict(os.environ, JAX_PLATFORMS="cpu", JAX_CPU_COLLECTIVES_IMPLEMENTATION="gloo",
+             XLA_FLAGS=f"--xla_force_host_platform_device_count={devices}")
+  if cache:
+    env["MMEMBED_DEMO_CACHE"] = str(cache)
+  return subprocess.Popen([sys.executable, os.path.join("launch", script), *map(str, args)],
+                          cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                          text=True)
+
+
+def _run(script, *args, devices=8, cache=None):
+  """Runs launch/SCRIPT to completion; returns (returncode, stdout, stderr)."""
+  process = _start(script, *args, devices=devices, cache=cache)
+  stdout, stderr = process.communicate(timeout=900)
+  return subprocess.CompletedProcess(process.args, process.returncode, stdout, stderr)
+
+
+@pytest.fixture(scope="module")
+def run_dir(tmp_path_factory):
+  """A 2-step MoCa stage-2 demo run (bidirectional, mean pooling), checkpoints at steps 1 and 2."""
+  root = tmp_path_factory.mktemp("round_trip")
+  workdir = root / "run"
+  cache = root / "cache"
+  os.environ["MMEMBED_DEMO_CACHE"] = str(cache)  # this process resolves the run's demo tokenizer
+  done = _run("tpu_train.py", "--config=configs/moca.py:stage=cl", f"--workdir={workdir}",
+              "--config.total_steps=2", "--config.eval.every=0", "--config.checkpoint.every=1",
+              "--config.input.global_batch_size=8", devices=1, cache=cache)
+  assert done.returncode == 0, done.stderr[-3000:]
+  return str(workdir)
+
+
+@pytest.fixture(scope="module")
+def sample_sets(tmp_path_factory):
+  """The sample MMEB and ViDoRe sets (directories)."""
+  root = tmp_path_factory.mktemp("sample_sets")
+  write_demo_mmeb(str(root / "mmeb"))
+  write_demo_vidore(str(root / "vidore"))
+  return str(root / "mmeb"), str(root / "vidore")
+
+
+class _Recorder:
+  """An embed function that keeps every (rows, embeddings) call."""
+
+  def __init__(self, embed):
+    self.embed, self.calls = embed, []
+
+  def __call__(self, rows):
+    out = self.embed(rows)
+    self.calls.append((list(rows), out))
+    return out
+
+
+def test_export_to_pytorch_embeds_and_scores_like_jax(run_dir, sample_sets, tmp_path):
+  from mmembed_jax import torch_embed
+  mmeb_dir, vidore_dir = sample_sets
+  jax_embedder = JaxEmbedder.load(run_dir, batch_size=16)
+  assert jax_embedder.step == 2 and jax_embedder.mesh.size == 8
+  assert (jax_embedder.config.attention, jax_embedder.pooling) == ("bidirectional", "mean")
+  recorder = _Recorder(jax_embedder.embed_rows)
+  jax_result = mmeb.evaluate_mmeb(recorder, mmeb_dir)
+  compiles = len(jax_embedder.batch_shapes)
+  rows = sum(len(r) for r, _ in recorder.calls)
+  print(f"JAX MMEB sample: {rows} rows, {compiles} batch shapes, P@1 {jax_result['per_dataset']}")
+  assert compiles <= 8
+
+  out = tmp_path / "exported"
+  done = _run("export_to_pytorch.py", f"--checkpoint={run_dir}", f"--out={out}")
+  assert done.returncode == 0, done.stderr[-3000:]
+  assert "step 2" in done.stdout
+  record = json.loads((out / "mmembed.json").read_text())
+  assert (record["attention"], record["pooling"], record["step"]) == ("bidirectional", "mean", 2)
+  torch_embedder = torch_embed.load(str(out), batch_size=16)
+  for rows_in, jax_vectors in recorder.calls:
+    np.testing.assert_allclose(torch_embedder(rows_in), jax_vectors, atol=1e-4, rtol=0)
+  torch_result = mmeb.evaluate_mmeb(torch_embedder, mmeb_dir)
+  assert torch_result["per_dataset"] == jax_result["per_dataset"]
+  assert set(jax_result["per_task"]) == {"classification", "vqa", "retrieval", "grounding"}
+
+  jax_vidore = vidore.evaluate_vidore(jax_embedder.embed_rows, vidore_dir, jax_embedder.mesh)
+  torch_vidore = vidore.evaluate_vidore(torch_embedder, vidore_dir, jax_embedder.mesh)
+  for name, scores in jax_vidore["per_dataset"].items():
+    for key in ("ndcg_at_5", "recall_at_5"):
+      assert torch_vidore["per_dataset"][name][key] == pytest.approx(scores[key], abs=1e-9)
+
+
+def test_embed_and_evaluate_from_a_workdir_or_step(run_dir, sample_sets, tmp_path):
+  mmeb_dir, vidore_dir = sample_sets
+  rows = tmp_path / "rows.jsonl"
+  rows.write_text('{"text": "a small red circle"}\n{"text": "What is the total?"}\n')
+  latest = embed_file(run_dir, str(rows), str(tmp_path / "latest.npy"), progress=False)
+  step_1 = embed_file(os.path.join(run_dir, "checkpoints", "1"), str(rows),
+                      str(tmp_path / "step1.npy"), progress=False)
+  assert latest["shape"] == step_1["shape"] == (2, 64)
+  assert not np.allclose(np.load(tmp_path / "latest.npy"), np.load(tmp_path / "step1.npy"))
+  with pytest.raises(FileNotFoundError, match="not a training run"):
+    trained_model.locate(str(tmp_path))
+
+  out = tmp_path / "results.json"
+  done = _run("evaluate.py", f"--model={run_dir}", f"--mmeb={mmeb_dir}", f"--vidore={vidore_dir}",
+              f"--out={out}", "--batch_size=16")
+  assert done.returncode == 0, done.stderr[-3000:]
+  result = json.loads(out.read_text())
+  assert set(result) >= {"overall", "per_task", "per_dataset", "details", "vidore", "throughput"}
+  assert 0.0 <= result["overall"] <= 1.0 and "ndcg_at_5" in result["vidore"]
+  assert result["throughput"]["rows_per_second"] > 0
+  print(done.stdout)
+
+
+def test_two_process_export_equals_one_process(run_dir, tmp_path):
+  """2 processes x 4 devices: each holds half the checkpoint's shards, gathers tensor by tensor;
+  process 0 writes, and the files equal a 1-process export's."""
+  import safetensors.numpy
+  trained_model.export_trained(run_dir, str(tmp_path / "one"))
+  port = 20000 + os.getpid() % 20000
+  processes = [_start("export_to_pytorch.py", f"--checkpoint={run_dir}", f"--out={tmp_path / 'two'}",
+                      "--distributed", f"--coordinator_address=localhost:{port}",
+                      "--num_processes=2", f"--process_id={i}", devices=4) for i in range(2)]
+  outputs = [p.communicate(timeout=300) for p in processes]
+  assert [p.returncode for p in processes] == [0, 0], outputs[0][1][-2000:] + outputs[1][1][-2000:]
+  one = safetensors.numpy.load_file(str(tmp_path / "one" / "model.safetensors"))
+  two = safetensors.numpy.load_file(str(tmp_path / "two" / "model.safetensors"))
+  assert sorted(one) == sorted(two)
+  for name in one:
+    np.testing.assert_array_equal(two[name], one[name], err_msg=name)
+
+
+def test_bfloat16_export(run_dir, tmp_path):
+  import safetensors.numpy
+  model = trained_model.export_trained(run_dir, str(tmp_path / "bf16"), dtype="bfloat16")
+  tensors = safetensors.numpy.load_file(str(tmp_path / "bf16" / "model.safetensors"))
+  assert {str(t.dtype) for t in tensors.values()} == {"bfloat16"}
+  assert json.loads((tmp_path / "bf16" / "config.json").read_text())["dtype"] == "bfloat16"
+  assert model.step == 2
