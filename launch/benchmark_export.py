@@ -33,7 +33,7 @@ def build_run(workdir: str, preset: str, dtype: str) -> int:
   import flax.linen as nn  # pylint: disable=g-import-not-at-top
   import jax  # pylint: disable=g-import-not-at-top
   import orbax.checkpoint as ocp  # pylint: disable=g-import-not-at-top
-  from mmembed_jax.models.embedder import boxed_param_shapes, init_params  # pylint: disable=g-import-not-at-top
+  from mmembed_jax.models.embedder import boxed_param_shapes  # pylint: disable=g-import-not-at-top
   from mmembed_jax.parallel import sharding as sharding_lib  # pylint: disable=g-import-not-at-top
   from mmembed_jax.training import builders, trained_model  # pylint: disable=g-import-not-at-top
   from mmembed_jax.training.config import contrastive_config  # pylint: disable=g-import-not-at-top
@@ -46,14 +46,28 @@ def build_run(workdir: str, preset: str, dtype: str) -> int:
     f.write(config.to_json_best_effort(indent=2))
   model_config = builders.build_model_config(config)
   mesh = trained_model.export_mesh()
-  shardings = sharding_lib.logical_shardings(boxed_param_shapes(model_config), mesh,
-                                             sharding_lib.DEFAULT_RULES)
-  params = jax.jit(lambda key: init_params(model_config, key), out_shardings=shardings)(
-      jax.random.key(0))
+  boxed = boxed_param_shapes(model_config)
+  shardings = sharding_lib.logical_shardings(boxed, mesh, sharding_lib.DEFAULT_RULES)
+  abstract = nn.meta.unbox(boxed)
+  # One tensor at a time, each created on its shards (a whole-model init would need several
+  # times the model in temporaries); the values only need to be random, not a trained model's.
+  makers = {}
+
+  def random_leaf(index, leaf, sharding):
+    key = (leaf.shape, leaf.dtype, sharding)
+    if key not in makers:
+      makers[key] = jax.jit(lambda k: (0.02 * jax.random.normal(k, leaf.shape)).astype(leaf.dtype),
+                            out_shardings=sharding)
+    return makers[key](jax.random.fold_in(jax.random.key(0), index))
+
+  leaves, treedef = jax.tree.flatten(abstract)
+  params = jax.tree.unflatten(treedef, [
+      random_leaf(i, leaf, sharding)
+      for i, (leaf, sharding) in enumerate(zip(leaves, treedef.flatten_up_to(shardings)))])
   with ocp.CheckpointManager(os.path.join(workdir, trained_model.CHECKPOINTS)) as manager:
     manager.save(1, args=ocp.args.Composite(params=ocp.args.StandardSave(params)))
     manager.wait_until_finished()
-  return sum(x.nbytes for x in jax.tree.leaves(nn.meta.unbox(params)))
+  return sum(x.nbytes for x in jax.tree.leaves(params))
 
 
 def main(argv):

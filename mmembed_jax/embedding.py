@@ -186,6 +186,7 @@ class JaxEmbedder:
     self.params = params if mesh is not None else jax.device_put(params)  # once, not per call
     self._embed_fn = _shared_embed_fn(config, self.pooling)
     self.batch_shapes: set = set()  # (batch, length, patches, images) of every batch run so far
+    self.step: Optional[int] = None  # the checkpoint step, for a model read from a training run
 
   @classmethod
   def from_run(cls, path: str, *, attention: Optional[str] = None, pooling: Optional[str] = None,

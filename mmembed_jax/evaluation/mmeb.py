@@ -184,8 +184,9 @@ def evaluate_mmeb(embed: EmbedFn, root: str, datasets: Optional[Sequence[str]] =
   if missing:
     raise ValueError(f"{root}: no dataset {missing}; found {sorted(found)}")
   overrides = meta_task_overrides(root)
-  image_root = os.path.abspath(image_root or root) if "://" not in (image_root or root) else (
-      image_root or root)
+  image_root = image_root or root
+  if "://" not in image_root:
+    image_root = os.path.abspath(image_root)
   details = {}
   for name in names:
     dataset = read_dataset(name, found[name], image_root,

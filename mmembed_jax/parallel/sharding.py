@@ -32,6 +32,12 @@ DEFAULT_RULES: tuple[tuple[str, Any], ...] = (
 )
 
 
+def config_rules(rules: Sequence[Sequence[Any]]) -> tuple[tuple[str, Any], ...]:
+  """Logical axis rules as a config (or its JSON) holds them -> (name, axes) with axes a tuple
+  where it lists several mesh axes."""
+  return tuple((name, tuple(axes) if isinstance(axes, list) else axes) for name, axes in rules)
+
+
 def data_parallel_size(mesh: Mesh) -> int:
   """Number of ways the batch is split (data x fsdp)."""
   return mesh.shape["data"] * mesh.shape["fsdp"]

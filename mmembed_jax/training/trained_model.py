@@ -14,6 +14,7 @@ import json
 import os
 from typing import Any, Optional
 
+import flax.linen as nn
 import jax
 import ml_collections
 from etils import epath
@@ -110,11 +111,9 @@ def load_trained(path: str, *, dtype: Optional[str] = None, mesh: Any = None) ->
   config.model.remat_policy = "none"  # inference; scan_layers stays: it shapes the checkpoint
   model_config = builders.build_model_config(config)
   mesh = mesh if mesh is not None else export_mesh()
-  rules = [(name, tuple(axes) if isinstance(axes, list) else axes)
-           for name, axes in config.sharding.rules]
   boxed = boxed_param_shapes(model_config)
-  shardings = sharding_lib.logical_shardings(boxed, mesh, rules)
-  import flax.linen as nn  # pylint: disable=g-import-not-at-top
+  shardings = sharding_lib.logical_shardings(boxed, mesh,
+                                             sharding_lib.config_rules(config.sharding.rules))
   abstract = jax.tree.map(lambda leaf, s: jax.ShapeDtypeStruct(leaf.shape, leaf.dtype, sharding=s),
                           nn.meta.unbox(boxed), shardings)
   directory = os.path.abspath(os.path.join(workdir, CHECKPOINTS))

@@ -57,8 +57,7 @@ def train(config: ml_collections.ConfigDict, workdir: str) -> dict:
 
   # ----- Mesh and sharding rules.
   mesh = make_mesh(config.mesh.ici, config.mesh.dcn, devices=mesh_devices(config, jax.devices()))
-  rules = tuple((name, tuple(axes) if isinstance(axes, list) else axes)
-                for name, axes in config.sharding.rules)
+  rules = sharding_lib.config_rules(config.sharding.rules)
   replicated = NamedSharding(mesh, PartitionSpec())
   batch_sharding = sharding_lib.batch_sharding(mesh)
   log.info("mesh %s on %d processes", dict(mesh.shape), jax.process_count())

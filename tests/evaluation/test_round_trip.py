@@ -93,6 +93,9 @@ def test_export_to_pytorch_embeds_and_scores_like_jax(run_dir, sample_sets, tmp_
   torch_embedder = torch_embed.load(str(out), batch_size=16)
   for rows_in, jax_vectors in recorder.calls:
     np.testing.assert_allclose(torch_embedder(rows_in), jax_vectors, atol=1e-4, rtol=0)
+  hf_embedder = JaxEmbedder.load(str(out), batch_size=16, mesh=trained_model.export_mesh())
+  rows_in, jax_vectors = recorder.calls[0]
+  np.testing.assert_allclose(hf_embedder.embed_rows(rows_in), jax_vectors, atol=1e-5, rtol=0)
   torch_result = mmeb.evaluate_mmeb(torch_embedder, mmeb_dir)
   assert torch_result["per_dataset"] == jax_result["per_dataset"]
   assert set(jax_result["per_task"]) == {"classification", "vqa", "retrieval", "grounding"}
