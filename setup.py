@@ -32,6 +32,6 @@ setup(
         "torch": TORCH,
         "tpu": ["libtpu"],
         "tfds": ["tensorflow-datasets"],
-        "test": TORCH + ["pytest", "pytest-timeout"],
+        "test": TORCH + ["pytest", "pytest-timeout", "libtpu"],  # libtpu: TPU compile proofs on CPU
     },
 )

@@ -300,3 +300,15 @@ def cl_eval_batches(sources: Any, tokenizer_dir: str, batch_size: int, *,
     chunk += [encoder.empty_row()] * (batch_size - len(chunk))
     batches.append(_stack(chunk))
   return batches
+
+
+def batch_row(num_negatives: int, query_length: int, target_length: int, query_max_patches: int,
+              target_max_patches: int, max_images: int = 1, **unused: Any) -> Dict[str, Any]:
+  """One batch row of the shapes `cl_dataset` makes with these fields (all padding): for
+  compiling the train step without data (launch/aot_compile.py)."""
+  del unused
+  query_shape, target_shape = _shapes(query_length, target_length, query_max_patches,
+                                      target_max_patches, max_images, num_negatives, 4)
+  encoder = PairEncoder([], "", images_lib.ImageProcessingConfig(), query_shape, target_shape,
+                        num_negatives, seed=0, pad_id=0)
+  return encoder.empty_row()

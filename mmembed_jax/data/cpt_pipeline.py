@@ -303,3 +303,12 @@ def tokenizer_pad_id(tokenizer_dir: str) -> int:
   if pad_id is None:
     raise ValueError(f"{tokenizer_dir}: no pad token ({pad_token or pad!r} is not in tokenizer.json)")
   return int(pad_id)
+
+
+def batch_row(length: int, max_patches: int, max_images: int, max_segments: int = 64,
+              **unused: Any) -> Dict[str, Any]:
+  """One packed row of the shapes `cpt_dataset` makes with these fields (all padding): for
+  compiling the train step without data (launch/aot_compile.py)."""
+  del unused
+  return packing.layout_row([], packing.PackingBudget(length, max_patches, max_images,
+                                                      max_segments))

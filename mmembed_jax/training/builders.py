@@ -201,6 +201,26 @@ def build_input(config: ml_collections.ConfigDict, model_config: ModelConfig) ->
                   model_config, config.seed)
 
 
+# Keys the input adds for the host only; the trainer drops them before the step.
+HOST_ONLY = ("bad_records", "example_ids")
+
+
+def batch_row(config: ml_collections.ConfigDict, model_config: ModelConfig) -> dict:
+  """One row (host arrays, no batch axis) of the batches the input makes, read from no data."""
+  fields = _fields(config.input)
+  if config.input.name == "moca_cpt":
+    from mmembed_jax.data.cpt_pipeline import batch_row as row  # pylint: disable=g-import-not-at-top
+  elif config.input.name == "contrastive_pairs":
+    from mmembed_jax.data.cl_pipeline import batch_row as row  # pylint: disable=g-import-not-at-top
+  else:  # a synthetic input: its first batch
+    batch = next(iter(build_input(config, model_config)))
+    row = lambda **_: {k: v[0] for k, v in batch.items()}
+  import jax  # pylint: disable=g-import-not-at-top
+  import numpy as np  # pylint: disable=g-import-not-at-top
+  out = {k: v for k, v in row(**fields).items() if k not in HOST_ONLY}
+  return jax.tree.map(np.asarray, out)
+
+
 def build_eval(config: ml_collections.ConfigDict, objective: Any, mesh: Any) -> Optional[Callable]:
   """fn(params) -> held-out metrics (`config.eval`), or None when `eval.every` is 0."""
   if not config.eval.every:

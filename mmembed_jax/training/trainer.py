@@ -14,15 +14,14 @@ import flax.linen as nn
 import jax
 import ml_collections
 import numpy as np
-from jax.sharding import NamedSharding, PartitionSpec
 
-from mmembed_jax.models.embedder import boxed_param_shapes, dummy_batch
+from mmembed_jax.models.embedder import dummy_batch
 from mmembed_jax.models.vlm import VisionLanguageModel
 from mmembed_jax.parallel import sharding as sharding_lib
 from mmembed_jax.parallel.mesh import make_mesh
 from mmembed_jax.training import builders, checkpoint, flops, metrics as metrics_lib
 from mmembed_jax.training.config import mesh_devices, validate
-from mmembed_jax.training.optimizer import make_optimizer
+from mmembed_jax.training.sharded_state import state_layout
 from mmembed_jax.training.train_step import TrainState, create_state, make_update_fn
 
 log = logging.getLogger(__name__)
@@ -58,7 +57,6 @@ def train(config: ml_collections.ConfigDict, workdir: str) -> dict:
   # ----- Mesh and sharding rules.
   mesh = make_mesh(config.mesh.ici, config.mesh.dcn, devices=mesh_devices(config, jax.devices()))
   rules = sharding_lib.config_rules(config.sharding.rules)
-  replicated = NamedSharding(mesh, PartitionSpec())
   batch_sharding = sharding_lib.batch_sharding(mesh)
   log.info("mesh %s on %d processes", dict(mesh.shape), jax.process_count())
 
@@ -71,24 +69,9 @@ def train(config: ml_collections.ConfigDict, workdir: str) -> dict:
   # ----- Sharded state: shapes from eval_shape, shardings from the logical axis names.
   model = VisionLanguageModel(model_config)
   init_batch = dummy_batch(model_config)
-  boxed = boxed_param_shapes(model_config)
-  extra_params = getattr(objective, "boxed_extra_shapes", None)  # e.g. MoCa's MAE decoder
-  if extra_params is not None:
-    boxed = dict(boxed, **extra_params())
-  param_shardings = sharding_lib.logical_shardings(boxed, mesh, rules)
-  abstract_params = nn.meta.unbox(boxed)
-  sharding_lib.check_replicated(abstract_params, param_shardings, mesh,
-                                config.sharding.max_replicated_share,
-                                config.sharding.min_replicated_size)
-  tx, schedule = make_optimizer(config.optimizer, config.total_steps, abstract_params)
-  abstract_opt_state = jax.eval_shape(tx.init, abstract_params)
-  state_shardings = TrainState(
-      step=replicated, params=param_shardings, rng=replicated,
-      opt_state=sharding_lib.optimizer_state_shardings(abstract_opt_state, abstract_params,
-                                                       param_shardings, mesh))
-  abstract_state = jax.tree.map(
-      lambda leaf, s: jax.ShapeDtypeStruct(leaf.shape, leaf.dtype, sharding=s),
-      jax.eval_shape(lambda p: create_state(p, tx, config.seed), abstract_params), state_shardings)
+  layout = state_layout(config, model_config, objective, mesh, rules)
+  abstract_state, state_shardings = layout.abstract_state, layout.state_shardings
+  param_shardings, tx = layout.param_shardings, layout.tx
 
   def in_context():
     """Mesh and logical rules for tracing (activation sharding constraints resolve in it)."""
@@ -110,7 +93,7 @@ def train(config: ml_collections.ConfigDict, workdir: str) -> dict:
                            state_shardings, param_shardings, in_context)
 
   # ----- The update step: one jit, explicit shardings, donated state.
-  update = make_update_fn(objective, tx, schedule, config.grad_accum_steps)
+  update = make_update_fn(objective, tx, layout.schedule, config.grad_accum_steps)
   batch_shardings = None  # filled from the first batch's keys
   train_step = None
 

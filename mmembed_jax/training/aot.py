@@ -1,0 +1,180 @@
+"""Ahead-of-time compilation of a recipe's train step for a TPU topology, on any host.
+
+`compile_train_step(config, devices)` builds exactly what the trainer runs (mesh, rules, model,
+objective, sharded state, jitted update with donated state) against abstract arguments (no
+parameter or batch is ever allocated), compiles it for `devices` (e.g. the compile-only devices
+of `topology_devices("v5p-64")`, which needs libtpu) and reports per-chip HBM, FLOPs and the
+collectives in the program. An out-of-memory is the compiler's own verdict (`CompileOOM`).
+"""
+import collections
+import contextlib
+import glob
+import os
+import re
+import tempfile
+import time
+from typing import Any, Dict, Optional, Sequence
+
+import flax.linen as nn
+import jax
+import ml_collections
+
+from mmembed_jax.parallel import sharding as sharding_lib
+from mmembed_jax.parallel.mesh import make_mesh
+from mmembed_jax.training import builders, flops
+from mmembed_jax.training.config import mesh_devices, validate
+from mmembed_jax.training.sharded_state import state_layout
+from mmembed_jax.training.train_step import make_update_fn
+
+# Nominal HBM per chip (bytes); v5p's is the figure its compiler reports as available.
+HBM_BYTES = {"v4": 32 * 2**30, "v5e": 16 * 2**30, "v5p": int(95.74 * 2**30), "v6e": 32 * 2**30}
+# TensorCores per chip: "v5p-64" and "v4-64" count cores (32 chips), "v5e-64" counts chips.
+_CORES_PER_CHIP = {"v4": 2, "v5p": 2, "v5e": 1, "v6e": 1}
+# Chips -> the usual slice shape.
+_SHAPES_3D = {4: "2x2x1", 8: "2x2x2", 16: "2x2x4", 32: "2x4x4", 64: "4x4x4", 128: "4x4x8",
+              256: "4x8x8", 512: "8x8x8", 1024: "8x8x16", 2048: "8x16x16"}
+_SHAPES_2D = {1: "1x1", 4: "2x2", 8: "2x4", 16: "4x4", 32: "4x8", 64: "8x8", 128: "8x16",
+              256: "16x16"}
+_COLLECTIVES = ("all-gather", "all-reduce", "reduce-scatter", "all-to-all", "collective-permute")
+
+
+class CompileOOM(RuntimeError):
+  """The compiler found that the program does not fit the chip's HBM."""
+
+
+def topology_name(topology: str) -> tuple[str, str]:
+  """('v5p', 'v5p:2x4x4') from 'v5p-64' (cores for v4/v5p, chips for v5e/v6e) or 'v5p:2x4x4'."""
+  match = re.fullmatch(r"(v4|v5p|v5e|v6e)([-:])(\S+)", topology)
+  if not match:
+    raise ValueError(f"topology '{topology}': expected e.g. v5p-64, v5e-16 or v5p:2x4x4")
+  chip, sep, size = match.groups()
+  if sep == ":":
+    return chip, topology
+  shapes = _SHAPES_3D if _CORES_PER_CHIP[chip] == 2 else _SHAPES_2D
+  chips = int(size) // _CORES_PER_CHIP[chip] if size.isdigit() else -1
+  if chips not in shapes:
+    raise ValueError(f"topology '{topology}': no standard {chip} slice of {size}; give the shape, "
+                     f"e.g. {chip}:{next(iter(shapes.values()))}")
+  return chip, f"{chip}:{shapes[chips]}"
+
+
+def topology_devices(topology: str, num_slices: int = 1) -> list:
+  """The compile-only devices of `num_slices` slices of a TPU topology (needs libtpu)."""
+  from jax.experimental import topologies  # pylint: disable=g-import-not-at-top
+  _, name = topology_name(topology)
+  kwargs = {"num_slices": num_slices} if num_slices > 1 else {}
+  return list(topologies.get_topology_desc(name, "tpu", **kwargs).devices)
+
+
+def _collective_counts(hlo: str) -> Dict[str, int]:
+  """How many of each collective op the optimised program holds."""
+  counts = collections.Counter()
+  for op in _COLLECTIVES:
+    counts[op] = len(re.findall(rf"\b{op}(?:-start)?\(", hlo))
+  return {op: n for op, n in counts.items() if n}
+
+
+def batch_spec(config: ml_collections.ConfigDict, model_config: Any) -> Dict[str, Any]:
+  """The global batch the trainer feeds, as ShapeDtypeStructs (no data is read)."""
+  row = builders.batch_row(config, model_config)
+  batch = config.input.global_batch_size
+  return jax.tree.map(lambda x: jax.ShapeDtypeStruct((batch,) + x.shape, x.dtype), row)
+
+
+def _with_some_tokenizer(config: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
+  """The config, given the demo tokenizer where it names none (a pod config whose init_from
+  is not on this host): token ids do not change the compiled program."""
+  if builders.run_tokenizer_dir(config):
+    return config
+  config = ml_collections.ConfigDict(config.to_dict())
+  for section in (config.objective, config.input):
+    builder = {**builders.OBJECTIVES, **builders.INPUTS}[section.name]
+    if "tokenizer_dir" in builder.__code__.co_varnames:
+      section.tokenizer_dir = builders.demo_tokenizer_dir()
+  return config
+
+
+def compile_train_step(config: ml_collections.ConfigDict, devices: Sequence[Any]) -> Dict[str, Any]:
+  """Compiles the config's train step for `devices`; returns the figures (see the module doc)."""
+  validate(config, devices)
+  config = _with_some_tokenizer(config)
+  devices = mesh_devices(config, devices)
+  mesh = make_mesh(config.mesh.ici, config.mesh.dcn, devices=devices)
+  rules = sharding_lib.config_rules(config.sharding.rules)
+  model_config = builders.build_model_config(config)
+  objective = builders.build_objective(config, model_config)
+  layout = state_layout(config, model_config, objective, mesh, rules)
+  batch = batch_spec(config, model_config)
+  batch_sharding = sharding_lib.batch_sharding(mesh)
+  abstract_batch = jax.tree.map(
+      lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=batch_sharding), batch)
+  update = make_update_fn(objective, layout.tx, layout.schedule, config.grad_accum_steps)
+  step = jax.jit(update, in_shardings=(layout.state_shardings,
+                                       jax.tree.map(lambda _: batch_sharding, batch)),
+                 out_shardings=(layout.state_shardings, None), donate_argnums=(0,))
+  start = time.perf_counter()
+  with contextlib.ExitStack() as stack:
+    stack.enter_context(nn.logical_axis_rules(rules))
+    stack.enter_context(jax.set_mesh(mesh))
+    lowered = step.lower(layout.abstract_state, abstract_batch)
+    # The optimised program is read from XLA's dump: as_text() fails on some TPU executables.
+    with tempfile.TemporaryDirectory(prefix="mmembed_aot_") as dump:
+      try:
+        compiled = lowered.compile(compiler_options={"xla_dump_to": dump,
+                                                     "xla_dump_hlo_as_text": True})
+      except Exception as e:  # pylint: disable=broad-except  # XlaRuntimeError, by message
+        if "RESOURCE_EXHAUSTED" in str(e) or "Ran out of memory" in str(e):
+          raise CompileOOM(str(e).strip().splitlines()[0][:2000]) from None
+        raise
+      collectives = collections.Counter()
+      for path in glob.glob(os.path.join(dump, "*after_optimizations.txt")):
+        with open(path) as f:
+          collectives.update(_collective_counts(f.read()))
+  seconds = time.perf_counter() - start
+  chip = flops.chip_name(devices[0])
+  memory = compiled.memory_analysis()
+  cost = compiled.cost_analysis() or {}
+  cost = cost[0] if isinstance(cost, (list, tuple)) else cost
+  per_chip = (memory.argument_size_in_bytes + memory.output_size_in_bytes
+              + memory.temp_size_in_bytes - memory.alias_size_in_bytes)
+  analytic = flops.batch_train_flops(model_config, batch, getattr(objective, "forwards_per_step", 1),
+                                     getattr(objective, "uses_lm_head", True))
+  peak = flops.PEAK_FLOPS.get(chip or "")
+  roofline = analytic / (len(devices) * peak) if peak else None
+  return {
+      "chips": len(devices), "chip": chip, "mesh": dict(mesh.shape),
+      "hbm_bytes_per_chip": int(per_chip), "hbm_capacity_bytes": HBM_BYTES.get(chip or ""),
+      "argument_bytes": int(memory.argument_size_in_bytes),
+      "output_bytes": int(memory.output_size_in_bytes),
+      "alias_bytes": int(memory.alias_size_in_bytes),
+      "temp_bytes": int(memory.temp_size_in_bytes),
+      "flops": float(cost.get("flops", 0.0)) * len(devices),  # the compiler's, all chips
+      "analytic_flops": analytic,
+      "compiler_seconds_estimate": cost.get("optimal_seconds"),
+      "roofline_seconds": roofline,  # analytic FLOPs at the chips' peak: 100% MFU
+      "collectives": dict(collectives),
+      "compile_seconds": seconds,
+      "scan_layers": bool(config.model.scan_layers),
+      "tokens_per_step": int(sum(r * l for r, l, _ in flops.sequence_groups(batch))),
+  }
+
+
+def format_report(report: Dict[str, Any], config_name: Optional[str] = None) -> str:
+  """The console summary of a compile report."""
+  gib = 2**30
+  capacity = report["hbm_capacity_bytes"]
+  share = f" of {capacity / gib:.1f} GiB ({100 * report['hbm_bytes_per_chip'] / capacity:.0f}%)" \
+      if capacity else ""
+  lines = [f"{config_name or 'config'} on {report['chips']} x {report['chip']} chips, mesh "
+           f"{report['mesh']}: compiled in {report['compile_seconds']:.0f}s",
+           f"HBM per chip: {report['hbm_bytes_per_chip'] / gib:.2f} GiB{share} = arguments "
+           f"{report['argument_bytes'] / gib:.2f} + temporaries {report['temp_bytes'] / gib:.2f} "
+           f"+ outputs {report['output_bytes'] / gib:.2f} - aliased {report['alias_bytes'] / gib:.2f}",
+           f"FLOPs per step: analytic {report['analytic_flops']:.3e}, compiler "
+           f"{report['flops']:.3e}" + (" (a scanned layer is counted once)"
+                                        if report["scan_layers"] else ""),
+           f"collectives: {report['collectives']}"]
+  if report["roofline_seconds"]:
+    lines.append(f"step time at 100% MFU: {report['roofline_seconds']:.3f}s; compiler estimate "
+                 f"{report['compiler_seconds_estimate']}")
+  return "\n".join(lines)

@@ -1,0 +1,51 @@
+"""The train state's shapes and shardings for a config: what the trainer creates and restores,
+and what launch/aot_compile.py compiles against, without allocating anything."""
+import dataclasses
+from typing import Any, Callable
+
+import flax.linen as nn
+import jax
+import ml_collections
+from jax.sharding import Mesh, NamedSharding, PartitionSpec
+
+from mmembed_jax.models.config import ModelConfig
+from mmembed_jax.models.embedder import boxed_param_shapes
+from mmembed_jax.parallel import sharding as sharding_lib
+from mmembed_jax.training.optimizer import make_optimizer
+from mmembed_jax.training.train_step import TrainState, create_state
+
+
+@dataclasses.dataclass
+class StateLayout:
+  """Abstract state (ShapeDtypeStructs carrying shardings), its shardings and the optimiser."""
+  abstract_state: TrainState
+  state_shardings: TrainState
+  param_shardings: Any
+  tx: Any
+  schedule: Callable
+
+
+def state_layout(config: ml_collections.ConfigDict, model_config: ModelConfig, objective: Any,
+                 mesh: Mesh, rules: sharding_lib.Rules) -> StateLayout:
+  """Shapes from eval_shape, shardings from the parameters' logical axis names and `rules`;
+  raises when too much of the model would be replicated (config.sharding)."""
+  boxed = boxed_param_shapes(model_config)
+  extra_params = getattr(objective, "boxed_extra_shapes", None)  # e.g. MoCa's MAE decoder
+  if extra_params is not None:
+    boxed = dict(boxed, **extra_params())
+  param_shardings = sharding_lib.logical_shardings(boxed, mesh, rules)
+  abstract_params = nn.meta.unbox(boxed)
+  sharding_lib.check_replicated(abstract_params, param_shardings, mesh,
+                                config.sharding.max_replicated_share,
+                                config.sharding.min_replicated_size)
+  tx, schedule = make_optimizer(config.optimizer, config.total_steps, abstract_params)
+  abstract_opt_state = jax.eval_shape(tx.init, abstract_params)
+  replicated = NamedSharding(mesh, PartitionSpec())
+  state_shardings = TrainState(
+      step=replicated, params=param_shardings, rng=replicated,
+      opt_state=sharding_lib.optimizer_state_shardings(abstract_opt_state, abstract_params,
+                                                       param_shardings, mesh))
+  abstract_state = jax.tree.map(
+      lambda leaf, s: jax.ShapeDtypeStruct(leaf.shape, leaf.dtype, sharding=s),
+      jax.eval_shape(lambda p: create_state(p, tx, config.seed), abstract_params), state_shardings)
+  return StateLayout(abstract_state, state_shardings, param_shardings, tx, schedule)
