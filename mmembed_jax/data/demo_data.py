@@ -643,7 +643,7 @@ def pair_records(seed: int = 0, num_scenes: int = 96, num_documents: int = 48, n
 # --- writing -------------------------------------------------------------------------------------
 
 
-def _finished(directory: str, marker: str, params: Dict[str, Any]) -> Optional[Dict[str, str]]:
+def finished_build(directory: str, marker: str, params: Dict[str, Any]) -> Optional[Dict[str, str]]:
   """Returns {name: path} of a finished build with these params in directory, else None."""
   try:
     with open(os.path.join(directory, marker), "r", encoding="utf-8") as f:
@@ -697,7 +697,7 @@ def write_demo_dataset(cache_dir: str, num_scenes: int = 160, num_documents: int
                 num_passages=num_passages)
   params = {"version": _VERSION, "seed": seed, "num_scenes": num_scenes, "num_documents": num_documents,
             "num_passages": num_passages}
-  done = _finished(cache_dir, DATA_MARKER, params)
+  done = finished_build(cache_dir, DATA_MARKER, params)
   if done is not None:
     return done
   datasets, images = moca_records(seed, num_scenes, num_documents, num_passages)
@@ -722,7 +722,7 @@ def write_demo_pairs(cache_dir: str, num_scenes: int = 96, num_documents: int = 
             "num_passages": num_passages, "num_negatives": num_negatives,
             "prompts": {**PROMPTS, **(prompts or {})}}
   directory = os.path.join(cache_dir, name)
-  done = _finished(directory, PAIRS_MARKER, params)
+  done = finished_build(directory, PAIRS_MARKER, params)
   if done is not None:
     return done
   datasets, images = pair_records(seed, num_scenes, num_documents, num_passages, num_negatives, prompts)

@@ -47,18 +47,6 @@ META_TASKS = {"shape_classification": "classification", "document_vqa": "vqa",
 IMAGE_TARGET = "<|image_1|>\nRepresent the given image."
 
 
-def _finished(directory: str, marker: str, params: Dict[str, Any]) -> Dict[str, str]:
-  """{name: path} of a finished build with these params, else {}."""
-  try:
-    with open(os.path.join(directory, marker), encoding="utf-8") as f:
-      record = json.load(f)
-  except (OSError, json.JSONDecodeError):
-    return {}
-  if record.get("params") != params:
-    return {}
-  return {name: os.path.join(directory, path) for name, path in record["outputs"].items()}
-
-
 def _start(directory: str, marker: str) -> None:
   """Removes a stale marker and the images a previous build wrote."""
   os.makedirs(directory, exist_ok=True)
@@ -183,7 +171,7 @@ def _grounding(directory: str, seed: int, rows: int) -> List[dict]:
 def write_demo_mmeb(directory: str, rows_per_dataset: int = 16, seed: int = 2) -> Dict[str, str]:
   """Writes (or reuses) the sample MMEB set; returns {dataset: jsonl path}."""
   params = {"version": _VERSION, "rows_per_dataset": rows_per_dataset, "seed": seed}
-  done = _finished(directory, MMEB_MARKER, params)
+  done = demo.finished_build(directory, MMEB_MARKER, params)
   if done:
     return {name: path for name, path in done.items() if name in META_TASKS}
   _start(directory, MMEB_MARKER)
@@ -200,7 +188,7 @@ def write_demo_mmeb(directory: str, rows_per_dataset: int = 16, seed: int = 2) -
 def write_demo_vidore(directory: str, num_pages: int = 24, seed: int = 3) -> Dict[str, str]:
   """Writes (or reuses) the sample ViDoRe set; returns {dataset: directory}."""
   params = {"version": _VERSION, "num_pages": num_pages, "seed": seed}
-  done = _finished(directory, VIDORE_MARKER, params)
+  done = demo.finished_build(directory, VIDORE_MARKER, params)
   if done:
     return done
   _start(directory, VIDORE_MARKER)
