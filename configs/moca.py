@@ -98,7 +98,7 @@ def get_config(arg: str = "") -> ml_collections.ConfigDict:
       sources={name: dict(path="", kind="jsonl", weight=1.0, cap=500_000) for name in PAPER_SOURCES},
       global_batch_size=128, length=2048, max_patches=4 * 2048, max_images=8,
       min_pixels=256 * 28 * 28, max_pixels=1024 * 28 * 28,
-      text_mask_prob=text_mask, image_mask_prob=image_mask, num_workers=8)
+      text_mask_prob=text_mask, image_mask_prob=image_mask, num_workers=8, data_shards=0)
   config.mesh.ici = dict(data=1, fsdp=-1, tensor=1)
   config.checkpoint.update(every=200, keep=3, keep_period=1000)
   return config
@@ -114,7 +114,7 @@ def _demo(config: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
   config.input = dict(
       name="moca_cpt", sources="demo", global_batch_size=8, length=128, max_patches=256,
       max_images=4, min_pixels=16 * 28 * 28, max_pixels=48 * 28 * 28,
-      text_mask_prob=0.4, image_mask_prob=0.5, num_workers=0)
+      text_mask_prob=0.4, image_mask_prob=0.5, num_workers=0, data_shards=0)
   config.checkpoint.update(every=100, keep=2)
   return config
 

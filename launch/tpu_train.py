@@ -17,6 +17,11 @@ _CONFIG = config_flags.DEFINE_config_file("config", None, "Recipe config file, e
 _WORKDIR = flags.DEFINE_string("workdir", None, "Directory for checkpoints, metrics and TensorBoard logs.")
 _DISTRIBUTED = flags.DEFINE_bool("distributed", None,
                                  "Call jax.distributed.initialize() (default: when on a multi-host TPU).")
+_COORDINATOR = flags.DEFINE_string("coordinator_address", None, "host:port of process 0, for "
+                                   "--distributed off TPU (on TPU it is auto-detected).")
+_NUM_PROCESSES = flags.DEFINE_integer("num_processes", None, "Processes, with --coordinator_address.")
+_PROCESS_ID = flags.DEFINE_integer("process_id", None, "This process's index, with "
+                                   "--coordinator_address.")
 
 
 def _parse_flags(argv):
@@ -42,7 +47,7 @@ def main(argv):
   if distributed is None:
     distributed = bool(os.environ.get("TPU_WORKER_HOSTNAMES", "").count(","))
   if distributed:
-    jax.distributed.initialize()
+    jax.distributed.initialize(_COORDINATOR.value, _NUM_PROCESSES.value, _PROCESS_ID.value)
   from mmembed_jax.training.trainer import NonFiniteLossError, train  # pylint: disable=g-import-not-at-top
   try:
     train(_CONFIG.value, _WORKDIR.value)

@@ -120,6 +120,13 @@ def _decoder_layer(config: ModelConfig, prefix: str, path: Path):
                      (t.hidden_size,), False)
 
 
+def decoder_layer_maps(config: ModelConfig, prefix: str = "") -> Iterator[TensorMap]:
+  """One unstacked decoder layer's tensors: HF names `{prefix}.input_layernorm.weight`, ...
+  (no prefix: `input_layernorm.weight`), Flax paths relative to the layer."""
+  for hf_name, path, hf_shape, flax_shape, kind in _decoder_layer(config, prefix, ()):
+    yield TensorMap(hf_name.lstrip("."), path, None, hf_shape, flax_shape, kind)
+
+
 def _text_rest(config: ModelConfig):
   t = config.text
   yield ("model.language_model.embed_tokens.weight", ("embed_tokens", "embedding"),

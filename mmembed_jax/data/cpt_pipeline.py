@@ -245,7 +245,7 @@ def cpt_dataset(sources: Any, tokenizer_dir: str, global_batch_size: int,
                 read_threads: int = 4, read_buffer: int = 16, worker_buffer: int = 2,
                 process_index: Optional[int] = None,
                 process_count: Optional[int] = None,
-                extra_never_mask: Sequence[int] = ()) -> grain.IterDataset:
+                extra_never_mask: Sequence[int] = (), data_shards: int = 0) -> grain.IterDataset:
   """This process's endless dataset of packed CPT batches (see the module docstring)."""
   # sources: dicts {name, path (file, glob or list), kind (jsonl | parquet | array_record |
   #   tfds), weight (default 1), cap (default: all records), options (kwargs of the source)},
@@ -253,25 +253,42 @@ def cpt_dataset(sources: Any, tokenizer_dir: str, global_batch_size: int,
   # packing_bins: rows packed at once (default 2 x local batch); more bins pack tighter and hold
   #   more decoded examples in memory. read_threads / read_buffer: decoding threads and decoded
   #   examples kept ahead, per worker. process_index / process_count default to JAX's.
+  # data_shards: independent read-and-pack streams, each filling global_batch_size / data_shards
+  #   rows of every batch (default: one per process). Batches depend on it, not on how many
+  #   processes read them: 1 process with data_shards=2 makes the batches 2 processes make.
   if process_index is None or process_count is None:
     import jax  # pylint: disable=g-import-not-at-top
     process_index, process_count = jax.process_index(), jax.process_count()
-  if global_batch_size % process_count:
+  data_shards = data_shards or process_count
+  if data_shards % process_count:
+    raise ValueError(f"input.data_shards={data_shards} is not a multiple of the {process_count} "
+                     f"processes")
+  if global_batch_size % data_shards:
     raise ValueError(f"global_batch_size {global_batch_size} is not divisible by "
-                     f"{process_count} processes")
-  local_batch = global_batch_size // process_count
+                     f"{data_shards} data shards (one per process unless input.data_shards is set)")
+  shard_batch = global_batch_size // data_shards
+  per_process = data_shards // process_count
   image_config = images_lib.ImageProcessingConfig(min_pixels=min_pixels, max_pixels=max_pixels)
   pad_id = tokenizer_pad_id(tokenizer_dir)
   budget = packing.PackingBudget(length, max_patches, max_images, max_segments, pad_id,
                                  image_config.merge_size**2)
   encoder = CptEncoder(tokenizer_dir, budget, image_config, text_mask_prob, image_mask_prob,
                        seed, tuple(extra_never_mask) + (pad_id,))
-  ds = mixture.mixture_dataset(open_sources(sources), seed, process_index, process_count)
-  ds = ds.map(encoder)
-  ds = ds.to_iter_dataset(grain.ReadOptions(num_threads=read_threads,
-                                            prefetch_buffer_size=read_buffer))
-  ds = packing.PackIterDataset(ds, budget, packing_bins or 2 * local_batch)
-  ds = ds.batch(local_batch, drop_remainder=True)
+  entries = open_sources(sources)
+
+  def stream(shard: int) -> grain.IterDataset:
+    """Batches of shard_batch rows packed from data shard `shard`'s records."""
+    ds = mixture.mixture_dataset(entries, seed, shard, data_shards).map(encoder)
+    ds = ds.to_iter_dataset(grain.ReadOptions(num_threads=read_threads,
+                                              prefetch_buffer_size=read_buffer))
+    ds = packing.PackIterDataset(ds, budget, packing_bins or 2 * shard_batch)
+    return ds.batch(shard_batch, drop_remainder=True)
+
+  streams = [stream(process_index * per_process + i) for i in range(per_process)]
+  ds = streams[0]
+  if per_process > 1:  # this process's shards, one after the other along the batch
+    ds = grain.experimental.ZipIterDataset(streams).map(
+        lambda parts: {key: np.concatenate([part[key] for part in parts]) for key in parts[0]})
   return with_worker_processes(ds, num_workers, worker_buffer)
 
 

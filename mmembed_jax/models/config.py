@@ -83,6 +83,9 @@ class ModelConfig:
   param_dtype: str = "float32"
   scan_layers: bool = False  # stack layers with nn.scan (faster compiles on deep models)
   remat_policy: str = "none"  # see models/remat.py
+  # LLM attention: 'auto' (the splash kernel on TPU, XLA elsewhere), 'xla', 'splash', or
+  # 'splash_interpret' (the kernel run by the Pallas interpreter, to check it on CPU).
+  attention_impl: str = "auto"
 
   def __post_init__(self):
     if self.family not in FAMILIES:

@@ -5,7 +5,7 @@ import jax.numpy as jnp
 import numpy as np
 from jax.ad_checkpoint import checkpoint_name
 
-from mmembed_jax.models import remat
+from mmembed_jax.models import remat, splash
 from mmembed_jax.models.config import ModelConfig
 from mmembed_jax.models.layers import (Linear, RMSNorm, activation, apply_rotary,
                                        dot_product_attention, dtype_of, inverse_frequencies)
@@ -35,12 +35,20 @@ def attention_mask(segment_ids: jax.Array, causal: bool) -> jax.Array:
   return mask
 
 
+def layer_mask(segment_ids: jax.Array, config: ModelConfig):
+  """What the layers take: the bool [batch, length, length] mask on the XLA path, None where the
+  splash kernel runs (it reads the segment ids itself)."""
+  if splash.resolve(config.attention_impl, segment_ids.shape[1]) != "xla":
+    return None
+  return attention_mask(segment_ids, causal=config.attention == "causal")
+
+
 class Attention(nn.Module):
   """Grouped-query attention with biased q/k/v projections and M-RoPE."""
   config: ModelConfig
 
   @nn.compact
-  def __call__(self, x, cos, sin, mask):
+  def __call__(self, x, cos, sin, mask, segment_ids):
     text = self.config.text
     kw = dict(dtype=dtype_of(self.config.dtype), param_dtype=dtype_of(self.config.param_dtype))
     batch, length, _ = x.shape
@@ -53,7 +61,12 @@ class Attention(nn.Module):
     value = value.reshape(batch, length, text.num_kv_heads, text.head_dim)
     query = nn.with_logical_constraint(query, ("batch", "length", "act_heads", "head_dim"))
     query, key = apply_rotary(query, cos, sin), apply_rotary(key, cos, sin)
-    out = dot_product_attention(query, key, value, mask, kw["dtype"])
+    if mask is None:  # the kernel masks by segment ids itself
+      out = splash.splash_attention(query, key, value, segment_ids,
+                                    causal=self.config.attention == "causal", dtype=kw["dtype"],
+                                    interpret=self.config.attention_impl == "splash_interpret")
+    else:
+      out = dot_product_attention(query, key, value, mask, kw["dtype"])
     out = out.reshape(batch, length, text.num_heads * text.head_dim)
     return Linear((text.hidden_size,), ("heads", "embed"), use_bias=False, name="o_proj", **kw)(out)
 
@@ -79,11 +92,11 @@ class DecoderLayer(nn.Module):
   config: ModelConfig
 
   @nn.compact
-  def __call__(self, x, cos, sin, mask):
+  def __call__(self, x, cos, sin, mask, segment_ids):
     kw = dict(eps=self.config.text.rms_norm_eps, dtype=dtype_of(self.config.dtype),
               param_dtype=dtype_of(self.config.param_dtype))
     x = x + Attention(self.config, name="self_attn")(RMSNorm(name="input_layernorm", **kw)(x),
-                                                      cos, sin, mask)
+                                                      cos, sin, mask, segment_ids)
     x = x + MLP(self.config, name="mlp")(RMSNorm(name="post_attention_layernorm", **kw)(x))
     x = nn.with_logical_constraint(x, ("batch", "length", "act_embed"))
     return checkpoint_name(x, "block_out"), None
@@ -97,16 +110,16 @@ class TextDecoder(nn.Module):
   def __call__(self, inputs_embeds, segment_ids, positions):
     config = self.config
     cos, sin = mrope_tables(positions, config)
-    mask = attention_mask(segment_ids, causal=config.attention == "causal")
+    mask = layer_mask(segment_ids, config)
     layer = remat.wrap(DecoderLayer, config.remat_policy, config.scan_layers)
     x = inputs_embeds
     if config.scan_layers:
       stack = nn.scan(layer, variable_axes={"params": 0}, split_rngs={"params": True},
-                      in_axes=(nn.broadcast,) * 3, length=config.text.num_layers,
+                      in_axes=(nn.broadcast,) * 4, length=config.text.num_layers,
                       metadata_params={nn.PARTITION_NAME: "layers"})
-      x, _ = stack(config, name="layers")(x, cos, sin, mask)
+      x, _ = stack(config, name="layers")(x, cos, sin, mask, segment_ids)
     else:
       for i in range(config.text.num_layers):
-        x, _ = layer(config, name=f"layers_{i}")(x, cos, sin, mask)
+        x, _ = layer(config, name=f"layers_{i}")(x, cos, sin, mask, segment_ids)
     return RMSNorm(eps=config.text.rms_norm_eps, dtype=dtype_of(config.dtype),
                    param_dtype=dtype_of(config.param_dtype), name="norm")(x)

@@ -21,7 +21,7 @@ import optax
 
 from mmembed_jax.models.config import ModelConfig
 from mmembed_jax.models.layers import Linear, dtype_of
-from mmembed_jax.models.llm import DecoderLayer, attention_mask, mrope_tables
+from mmembed_jax.models.llm import DecoderLayer, layer_mask, mrope_tables
 from mmembed_jax.models.vlm import VisionLanguageModel
 
 MAE_DECODER = "mae_decoder"  # top-level key of the decoder's params, beside the backbone's
@@ -37,7 +37,7 @@ class MaeDecoder(nn.Module):
     config = self.config.replace(attention="bidirectional")
     cos, sin = mrope_tables(positions, config)
     hidden, _ = DecoderLayer(config, name="layer")(hidden, cos, sin,
-                                                    attention_mask(segment_ids, causal=False))
+                                                    layer_mask(segment_ids, config), segment_ids)
     slots = jnp.take_along_axis(hidden, token_of_slot[..., None], axis=1)  # [batch, merged, embed]
     unit = config.vision.spatial_merge_size**2
     out = Linear((unit * config.vision.patch_dim,), ("embed", "mlp"), dtype=dtype_of(config.dtype),

@@ -102,6 +102,9 @@ def compile_train_step(config: ml_collections.ConfigDict, devices: Sequence[Any]
   mesh = make_mesh(config.mesh.ici, config.mesh.dcn, devices=devices)
   rules = sharding_lib.config_rules(config.sharding.rules)
   model_config = builders.build_model_config(config)
+  if model_config.attention_impl == "auto":  # as the trainer would pick on the target chips
+    model_config = model_config.replace(attention_impl="splash" if devices[0].platform == "tpu"
+                                        else "xla")
   objective = builders.build_objective(config, model_config)
   layout = state_layout(config, model_config, objective, mesh, rules)
   batch = batch_spec(config, model_config)
@@ -126,10 +129,12 @@ def compile_train_step(config: ml_collections.ConfigDict, devices: Sequence[Any]
         if "RESOURCE_EXHAUSTED" in str(e) or "Ran out of memory" in str(e):
           raise CompileOOM(str(e).strip().splitlines()[0][:2000]) from None
         raise
-      collectives = collections.Counter()
+      collectives, kernels = collections.Counter(), 0
       for path in glob.glob(os.path.join(dump, "*after_optimizations.txt")):
         with open(path) as f:
-          collectives.update(_collective_counts(f.read()))
+          hlo = f.read()
+        collectives.update(_collective_counts(hlo))
+        kernels += len(re.findall(r'custom_call_target="tpu_custom_call"', hlo))
   seconds = time.perf_counter() - start
   chip = flops.chip_name(devices[0])
   memory = compiled.memory_analysis()
@@ -153,6 +158,8 @@ def compile_train_step(config: ml_collections.ConfigDict, devices: Sequence[Any]
       "compiler_seconds_estimate": cost.get("optimal_seconds"),
       "roofline_seconds": roofline,  # analytic FLOPs at the chips' peak: 100% MFU
       "collectives": dict(collectives),
+      "attention_impl": model_config.attention_impl,
+      "pallas_kernels": kernels,  # Mosaic custom calls in the program (splash attention on TPU)
       "compile_seconds": seconds,
       "scan_layers": bool(config.model.scan_layers),
       "tokens_per_step": int(sum(r * l for r, l, _ in flops.sequence_groups(batch))),
@@ -173,7 +180,8 @@ def format_report(report: Dict[str, Any], config_name: Optional[str] = None) -> 
            f"FLOPs per step: analytic {report['analytic_flops']:.3e}, compiler "
            f"{report['flops']:.3e}" + (" (a scanned layer is counted once)"
                                         if report["scan_layers"] else ""),
-           f"collectives: {report['collectives']}"]
+           f"collectives: {report['collectives']}",
+           f"attention: {report['attention_impl']} ({report['pallas_kernels']} Pallas kernel calls)"]
   if report["roofline_seconds"]:
     lines.append(f"step time at 100% MFU: {report['roofline_seconds']:.3f}s; compiler estimate "
                  f"{report['compiler_seconds_estimate']}")

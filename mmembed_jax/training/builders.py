@@ -41,7 +41,7 @@ def build_model_config(config: ml_collections.ConfigDict) -> ModelConfig:
   """The architecture of the HF directory the run starts from (`source_hf_dir`), else `model.preset`."""
   options = dict(attention=config.model.attention, dtype=config.model.dtype,
                  param_dtype=config.model.param_dtype, scan_layers=config.model.scan_layers,
-                 remat_policy=config.model.remat_policy)
+                 remat_policy=config.model.remat_policy, attention_impl=config.model.get("attention_impl", "auto"))
   hf_dir = source_hf_dir(config.init_from)
   if hf_dir:
     from mmembed_jax.convert.hf_import import model_config  # pylint: disable=g-import-not-at-top

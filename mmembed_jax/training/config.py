@@ -22,7 +22,8 @@ def default_config() -> ml_collections.ConfigDict:
   c.init_from = ""  # "" (random), an HF model directory, or another run's workdir
   c.log_every = 10
   c.model = dict(preset="tiny_qwen2_5_vl", attention="bidirectional", dtype="float32",
-                 param_dtype="float32", scan_layers=False, remat_policy="none")
+                 param_dtype="float32", scan_layers=False, remat_policy="none",
+                 attention_impl="auto")
   c.objective = dict(name="masked_lm")
   c.input = dict(name="synthetic_tokens", global_batch_size=16, length=64)
   # num_devices: 0 spans all devices; N > 0 only the first N (single-process runs, e.g. tests).

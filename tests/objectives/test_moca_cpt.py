@@ -74,7 +74,8 @@ def _reference(objective, params, batch, rng):
   decoder = params[MAE_DECODER]
   cos, sin = mrope_tables(jnp.asarray(batch["positions"]), config)
   decoded, _ = DecoderLayer(config).apply({"params": decoder["layer"]}, hidden, cos, sin,
-                                          attention_mask(jnp.asarray(batch["segment_ids"]), False))
+                                          attention_mask(jnp.asarray(batch["segment_ids"]), False),
+                                          None)
   decoded = np.asarray(decoded)
   kernel, bias = np.asarray(decoder["head"]["kernel"]), np.asarray(decoder["head"]["bias"])
   errors = []

@@ -56,21 +56,21 @@ def train_command(workdir: str, mesh: str = "2x2x2", steps: int = BASE_STEPS,
           *overrides]
 
 
-def _env(cache_dir: str) -> dict:
-  return dict(os.environ, JAX_PLATFORMS="cpu",
-              XLA_FLAGS=f"--xla_force_host_platform_device_count={NUM_DEVICES}",
+def _env(cache_dir: str, devices: int = NUM_DEVICES) -> dict:
+  return dict(os.environ, JAX_PLATFORMS="cpu", JAX_CPU_COLLECTIVES_IMPLEMENTATION="gloo",
+              XLA_FLAGS=f"--xla_force_host_platform_device_count={devices}",
               JAX_COMPILATION_CACHE_DIR=cache_dir, JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS="0")
 
 
 class Run:
   """A training subprocess whose stdout and stderr go to its own `<workdir>.<n>.log`."""
 
-  def __init__(self, cache_dir: str, command: list, workdir: str):
+  def __init__(self, cache_dir: str, command: list, workdir: str, devices: int = NUM_DEVICES):
     self.command, self.workdir = command, workdir
     self.log_path = f"{workdir.rstrip('/')}.{next(_RUN_IDS)}.log"
     self._log = open(self.log_path, "w")
     self.start_time = time.time()
-    self.process = subprocess.Popen(command, env=_env(cache_dir), cwd=REPO, stdout=self._log,
+    self.process = subprocess.Popen(command, env=_env(cache_dir, devices), cwd=REPO, stdout=self._log,
                                     stderr=subprocess.STDOUT, text=True)
 
   def wait(self, timeout: float = 300) -> int:

@@ -1,0 +1,107 @@
+"""The TPU attention kernel: Pallas splash attention with segment ids, sharded with shard_map.
+
+`splash_attention` computes what `layers.dot_product_attention` computes for the language model's
+mask (same segment, causal if asked) without ever forming the [length, length] scores: the kernel
+walks the blocks and skips those the causal mask or the segments rule out. Grouped-query heads
+run as the kernel's multi-query form, one call per kv head. Under a mesh the call is wrapped in
+`shard_map` over the batch (data x fsdp) and kv-head (tensor) axes the logical rules give, so each
+device runs the kernel on its own rows and heads with no communication.
+"""
+import functools
+import math
+from typing import Optional
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+from jax.experimental.pallas.ops.tpu.splash_attention import splash_attention_kernel as kernel_lib
+from jax.experimental.pallas.ops.tpu.splash_attention import splash_attention_mask as mask_lib
+from jax.sharding import PartitionSpec
+
+IMPLEMENTATIONS = ("auto", "xla", "splash", "splash_interpret")
+_BLOCKS = (512, 256, 128)  # tried in order: the largest that divides the length
+
+
+def block_size(length: int) -> Optional[int]:
+  """The kernel's tile along the sequence for `length`, or None where the kernel cannot run it."""
+  return next((b for b in _BLOCKS if length % b == 0), None)
+
+
+def resolve(impl: str, length: int, platform: Optional[str] = None) -> str:
+  """'xla', 'splash' or 'splash_interpret' for a sequence of `length` on `platform` (default: the
+  backend this process runs on). 'auto' is the kernel on TPU; lengths the kernel cannot tile
+  (not a multiple of 128) always take the XLA path."""
+  if impl not in IMPLEMENTATIONS:
+    raise ValueError(f"model.attention_impl '{impl}': expected one of {IMPLEMENTATIONS}")
+  if impl == "xla" or block_size(length) is None:
+    return "xla"
+  if impl == "auto":
+    return "splash" if (platform or jax.default_backend()) == "tpu" else "xla"
+  return impl
+
+
+@functools.lru_cache(maxsize=32)
+def _kernel(length: int, groups: int, causal: bool, interpret: bool):
+  """The multi-query splash kernel for one kv head: q [groups, length, head_dim]."""
+  block = block_size(length)
+  one_head = mask_lib.CausalMask((length, length)) if causal else mask_lib.FullMask((length, length))
+  sizes = kernel_lib.BlockSizes(block_q=block, block_kv=block, block_kv_compute=block,
+                                block_q_dkv=block, block_kv_dkv=block, block_kv_dkv_compute=block,
+                                block_q_dq=block, block_kv_dq=block)
+  return kernel_lib.make_splash_mqa(mask_lib.MultiHeadMask((one_head,) * groups),
+                                    block_sizes=sizes, head_shards=1, q_seq_shards=1,
+                                    interpret=interpret)
+
+
+def _local_attention(query, key, value, segment_ids, causal: bool, interpret: bool):
+  """query [batch, length, heads, head_dim], key/value [batch, length, kv_heads, head_dim],
+  segment_ids [batch, length] -> [batch, length, heads, head_dim] (on one device's shard)."""
+  batch, length, heads, head_dim = query.shape
+  kv_heads = key.shape[2]
+  kernel = _kernel(length, heads // kv_heads, causal, interpret)
+  # Head h uses kv head h // groups, as transformers' repeat_kv does.
+  q = query.reshape(batch, length, kv_heads, heads // kv_heads, head_dim)
+  q = jnp.transpose(q, (0, 2, 3, 1, 4))  # [batch, kv_heads, groups, length, head_dim]
+  k = jnp.transpose(key, (0, 2, 1, 3))  # [batch, kv_heads, length, head_dim]
+  v = jnp.transpose(value, (0, 2, 1, 3))
+
+  def one_row(q_row, k_row, v_row, ids):
+    segments = kernel_lib.SegmentIds(q=ids, kv=ids)
+    return jax.vmap(lambda qh, kh, vh: kernel(qh, kh, vh, segment_ids=segments))(q_row, k_row, v_row)
+
+  out = jax.vmap(one_row)(q, k, v, segment_ids)  # [batch, kv_heads, groups, length, head_dim]
+  return jnp.transpose(out, (0, 3, 1, 2, 4)).reshape(batch, length, heads, head_dim)
+
+
+def _mesh_axes(logical: str, mesh, size: int):
+  """The mesh axes the rules give a logical axis, or None where they do not divide `size`."""
+  axes = nn.logical_to_mesh_axes((logical,))[0]
+  if axes is None:
+    return None
+  names = axes if isinstance(axes, tuple) else (axes,)
+  shards = math.prod(mesh.shape[name] for name in names)
+  return axes if shards > 1 and size % shards == 0 else None
+
+
+def splash_attention(query: jax.Array, key: jax.Array, value: jax.Array, segment_ids: jax.Array,
+                     causal: bool, dtype, interpret: bool = False) -> jax.Array:
+  """Segment-masked (and causal if asked) softmax attention by the splash kernel.
+
+  query [batch, length, heads, head_dim]; key, value [batch, length, kv_heads, head_dim];
+  segment_ids int [batch, length] (tokens attend within their segment; padding, 0, to padding).
+  Returns [batch, length, heads, head_dim] in `dtype`. The kernel does not scale the scores,
+  so the query is scaled by 1/sqrt(head_dim) first, in float32.
+  """
+  head_dim = query.shape[-1]
+  query = (query.astype(jnp.float32) * head_dim**-0.5).astype(dtype)
+  key, value = key.astype(dtype), value.astype(dtype)
+  segment_ids = segment_ids.astype(jnp.int32)
+  attend = functools.partial(_local_attention, causal=causal, interpret=interpret)
+  mesh = jax.sharding.get_abstract_mesh()
+  if mesh.empty or mesh.size == 1:
+    return attend(query, key, value, segment_ids)
+  batch_axes = _mesh_axes("batch", mesh, query.shape[0])
+  head_axes = _mesh_axes("kv_heads", mesh, key.shape[2])
+  heads = PartitionSpec(batch_axes, None, head_axes, None)
+  return jax.shard_map(attend, in_specs=(heads, heads, heads, PartitionSpec(batch_axes, None)),
+                       out_specs=heads, check_vma=False)(query, key, value, segment_ids)
