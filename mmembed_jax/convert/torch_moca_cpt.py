@@ -118,7 +118,7 @@ def build(objective: MocaCpt, params: Mapping[str, Any], dtype: str = "float32")
   kernel = np.asarray(decoder["head"]["kernel"], np.float32)  # [embed, 4 * patch_dim]
   head = torch.nn.Linear(*kernel.shape)
   head.weight.data = torch.as_tensor(kernel.T.copy())
-  head.bias.data = torch.as_tensor(np.asarray(decoder["head"]["bias"], np.float32))
+  head.bias.data = torch.tensor(np.asarray(decoder["head"]["bias"], np.float32))
   module = TorchMocaCpt(model, layer, head, objective)
   return module.to(getattr(torch, dtype)).train()
 

@@ -21,3 +21,18 @@ def tiny_config(family: str = "qwen2_5_vl", vocab_size: int = 576, tie_word_embe
                     num_heads=4, num_kv_heads=2, mrope_section=(2, 3, 3))
   return ModelConfig(family=family, vision=vision, text=text,
                      tie_word_embeddings=tie_word_embeddings, **options)
+
+
+def small_config(family: str = "qwen2_5_vl", **options) -> ModelConfig:
+  """A ~50M-parameter model on the demo vocabulary: big enough that a CPU step is matmul-bound
+  (launch/benchmark.py), small enough to train on a laptop."""
+  if family == "qwen2_5_vl":
+    vision = VisionConfig(depth=4, hidden_size=256, num_heads=4, intermediate_size=512,
+                          out_hidden_size=768, hidden_act="silu", window_size=112,
+                          fullatt_block_indexes=(1, 3))
+  else:
+    vision = VisionConfig(depth=4, hidden_size=256, num_heads=4, intermediate_size=1024,
+                          out_hidden_size=768, hidden_act="quick_gelu", window_size=0)
+  text = TextConfig(vocab_size=576, hidden_size=768, intermediate_size=2048, num_layers=8,
+                    num_heads=12, num_kv_heads=2, mrope_section=(8, 12, 12))
+  return ModelConfig(family=family, vision=vision, text=text, **options)

@@ -1,9 +1,10 @@
 """The TPU attention kernel: Pallas splash attention with segment ids, sharded with shard_map.
 
-`splash_attention` computes what `layers.dot_product_attention` computes for the language model's
-mask (same segment, causal if asked) without ever forming the [length, length] scores: the kernel
-walks the blocks and skips those the causal mask or the segments rule out. Grouped-query heads
-run as the kernel's multi-query form, one call per kv head. Under a mesh the call is wrapped in
+`splash_attention` computes what `layers.dot_product_attention` computes for a segment mask (same
+segment, causal if asked: the language model's packed sequences, the vision tower's frames and
+windows) without ever forming the [length, length] scores: the kernel walks the blocks and skips
+those the causal mask rules out. Grouped-query heads run as the kernel's multi-query form, one
+call per kv head. Under a mesh the call is wrapped in
 `shard_map` over the batch (data x fsdp) and kv-head (tensor) axes the logical rules give, so each
 device runs the kernel on its own rows and heads with no communication.
 """
@@ -14,6 +15,7 @@ from typing import Optional
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
+from jax.ad_checkpoint import checkpoint_name
 from jax.experimental.pallas.ops.tpu.splash_attention import splash_attention_kernel as kernel_lib
 from jax.experimental.pallas.ops.tpu.splash_attention import splash_attention_mask as mask_lib
 from jax.sharding import PartitionSpec
@@ -99,9 +101,11 @@ def splash_attention(query: jax.Array, key: jax.Array, value: jax.Array, segment
   attend = functools.partial(_local_attention, causal=causal, interpret=interpret)
   mesh = jax.sharding.get_abstract_mesh()
   if mesh.empty or mesh.size == 1:
-    return attend(query, key, value, segment_ids)
-  batch_axes = _mesh_axes("batch", mesh, query.shape[0])
-  head_axes = _mesh_axes("kv_heads", mesh, key.shape[2])
-  heads = PartitionSpec(batch_axes, None, head_axes, None)
-  return jax.shard_map(attend, in_specs=(heads, heads, heads, PartitionSpec(batch_axes, None)),
-                       out_specs=heads, check_vma=False)(query, key, value, segment_ids)
+    out = attend(query, key, value, segment_ids)
+  else:
+    batch_axes = _mesh_axes("batch", mesh, query.shape[0])
+    head_axes = _mesh_axes("kv_heads", mesh, key.shape[2])
+    heads = PartitionSpec(batch_axes, None, head_axes, None)
+    out = jax.shard_map(attend, in_specs=(heads, heads, heads, PartitionSpec(batch_axes, None)),
+                        out_specs=heads, check_vma=False)(query, key, value, segment_ids)
+  return checkpoint_name(out, "attention_out")

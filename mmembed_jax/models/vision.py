@@ -3,9 +3,10 @@
 Patches of every image of a row sit in one buffer `[batch, patches, 1176]`; which image a
 patch belongs to (`patch_image_ids`) and each image's grid (`image_grid_thw`) are enough to
 recompute, inside jit, every patch's 2-D rotary position, frame and attention window. So
-attention is a block-diagonal mask (per image frame, and per window on Qwen2.5-VL's
+attention is segment-masked (a segment per image frame, and per window on Qwen2.5-VL's
 windowed blocks) instead of transformers' per-image Python loop; the window reordering of
-transformers is unnecessary because masked attention does not depend on token order.
+transformers is unnecessary because masked attention does not depend on token order. The
+segments are either a [patches, patches] mask (XLA) or the splash kernel's segment ids (TPU).
 """
 from typing import NamedTuple
 
@@ -14,7 +15,7 @@ import jax
 import jax.numpy as jnp
 from jax.ad_checkpoint import checkpoint_name
 
-from mmembed_jax.models import remat
+from mmembed_jax.models import remat, splash
 from mmembed_jax.models.config import ModelConfig, VisionConfig
 from mmembed_jax.models.layers import (LayerNorm, Linear, RMSNorm, activation, apply_rotary,
                                        dot_product_attention, dtype_of, inverse_frequencies)
@@ -28,6 +29,8 @@ class PatchLayout(NamedTuple):
   col: jax.Array  # patch column (w) within the frame
   window_row: jax.Array  # attention window row (Qwen2.5-VL)
   window_col: jax.Array
+  frame_segment: jax.Array  # one id per image frame (its first patch's index + 1), 0 = padding
+  window_segment: jax.Array  # one id per window of a frame (Qwen2.5-VL), 0 = padding
 
 
 def patch_layout(patch_image_ids: jax.Array, image_grid_thw: jax.Array,
@@ -54,6 +57,11 @@ def patch_layout(patch_image_ids: jax.Array, image_grid_thw: jax.Array,
   window = max(config.window_merged_tokens, 1)
   valid = patch_image_ids > 0
   zero = jnp.zeros_like(index)
+  # Frames occupy disjoint index ranges [frame_start, frame_start + frame_size), and a frame has
+  # fewer windows than patches, so frame_start + window index is unique per window.
+  frame_start = start + frame * frame_size
+  windows_per_row = (blocks_per_row + window - 1) // window
+  window_index = (block_row // window) * windows_per_row + block_col // window
   return PatchLayout(
       image=patch_image_ids,
       frame=jnp.where(valid, frame, zero),
@@ -61,6 +69,8 @@ def patch_layout(patch_image_ids: jax.Array, image_grid_thw: jax.Array,
       col=jnp.where(valid, block_col * merge + in_block % merge, zero),
       window_row=jnp.where(valid, block_row // window, zero),
       window_col=jnp.where(valid, block_col // window, zero),
+      frame_segment=jnp.where(valid, frame_start + 1, zero),
+      window_segment=jnp.where(valid, frame_start + window_index + 1, zero),
   )
 
 
@@ -68,9 +78,7 @@ def attention_masks(layout: PatchLayout) -> tuple[jax.Array, jax.Array]:
   """(full, windowed) bool masks [batch, patches, patches]: same image frame (and same window)."""
   def same(x):
     return x[:, :, None] == x[:, None, :]
-  full = same(layout.image) & same(layout.frame)
-  windowed = full & same(layout.window_row) & same(layout.window_col)
-  return full, windowed
+  return same(layout.frame_segment), same(layout.window_segment)
 
 
 def rotary_tables(layout: PatchLayout, config: VisionConfig) -> tuple[jax.Array, jax.Array]:
@@ -88,7 +96,7 @@ class VisionAttention(nn.Module):
   config: ModelConfig
 
   @nn.compact
-  def __call__(self, x, cos, sin, mask):
+  def __call__(self, x, cos, sin, mask, segments):
     vision, dtype, param_dtype = self.config.vision, dtype_of(self.config.dtype), dtype_of(
         self.config.param_dtype)
     batch, patches, _ = x.shape
@@ -97,7 +105,11 @@ class VisionAttention(nn.Module):
     qkv = qkv.reshape(batch, patches, 3, vision.num_heads, vision.head_dim)
     query, key, value = qkv[:, :, 0], qkv[:, :, 1], qkv[:, :, 2]
     query, key = apply_rotary(query, cos, sin), apply_rotary(key, cos, sin)
-    out = dot_product_attention(query, key, value, mask, dtype)
+    if mask is None:  # the splash kernel, masking by segment ids
+      out = splash.splash_attention(query, key, value, segments, causal=False, dtype=dtype,
+                                    interpret=self.config.attention_impl == "splash_interpret")
+    else:
+      out = dot_product_attention(query, key, value, mask, dtype)
     out = out.reshape(batch, patches, vision.hidden_size)
     return Linear((vision.hidden_size,), ("heads", "embed"), dtype=dtype, param_dtype=param_dtype,
                   name="proj")(out)
@@ -128,13 +140,18 @@ def _norm(config: ModelConfig, name: str) -> nn.Module:
 
 
 class VisionBlock(nn.Module):
-  """Pre-norm block; `use_full_attention` picks the full or windowed mask (a traced bool under scan)."""
+  """Pre-norm block; `use_full_attention` (a traced bool under scan) picks per-frame or per-window
+  attention: `full` and `window` are masks [batch, patches, patches] (XLA) or segment ids
+  [batch, patches] (splash), as `mask_mode` says."""
   config: ModelConfig
+  mask_mode: bool = True
 
   @nn.compact
-  def __call__(self, x, cos, sin, full_mask, window_mask, use_full_attention):
-    mask = jnp.where(use_full_attention, full_mask, window_mask)
-    x = x + VisionAttention(self.config, name="attn")(_norm(self.config, "norm1")(x), cos, sin, mask)
+  def __call__(self, x, cos, sin, full, window, use_full_attention):
+    chosen = jnp.where(use_full_attention, full, window)
+    mask, segments = (chosen, None) if self.mask_mode else (None, chosen)
+    x = x + VisionAttention(self.config, name="attn")(_norm(self.config, "norm1")(x), cos, sin,
+                                                      mask, segments)
     x = x + VisionMLP(self.config, name="mlp")(_norm(self.config, "norm2")(x))
     x = nn.with_logical_constraint(x, ("batch", "patches", "act_embed"))
     return checkpoint_name(x, "block_out"), None
@@ -169,7 +186,11 @@ class VisionTower(nn.Module):
                        f"{vision.spatial_merge_size**2}")
     kw = dict(dtype=dtype_of(config.dtype), param_dtype=dtype_of(config.param_dtype))
     layout = patch_layout(patch_image_ids, image_grid_thw, vision)
-    full_mask, window_mask = attention_masks(layout)
+    mask_mode = splash.resolve(config.attention_impl, patches) == "xla"
+    if mask_mode:
+      full, window = attention_masks(layout)
+    else:
+      full, window = layout.frame_segment, layout.window_segment
     cos, sin = rotary_tables(layout, vision)
     # Patch embedding: a Conv3d whose stride equals its kernel is a linear map of the patch vector.
     x = Linear((vision.hidden_size,), ("patch", "embed"), use_bias=False, name="patch_embed",
@@ -182,10 +203,10 @@ class VisionTower(nn.Module):
       stack = nn.scan(block, variable_axes={"params": 0}, split_rngs={"params": True},
                       in_axes=(nn.broadcast,) * 4 + (0,), length=vision.depth,
                       metadata_params={nn.PARTITION_NAME: "layers"})
-      x, _ = stack(config, name="blocks")(x, cos, sin, full_mask, window_mask,
-                                          jnp.asarray(use_full))
+      x, _ = stack(config, mask_mode, name="blocks")(x, cos, sin, full, window,
+                                                     jnp.asarray(use_full))
     else:
       for i in range(vision.depth):
-        x, _ = block(config, name=f"blocks_{i}")(x, cos, sin, full_mask, window_mask, use_full[i])
+        x, _ = block(config, mask_mode, name=f"blocks_{i}")(x, cos, sin, full, window, use_full[i])
     merged = PatchMerger(config, name="merger")(x)
     return nn.with_logical_constraint(merged, ("batch", "length", "act_embed"))

@@ -7,7 +7,6 @@ of `topology_devices("v5p-64")`, which needs libtpu) and reports per-chip HBM, F
 collectives in the program. An out-of-memory is the compiler's own verdict (`CompileOOM`).
 """
 import collections
-import contextlib
 import glob
 import os
 import re
@@ -15,7 +14,6 @@ import tempfile
 import time
 from typing import Any, Dict, Optional, Sequence
 
-import flax.linen as nn
 import jax
 import ml_collections
 
@@ -112,13 +110,9 @@ def compile_train_step(config: ml_collections.ConfigDict, devices: Sequence[Any]
   abstract_batch = jax.tree.map(
       lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=batch_sharding), batch)
   update = make_update_fn(objective, layout.tx, layout.schedule, config.grad_accum_steps)
-  step = jax.jit(update, in_shardings=(layout.state_shardings,
-                                       jax.tree.map(lambda _: batch_sharding, batch)),
-                 out_shardings=(layout.state_shardings, None), donate_argnums=(0,))
+  step = layout.jit_step(update, batch)
   start = time.perf_counter()
-  with contextlib.ExitStack() as stack:
-    stack.enter_context(nn.logical_axis_rules(rules))
-    stack.enter_context(jax.set_mesh(mesh))
+  with layout.context():
     lowered = step.lower(layout.abstract_state, abstract_batch)
     # The optimised program is read from XLA's dump: as_text() fails on some TPU executables.
     with tempfile.TemporaryDirectory(prefix="mmembed_aot_") as dump:

@@ -1,5 +1,6 @@
 """The train state's shapes and shardings for a config: what the trainer creates and restores,
 and what launch/aot_compile.py compiles against, without allocating anything."""
+import contextlib
 import dataclasses
 from typing import Any, Callable
 
@@ -23,6 +24,22 @@ class StateLayout:
   param_shardings: Any
   tx: Any
   schedule: Callable
+  mesh: Mesh
+  rules: sharding_lib.Rules
+
+  def context(self) -> contextlib.ExitStack:
+    """Mesh and logical rules for tracing (activation sharding constraints resolve in it)."""
+    stack = contextlib.ExitStack()
+    stack.enter_context(nn.logical_axis_rules(self.rules))
+    stack.enter_context(jax.set_mesh(self.mesh))
+    return stack
+
+  def jit_step(self, update: Callable, batch: Any) -> Callable:
+    """update(state, batch) jitted with explicit shardings: the state as laid out (donated),
+    every leaf of a batch shaped like `batch` split along its leading axis over data x fsdp."""
+    batch_shardings = jax.tree.map(lambda _: sharding_lib.batch_sharding(self.mesh), batch)
+    return jax.jit(update, in_shardings=(self.state_shardings, batch_shardings),
+                   out_shardings=(self.state_shardings, None), donate_argnums=(0,))
 
 
 def state_layout(config: ml_collections.ConfigDict, model_config: ModelConfig, objective: Any,
@@ -48,4 +65,4 @@ def state_layout(config: ml_collections.ConfigDict, model_config: ModelConfig, o
   abstract_state = jax.tree.map(
       lambda leaf, s: jax.ShapeDtypeStruct(leaf.shape, leaf.dtype, sharding=s),
       jax.eval_shape(lambda p: create_state(p, tx, config.seed), abstract_params), state_shardings)
-  return StateLayout(abstract_state, state_shardings, param_shardings, tx, schedule)
+  return StateLayout(abstract_state, state_shardings, param_shardings, tx, schedule, mesh, rules)

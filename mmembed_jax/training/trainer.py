@@ -3,7 +3,6 @@
 The same code runs on one CPU and on a multi-slice TPU pod; only the config's mesh changes.
 Rerunning the same command with the same workdir resumes from its latest checkpoint.
 """
-import contextlib
 import logging
 import os
 import signal
@@ -21,7 +20,7 @@ from mmembed_jax.parallel import sharding as sharding_lib
 from mmembed_jax.parallel.mesh import make_mesh
 from mmembed_jax.training import builders, checkpoint, flops, metrics as metrics_lib
 from mmembed_jax.training.config import mesh_devices, validate
-from mmembed_jax.training.sharded_state import state_layout
+from mmembed_jax.training.sharded_state import StateLayout, state_layout
 from mmembed_jax.training.train_step import TrainState, create_state, make_update_fn
 
 log = logging.getLogger(__name__)
@@ -67,35 +66,23 @@ def train(config: ml_collections.ConfigDict, workdir: str) -> dict:
   data_iter = iter(dataset)
 
   # ----- Sharded state: shapes from eval_shape, shardings from the logical axis names.
-  model = VisionLanguageModel(model_config)
-  init_batch = dummy_batch(model_config)
   layout = state_layout(config, model_config, objective, mesh, rules)
-  abstract_state, state_shardings = layout.abstract_state, layout.state_shardings
-  param_shardings, tx = layout.param_shardings, layout.tx
-
-  def in_context():
-    """Mesh and logical rules for tracing (activation sharding constraints resolve in it)."""
-    stack = contextlib.ExitStack()
-    stack.enter_context(nn.logical_axis_rules(rules))
-    stack.enter_context(jax.set_mesh(mesh))
-    return stack
+  in_context = layout.context  # mesh and logical rules, for tracing
 
   # ----- Checkpoints: resume, else initial weights (random, HF directory or another run).
   manager = checkpoint.make_manager(os.path.abspath(builders.checkpoint_dir(workdir)),
                                     config.checkpoint)
   if manager.latest_step() is not None:
-    state, data_state = checkpoint.restore(manager, abstract_state)
+    state, data_state = checkpoint.restore(manager, layout.abstract_state)
     if data_state is not None:
       data_iter.set_state(data_state)
     log.info("resumed from step %d", int(state.step))
   else:
-    state = _initial_state(config, model, objective, init_batch, tx, abstract_state,
-                           state_shardings, param_shardings, in_context)
+    state = initial_state(config, model_config, objective, layout)
 
   # ----- The update step: one jit, explicit shardings, donated state.
-  update = make_update_fn(objective, tx, layout.schedule, config.grad_accum_steps)
-  batch_shardings = None  # filled from the first batch's keys
-  train_step = None
+  update = make_update_fn(objective, layout.tx, layout.schedule, config.grad_accum_steps)
+  train_step = None  # jitted for the first batch's keys
 
   # ----- Held-out evaluation (contrastive runs): before training and every `eval.every` steps.
   evaluator = builders.build_eval(config, objective, mesh)
@@ -124,11 +111,9 @@ def train(config: ml_collections.ConfigDict, workdir: str) -> dict:
       bad_records += int(np.sum(local.pop("bad_records", 0)))
       local.pop("example_ids", None)  # host-side bookkeeping only
       if train_step is None:
-        batch_shardings = jax.tree.map(lambda _: batch_sharding, local)
-        train_step = jax.jit(update, in_shardings=(state_shardings, batch_shardings),
-                             out_shardings=(state_shardings, None), donate_argnums=(0,))
-      batch = jax.tree.map(lambda s, v: jax.make_array_from_process_local_data(s, np.asarray(v)),
-                           batch_shardings, local)
+        train_step = layout.jit_step(update, local)
+      batch = jax.tree.map(
+          lambda v: jax.make_array_from_process_local_data(batch_sharding, np.asarray(v)), local)
       with in_context():
         state, step_metrics = train_step(state, batch)
       window_steps += 1
@@ -171,9 +156,10 @@ def train(config: ml_collections.ConfigDict, workdir: str) -> dict:
   return last_scalars
 
 
-def _initial_state(config, model, objective, init_batch, tx, abstract_state, state_shardings,
-                   param_shardings, in_context) -> TrainState:
-  """State at step 0, created sharded: parameters never sit whole on one host."""
+def initial_state(config: ml_collections.ConfigDict, model_config, objective,
+                  layout: StateLayout) -> TrainState:
+  """State at step 0 (random, from an HF directory or from another run), created sharded:
+  parameters never sit whole on one host."""
   # Objective-owned parameters (MoCa's MAE decoder) are made from the backbone's, unless the
   # source (another run of the same objective) already has them.
   init_extra = getattr(objective, "init_extra", None)
@@ -185,7 +171,8 @@ def _initial_state(config, model, objective, init_batch, tx, abstract_state, sta
       return params
     return dict(init_extra(extra_key, params), **params)
 
-  backbone_shardings = {k: v for k, v in param_shardings.items() if k not in extra_keys}
+  tx, state_shardings, in_context = layout.tx, layout.state_shardings, layout.context
+  backbone_shardings = {k: v for k, v in layout.param_shardings.items() if k not in extra_keys}
   make = jax.jit(lambda params: create_state(with_extra(params), tx, config.seed),
                  out_shardings=state_shardings)
   if builders.is_hf_dir(config.init_from):
@@ -197,8 +184,8 @@ def _initial_state(config, model, objective, init_batch, tx, abstract_state, sta
       return make(params)
   if config.init_from:
     params = checkpoint.restore_params(
-        os.path.abspath(builders.checkpoint_dir(config.init_from)), abstract_state.params)
-    missing = sorted(set(abstract_state.params) - set(params) - set(extra_keys))
+        os.path.abspath(builders.checkpoint_dir(config.init_from)), layout.abstract_state.params)
+    missing = sorted(set(layout.abstract_state.params) - set(params) - set(extra_keys))
     if missing:
       raise ValueError(f"init_from={config.init_from}: its checkpoint has no {missing}; "
                        f"expected a run of the same model")
@@ -206,7 +193,8 @@ def _initial_state(config, model, objective, init_batch, tx, abstract_state, sta
       return make(params)
 
   def init(key):
-    params = nn.meta.unbox(model.init(key, init_batch)["params"])
+    params = nn.meta.unbox(VisionLanguageModel(model_config).init(
+        key, dummy_batch(model_config))["params"])
     return create_state(with_extra(params), tx, config.seed)
 
   with in_context():

@@ -164,7 +164,7 @@ def test_processes_read_disjoint_examples(mixed, tokenizer_dir):
     assert batches[0]["input_ids"].shape == (2, 160)  # the local share of the global batch
     ids.append({int(i) for b in batches for i in b["example_ids"].ravel() if i >= 0})
   assert ids[0] and ids[1] and not ids[0] & ids[1]
-  with pytest.raises(ValueError, match="not divisible by 3 processes"):
+  with pytest.raises(ValueError, match="not divisible by 3 data shards"):
     _dataset(mixed, tokenizer_dir, global_batch_size=4, process_index=0, process_count=3)
 
 

@@ -1,6 +1,7 @@
 """The splash attention kernel, run by the Pallas interpreter on CPU, against the XLA path: the
 attention function alone (values and gradients, causal and bidirectional, packed segments,
-padding, grouped-query heads) and the whole model sharded over 8 devices (shard_map path)."""
+padding, grouped-query heads), the whole model sharded over 8 devices (shard_map path) and the
+vision tower (frames and windows as segment ids)."""
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
@@ -8,12 +9,18 @@ import numpy as np
 import pytest
 from jax.sharding import AxisType, NamedSharding, PartitionSpec
 
+from mmembed_jax.data import collate as collate_lib
+from mmembed_jax.data import rows as rows_lib
+from mmembed_jax.data.images import ImageProcessingConfig
 from mmembed_jax.demo.tiny_model import tiny_config
 from mmembed_jax.models import splash
 from mmembed_jax.models.embedder import dummy_batch
 from mmembed_jax.models.layers import dot_product_attention
 from mmembed_jax.models.llm import attention_mask
+from mmembed_jax.models.vision import VisionTower
 from mmembed_jax.models.vlm import VisionLanguageModel
+
+from tiny_models import TEST_PIXELS
 
 LENGTH = 256  # two kernel tiles of 128
 
@@ -90,14 +97,50 @@ def test_sharded_model_with_the_kernel_matches_xla():
 
   def run(impl):
     model = VisionLanguageModel(config.replace(attention_impl=impl))
-    loss = lambda p: (model.apply({"params": p}, sharded_batch) * probe).sum()  # pylint: disable=unnecessary-lambda-assignment
+
+    def loss(p):
+      hidden = model.apply({"params": p}, sharded_batch)
+      return (hidden * probe).sum(), hidden
+
     with nn.logical_axis_rules(rules), jax.set_mesh(mesh):
-      hidden = jax.jit(lambda p: model.apply({"params": p}, sharded_batch))(sharded)
-      grads = jax.jit(jax.grad(loss))(sharded)
+      (_, hidden), grads = jax.jit(jax.value_and_grad(loss, has_aux=True))(sharded)
     return np.asarray(hidden), jax.tree.map(np.asarray, grads)
 
   hidden, grads = run("xla")
   kernel_hidden, kernel_grads = run("splash_interpret")
   assert np.abs(kernel_hidden - hidden).max() <= 1e-5
   for (path, g), k in zip(jax.tree.leaves_with_path(grads), jax.tree.leaves(kernel_grads)):
+    assert np.abs(k - g).max() <= 1e-5 * max(np.abs(g).max(), 1.0), jax.tree_util.keystr(path)
+
+
+@pytest.mark.parametrize("family", ["qwen2_5_vl", "qwen2_vl"])
+def test_vision_tower_with_the_kernel_matches_xla(family, tokenizer, image_dir):
+  """Frames and windows as segment ids: two rows of odd-sized images (one row with two, partial
+  windows), a patch buffer padded to a multiple of the tile; outputs and gradients equal XLA's."""
+  rows = [{"text": "<image><image> two", "images": ["wide.png", "tall.png"]},
+          {"text": "<image> one", "image": "small.png"}]
+  encoded = [rows_lib.encode_row(row, tokenizer, ImageProcessingConfig(**TEST_PIXELS), 512,
+                                 image_dir) for row in rows]
+  length, patches, images = collate_lib.bucket_sizes(encoded)
+  patches = -(-patches // 128) * 128
+  batch = collate_lib.collate(encoded, 0, length, patches, images)
+  assert (batch["patch_image_ids"] == 0).any()  # padding patches
+  config = tiny_config(family)
+  tower = VisionTower(config)
+  params = tower.init(jax.random.key(0), batch["pixel_patches"], batch["patch_image_ids"],
+                      batch["image_grid_thw"])
+  probe = jnp.asarray(np.random.default_rng(0).normal(size=(patches // 4, config.vision.out_hidden_size)),
+                      jnp.float32)
+
+  def run(impl):
+    model = VisionTower(config.replace(attention_impl=impl))
+    apply = lambda p: model.apply(p, batch["pixel_patches"], batch["patch_image_ids"],  # pylint: disable=unnecessary-lambda-assignment
+                                  batch["image_grid_thw"])
+    return np.asarray(apply(params)), jax.grad(lambda p: (apply(p) * probe).sum())(params)
+
+  merged, grads = run("xla")
+  kernel_merged, kernel_grads = run("splash_interpret")
+  assert np.abs(kernel_merged - merged).max() <= 1e-5
+  for (path, g), k in zip(jax.tree.leaves_with_path(grads), jax.tree.leaves(kernel_grads)):
+    g, k = np.asarray(g), np.asarray(k)
     assert np.abs(k - g).max() <= 1e-5 * max(np.abs(g).max(), 1.0), jax.tree_util.keystr(path)

@@ -58,24 +58,36 @@ def _assert_same_losses(got: dict, expected: dict) -> None:
     assert got[step] == pytest.approx(loss, rel=RTOL), step
 
 
-def test_two_process_moca_stage1_matches_one_process_and_resumes(tmp_path, cache_dir):
-  shards = ("--config.input.data_shards=2", "--config.checkpoint.every=2")
-  reference, two = str(tmp_path / "one_process"), str(tmp_path / "two_processes")
-  run_side_by_side(cache_dir, [(_command(MOCA, reference, 4, *shards), reference)])[0].check()
-  _two_processes(cache_dir, _command(MOCA, two, 2, *shards), two)
+STAGES = {"stage1": (MOCA, 4, ("--config.input.data_shards=2", "--config.checkpoint.every=2")),
+          "stage2": (f"{MOCA}:stage=cl", 3, ("--config.eval.every=0",))}
+
+
+@pytest.fixture(scope="module")
+def one_process(tmp_path_factory, cache_dir) -> dict:
+  """{stage: workdir} of the 1-process references, run side by side (one compile per core)."""
+  root = tmp_path_factory.mktemp("one_process")
+  jobs = [(_command(config, str(root / stage), steps, *extra), str(root / stage))
+          for stage, (config, steps, extra) in STAGES.items()]
+  for run in run_side_by_side(cache_dir, jobs):
+    run.check()
+  return {stage: str(root / stage) for stage in STAGES}
+
+
+def test_two_process_moca_stage1_matches_one_process_and_resumes(tmp_path, cache_dir, one_process):
+  config, steps, extra = STAGES["stage1"]
+  two = str(tmp_path / "two_processes")
+  _two_processes(cache_dir, _command(config, two, 2, *extra), two)
   assert checkpoint_steps(two)[-1] == 2
   # Orbax's OCDBT layout: each process writes its own shards into its own sub-store.
   for item in ("params", "opt_state"):
     written = set(os.listdir(os.path.join(two, "checkpoints", "2", item)))
     assert {"ocdbt.process_0", "ocdbt.process_1"} <= written, item
-  _two_processes(cache_dir, _command(MOCA, two, 4, *shards), two)  # resumes from step 2
-  _assert_same_losses(losses(two), losses(reference))
+  _two_processes(cache_dir, _command(config, two, steps, *extra), two)  # resumes from step 2
+  _assert_same_losses(losses(two), losses(one_process["stage1"]))
 
 
-def test_two_process_moca_stage2_matches_one_process(tmp_path, cache_dir):
-  config = f"{MOCA}:stage=cl"
-  reference, two = str(tmp_path / "one_process"), str(tmp_path / "two_processes")
-  no_eval = ("--config.eval.every=0",)
-  run_side_by_side(cache_dir, [(_command(config, reference, 3, *no_eval), reference)])[0].check()
-  _two_processes(cache_dir, _command(config, two, 3, *no_eval), two)
-  _assert_same_losses(losses(two), losses(reference))
+def test_two_process_moca_stage2_matches_one_process(tmp_path, cache_dir, one_process):
+  config, steps, extra = STAGES["stage2"]
+  two = str(tmp_path / "two_processes")
+  _two_processes(cache_dir, _command(config, two, steps, *extra), two)
+  _assert_same_losses(losses(two), losses(one_process["stage2"]))
