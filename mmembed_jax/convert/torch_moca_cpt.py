@@ -38,7 +38,7 @@ def torch_batch(batch: Mapping[str, np.ndarray], config: ModelConfig) -> Dict[st
       "attention_mask": torch.where(torch.as_tensor(same), 0.0, torch.finfo(torch.float32).min),
       "position_ids": torch.as_tensor(np.asarray(batch["positions"]), dtype=torch.long
                                       ).permute(1, 0, 2),
-      "token_of_slot": torch.as_tensor(np.asarray(token_of_slot(
+      "token_of_slot": torch.tensor(np.asarray(token_of_slot(
           np.asarray(batch["input_ids"]), config.image_token_id, slots)), dtype=torch.long),
   }
   return out

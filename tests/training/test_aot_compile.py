@@ -32,6 +32,8 @@ def test_moca_stage1_compiles_for_a_v5p_slice_with_fsdp():
   assert report["mesh"] == {"data": 2, "fsdp": 2, "tensor": 1}
   assert 0 < report["hbm_bytes_per_chip"] < 0.9 * report["hbm_capacity_bytes"]
   assert report["analytic_flops"] > 0 and report["flops"] > 0
+  assert report["attention_impl"] == "splash" and report["pallas_kernels"] > 0
+  assert 0 < report["estimated_mfu"] < 1  # the demo is unrolled: the compiler's estimate counts
   assert report["collectives"].get("all-gather") and (report["collectives"].get("reduce-scatter")
                                                       or report["collectives"].get("all-reduce"))
 
