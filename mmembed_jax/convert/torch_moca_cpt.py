@@ -12,7 +12,7 @@ from typing import Any, Dict, Mapping
 import numpy as np
 import torch
 
-from mmembed_jax.convert.hf_export import export_hf
+from mmembed_jax.convert.hf_export import _get, export_hf
 from mmembed_jax.convert.mapping import decoder_layer_maps
 from mmembed_jax.models.config import ModelConfig
 from mmembed_jax.objectives.moca_cpt import MAE_DECODER, MocaCpt, token_of_slot
@@ -122,8 +122,3 @@ def build(objective: MocaCpt, params: Mapping[str, Any], dtype: str = "float32")
   module = TorchMocaCpt(model, layer, head, objective)
   return module.to(getattr(torch, dtype)).train()
 
-
-def _get(tree: Mapping[str, Any], path) -> Any:
-  for key in path:
-    tree = tree[key]
-  return tree

@@ -8,7 +8,7 @@ from jax.ad_checkpoint import checkpoint_name
 from mmembed_jax.models import remat, splash
 from mmembed_jax.models.config import ModelConfig
 from mmembed_jax.models.layers import (Linear, RMSNorm, activation, apply_rotary,
-                                       dot_product_attention, dtype_of, inverse_frequencies)
+                                       dtype_of, inverse_frequencies)
 
 
 def mrope_tables(positions: jax.Array, config: ModelConfig) -> tuple[jax.Array, jax.Array]:
@@ -61,12 +61,8 @@ class Attention(nn.Module):
     value = value.reshape(batch, length, text.num_kv_heads, text.head_dim)
     query = nn.with_logical_constraint(query, ("batch", "length", "act_heads", "head_dim"))
     query, key = apply_rotary(query, cos, sin), apply_rotary(key, cos, sin)
-    if mask is None:  # the kernel masks by segment ids itself
-      out = splash.splash_attention(query, key, value, segment_ids,
-                                    causal=self.config.attention == "causal", dtype=kw["dtype"],
-                                    interpret=self.config.attention_impl == "splash_interpret")
-    else:
-      out = dot_product_attention(query, key, value, mask, kw["dtype"])
+    out = splash.attend(query, key, value, mask, segment_ids, self.config.attention == "causal",
+                        kw["dtype"], self.config.attention_impl)
     out = out.reshape(batch, length, text.num_heads * text.head_dim)
     return Linear((text.hidden_size,), ("heads", "embed"), use_bias=False, name="o_proj", **kw)(out)
 

@@ -20,6 +20,8 @@ from jax.experimental.pallas.ops.tpu.splash_attention import splash_attention_ke
 from jax.experimental.pallas.ops.tpu.splash_attention import splash_attention_mask as mask_lib
 from jax.sharding import PartitionSpec
 
+from mmembed_jax.models.layers import dot_product_attention
+
 IMPLEMENTATIONS = ("auto", "xla", "splash", "splash_interpret")
 _BLOCKS = (512, 256, 128)  # tried in order: the largest that divides the length
 
@@ -109,3 +111,13 @@ def splash_attention(query: jax.Array, key: jax.Array, value: jax.Array, segment
     out = jax.shard_map(attend, in_specs=(heads, heads, heads, PartitionSpec(batch_axes, None)),
                         out_specs=heads, check_vma=False)(query, key, value, segment_ids)
   return checkpoint_name(out, "attention_out")
+
+
+def attend(query: jax.Array, key: jax.Array, value: jax.Array, mask: Optional[jax.Array],
+           segment_ids: Optional[jax.Array], causal: bool, dtype, impl: str) -> jax.Array:
+  """The layers' attention: XLA's masked softmax when given `mask` [batch, length, length],
+  else the splash kernel on `segment_ids` [batch, length] (interpreted for 'splash_interpret')."""
+  if mask is not None:
+    return dot_product_attention(query, key, value, mask, dtype)
+  return splash_attention(query, key, value, segment_ids, causal=causal, dtype=dtype,
+                          interpret=impl == "splash_interpret")

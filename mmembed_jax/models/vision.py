@@ -18,7 +18,7 @@ from jax.ad_checkpoint import checkpoint_name
 from mmembed_jax.models import remat, splash
 from mmembed_jax.models.config import ModelConfig, VisionConfig
 from mmembed_jax.models.layers import (LayerNorm, Linear, RMSNorm, activation, apply_rotary,
-                                       dot_product_attention, dtype_of, inverse_frequencies)
+                                       dtype_of, inverse_frequencies)
 
 
 class PatchLayout(NamedTuple):
@@ -105,11 +105,8 @@ class VisionAttention(nn.Module):
     qkv = qkv.reshape(batch, patches, 3, vision.num_heads, vision.head_dim)
     query, key, value = qkv[:, :, 0], qkv[:, :, 1], qkv[:, :, 2]
     query, key = apply_rotary(query, cos, sin), apply_rotary(key, cos, sin)
-    if mask is None:  # the splash kernel, masking by segment ids
-      out = splash.splash_attention(query, key, value, segments, causal=False, dtype=dtype,
-                                    interpret=self.config.attention_impl == "splash_interpret")
-    else:
-      out = dot_product_attention(query, key, value, mask, dtype)
+    out = splash.attend(query, key, value, mask, segments, False, dtype,
+                        self.config.attention_impl)
     out = out.reshape(batch, patches, vision.hidden_size)
     return Linear((vision.hidden_size,), ("heads", "embed"), dtype=dtype, param_dtype=param_dtype,
                   name="proj")(out)
