@@ -15,6 +15,7 @@ from absl import app
 from absl import flags
 
 from mmembed_jax import embedding
+from mmembed_jax.data.bad_records import printable
 
 _MODEL = flags.DEFINE_string("model", None, "Hugging Face model directory (config.json, "
                              "safetensors, tokenizer, optional preprocessor_config.json), or a "
@@ -49,7 +50,7 @@ def main(argv):
         pooling=_POOLING.value, dtype=_DTYPE.value, max_length=_MAX_LENGTH.value,
         batch_size=_BATCH_SIZE.value, progress=_PROGRESS.value)
   except (ValueError, FileNotFoundError) as e:
-    print(f"error: {e}", file=sys.stderr)
+    print(f"error: {printable(e)}", file=sys.stderr)
     return 2
   print(f"wrote {result['output']}: shape {result['shape']} "
         f"({result['attention']} attention, {result['pooling']} pooling)")

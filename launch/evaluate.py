@@ -49,6 +49,7 @@ def main(argv):
     raise app.UsageError("give --mmeb and/or --vidore")
   logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(message)s")
   absl_logging.set_verbosity(absl_logging.WARNING)
+  from mmembed_jax.data.bad_records import printable  # pylint: disable=g-import-not-at-top
   from mmembed_jax.embedding import JaxEmbedder  # pylint: disable=g-import-not-at-top
   from mmembed_jax.evaluation import mmeb, vidore  # pylint: disable=g-import-not-at-top
   from mmembed_jax.training.trained_model import export_mesh  # pylint: disable=g-import-not-at-top
@@ -60,7 +61,7 @@ def main(argv):
 
     def embed(rows):
       start = time.perf_counter()
-      out = embedder.embed_rows(rows)
+      out = embedder.try_embed_rows(rows)  # rows that fail are skipped and named, not raised
       counts["rows"] += len(rows)
       counts["seconds"] += time.perf_counter() - start
       return out
@@ -77,7 +78,7 @@ def main(argv):
                                                 _VIDORE_DATASETS.value, **templates)
       print(vidore.format_table(result["vidore"]))
   except (ValueError, FileNotFoundError) as e:
-    print(f"error: {e}", file=sys.stderr)
+    print(f"error: {printable(e)}", file=sys.stderr)
     return 2
   result["throughput"] = {
       "rows_embedded": counts["rows"], "embed_seconds": counts["seconds"],

@@ -1,6 +1,7 @@
 r"""Exports a training run's model as a Hugging Face directory that transformers loads.
 
-  python launch/export_to_pytorch.py --checkpoint runs/moca_cl --out exported/ [--dtype bfloat16]
+  python launch/export_to_pytorch.py --checkpoint runs/moca_cl --out exported/ [--dtype bfloat16] \
+      [--overwrite]
 
 --checkpoint is a workdir (its latest checkpoint) or WORKDIR/checkpoints/STEP. The directory
 holds safetensors, config.json, the run's tokenizer and image preprocessor, and mmembed.json
@@ -13,6 +14,8 @@ import time
 
 from absl import app
 from absl import flags
+
+from mmembed_jax.data.bad_records import printable
 from absl import logging as absl_logging
 
 _CHECKPOINT = flags.DEFINE_string("checkpoint", None, "Training run workdir, or "
@@ -20,6 +23,8 @@ _CHECKPOINT = flags.DEFINE_string("checkpoint", None, "Training run workdir, or 
 _OUT = flags.DEFINE_string("out", None, "Output Hugging Face directory (local or gs://).")
 _DTYPE = flags.DEFINE_enum("dtype", None, ["bfloat16", "float32"],
                            "Dtype of the written tensors; default: the run's parameter dtype.")
+_OVERWRITE = flags.DEFINE_bool("overwrite", False, "Replace --out if it is not empty (the new "
+                               "export is written aside and swapped in whole).")
 _DISTRIBUTED = flags.DEFINE_bool("distributed", False,
                                  "Call jax.distributed.initialize() (multi-host pods).")
 _COORDINATOR = flags.DEFINE_string("coordinator_address", None, "host:port of process 0, for "
@@ -40,9 +45,10 @@ def main(argv):
   from mmembed_jax.training import trained_model  # pylint: disable=g-import-not-at-top
   start = time.perf_counter()
   try:
-    model = trained_model.export_trained(_CHECKPOINT.value, _OUT.value, dtype=_DTYPE.value)
+    model = trained_model.export_trained(_CHECKPOINT.value, _OUT.value, dtype=_DTYPE.value,
+                                         overwrite=_OVERWRITE.value)
   except (ValueError, FileNotFoundError) as e:
-    print(f"error: {e}", file=sys.stderr)
+    print(f"error: {printable(e)}", file=sys.stderr)
     return 2
   peak_mib = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
   if jax.process_index():

@@ -30,6 +30,7 @@ from jax.experimental import multihost_utils
 from jax.sharding import Mesh
 
 from mmembed_jax.convert.hf_export import EMBEDDING_FILE
+from mmembed_jax.data.bad_records import printable
 from mmembed_jax.data import collate as collate_lib
 from mmembed_jax.data import images as images_lib
 from mmembed_jax.data import rows as rows_lib
@@ -343,12 +344,25 @@ class JaxEmbedder:
     return np.concatenate(outputs, axis=0)
 
   def _batches(self, items: Sequence[Tuple[str, Dict[str, Any]]], base_dir: Optional[str],
-               rows_per_batch: int) -> Iterator[List[rows_lib.EncodedRow]]:
-    """Yields encoded batches of (name, row) items, encoding one batch at a time."""
+               rows_per_batch: int, errors: Optional[Dict[int, str]] = None
+               ) -> Iterator[List[rows_lib.EncodedRow]]:
+    """Yields encoded batches of (name, row) items, encoding one batch at a time. A row that
+    cannot be encoded raises ValueError naming it, or, with `errors`, is recorded there
+    ({index: why}) and replaced by a padding row."""
+    padding = _padding_row(self.pad_id)
     for start in range(0, len(items), rows_per_batch):
-      yield [rows_lib.encode_row(row, self.tokenizer, self.image_config, self.max_length,
-                                 base_dir, where)
-             for where, row in items[start:start + rows_per_batch]]
+      batch = []
+      for index, (where, row) in enumerate(items[start:start + rows_per_batch], start=start):
+        try:
+          batch.append(rows_lib.encode_row(row, self.tokenizer, self.image_config,
+                                           self.max_length, base_dir, where))
+        except Exception as e:  # pylint: disable=broad-except  # any failure names the row
+          if errors is None:
+            raise
+          errors[index] = printable(str(e) if isinstance(e, ValueError)
+                                    else f"{where}: {type(e).__name__}: {e}")
+          batch.append(padding)
+      yield batch
 
   def embed_items(self, items: Sequence[Tuple[str, Dict[str, Any]]], base_dir: Optional[str] = None,
                   progress: bool = False, desc: str = "embed") -> np.ndarray:
@@ -362,14 +376,32 @@ class JaxEmbedder:
 
   def embed_rows(self, rows: Sequence[Dict[str, Any]], base_dir: Optional[str] = None,
                  progress: bool = False) -> np.ndarray:
-    """Embeds rows (relative image paths resolve against base_dir, default cwd): [rows, embed]."""
-    items = [(f"row {i}", row) for i, row in enumerate(rows, start=1)]
-    return self.embed_items(items, base_dir, progress)
+    """Embeds rows (relative image paths resolve against base_dir, default cwd): [rows, embed].
+
+    Errors name a row by its "where" field when it has one (e.g. "data.jsonl:7"), else "row R".
+    """
+    return self.embed_items(_named(rows), base_dir, progress)
+
+  def try_embed_rows(self, rows: Sequence[Dict[str, Any]], base_dir: Optional[str] = None
+                     ) -> Tuple[np.ndarray, Dict[int, str]]:
+    """(embeddings [rows, embed], {row index: why}): rows that cannot be encoded (an unreadable
+    image, say) are skipped, not raised; their embeddings are NaN. The evaluators' EmbedFn."""
+    items = _named(rows)
+    errors: Dict[int, str] = {}
+    batches = self._batches(items, base_dir, self._rows_per_batch(len(items)), errors)
+    vectors = self._embed_encoded(batches, len(items), False, "embed")
+    vectors[sorted(errors)] = np.nan
+    return vectors, errors
 
   def embed_jsonl(self, path: str, progress: bool = True) -> np.ndarray:
     """Embeds every row of a JSONL file (images relative to the file): [rows, embed] float32."""
     items, base_dir = read_jsonl(path)
     return self.embed_items(items, base_dir, progress, desc=os.path.basename(path))
+
+
+def _named(rows: Sequence[Dict[str, Any]]) -> List[Tuple[str, Dict[str, Any]]]:
+  """(name, row) items: a row's own "where" field, else "row R" (1-based)."""
+  return [(row.get("where") or f"row {i}", row) for i, row in enumerate(rows, start=1)]
 
 
 def read_jsonl(path: str) -> Tuple[List[Tuple[str, Dict[str, Any]]], str]:

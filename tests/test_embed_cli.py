@@ -88,22 +88,65 @@ def test_embed_writes_embeddings(demo, tmp_path):
   assert os.listdir(tmp_path) == ["emb.npy"]  # no temporary file left behind
 
 
-def test_embed_missing_image(demo, tmp_path):
-  rows = _write_jsonl(tmp_path / "rows.jsonl", [
-      {"text": "a red circle"}, {"text": "a blue square", "image": "gone.png"}])
-  result = _embed(demo, tmp_path, f"--input={rows}")
-  _assert_one_error(result, os.path.join(str(tmp_path), "gone.png"), "row 2 (line 2)")
-  assert not os.path.exists(tmp_path / "emb.npy")
+# case -> (rows file lines (None: the demo's rows), extra arguments, fragments the error holds).
+# Strings are written verbatim (bytes too), dicts JSON-encoded.
+BAD_INPUTS = {
+    "missing_image": ([{"text": "a red circle"}, {"text": "a blue square", "image": "gone.png"}],
+                      (), ("gone.png", "row 2 (line 2)")),
+    "malformed_row": ([{"text": "a red circle"}, "", '{"text": "a blue'], (),
+                      ("rows.jsonl: line 3", "malformed JSON")),
+    "over_long_row": ([{"text": "red"}, {"text": "A large blue square in the centre of the page."}],
+                      ("--max_length=8",), ("row 2 (line 2)", "tokens, more than max_length 8")),
+    "empty_row": ([{"text": "red"}, {"text": ""}], (),
+                  ("row 2 (line 2)", "is empty: no text and no image")),
+    "not_utf8": ([{"text": "red"}, b'{"text": "caf\xe9"}'], (),
+                 ("rows.jsonl: line 2", "not UTF-8")),
+    "lone_surrogate": ([{"text": "red"}, {"text": "a lone surrogate \ud800 here"}], (),
+                       ("row 2 (line 2)", "the tokenizer rejects the text")),
+    "truncated_model": (None, ("--model={model}",), ("model.safetensors", "cannot read it as "
+                                                     "safetensors")),
+}
 
 
-def test_embed_malformed_row(demo, tmp_path):
-  rows = _write_jsonl(tmp_path / "rows.jsonl", [{"text": "a red circle"}, "", '{"text": "a blue'])
-  result = _embed(demo, tmp_path, f"--input={rows}")
-  _assert_one_error(result, "rows.jsonl: line 3", "malformed JSON")
+@pytest.fixture(scope="module")
+def bad_input_results(demo, tmp_path_factory):
+  """{case: (CompletedProcess, directory)} of launch/embed.py on every BAD_INPUTS case, run side
+  by side (one per core)."""
+  import concurrent.futures
+  import shutil
+  _, out, cache = demo
+  root = tmp_path_factory.mktemp("bad_inputs")
+  truncated = root / "model_with_half_its_weights"
+  shutil.copytree(os.path.join(out, "model"), truncated)
+  weights = truncated / "model.safetensors"
+  weights.write_bytes(weights.read_bytes()[:weights.stat().st_size // 2])
+  commands = {}
+  for case, (lines, extra, _) in BAD_INPUTS.items():
+    directory = root / case
+    directory.mkdir()
+    rows = f"{out}/data/rows.jsonl"
+    if lines is not None:
+      rows = str(directory / "rows.jsonl")
+      with open(rows, "wb") as f:
+        for line in lines:
+          f.write(line if isinstance(line, bytes) else
+                  (line if isinstance(line, str) else json.dumps(line)).encode() + b"\n")
+          if isinstance(line, bytes):
+            f.write(b"\n")
+    args = [a.format(model=truncated) for a in extra]
+    model = [] if any(a.startswith("--model") for a in args) else [f"--model={out}/model"]
+    commands[case] = ([EMBED, *model, f"--input={rows}", f"--output={directory}/emb.npy", *args],
+                      directory)
+  with concurrent.futures.ThreadPoolExecutor(2) as pool:
+    results = pool.map(lambda item: (item[0], _run(item[1][0], cache), item[1][1]),
+                       commands.items())
+    return {case: (result, directory) for case, result, directory in results}
 
 
-def test_embed_over_long_row(demo, tmp_path):
-  rows = _write_jsonl(tmp_path / "rows.jsonl", [
-      {"text": "red"}, {"text": "A large blue square in the centre of the page."}])
-  result = _embed(demo, tmp_path, f"--input={rows}", "--max_length=8")
-  _assert_one_error(result, "row 2 (line 2)", "tokens, more than max_length 8")
+@pytest.mark.parametrize("case", sorted(BAD_INPUTS))
+def test_embed_bad_input_is_one_error_line_and_writes_nothing(case, bad_input_results):
+  """Before: the empty row wrote an all-zero embedding, non-UTF-8 bytes and a lone surrogate
+  ended in tracebacks naming no line, a truncated model.safetensors in a traceback."""
+  result, directory = bad_input_results[case]
+  _assert_one_error(result, *BAD_INPUTS[case][2])
+  assert not os.path.exists(directory / "emb.npy")

@@ -163,3 +163,26 @@ def test_save_npy_is_atomic(tmp_path):
   embedding.save_npy(path, np.eye(3, dtype=np.float32))
   np.testing.assert_array_equal(np.load(path), np.eye(3))
   assert os.listdir(tmp_path / "sub") == ["emb.npy"]  # no temporary file left behind
+
+
+def test_try_embed_rows_skips_and_names_rows_that_cannot_be_embedded(embedder, image_dir,
+                                                                     tmp_path):
+  """The evaluators' embed function: a truncated image, a lone surrogate and an empty row come
+  back as errors naming the row (its "where" when it has one) and NaN vectors; the other rows
+  get the embeddings they get on their own."""
+  import shutil
+  truncated = tmp_path / "truncated.png"
+  shutil.copy(os.path.join(image_dir, "wide.png"), truncated)
+  truncated.write_bytes(truncated.read_bytes()[:300])
+  good = [{"text": "a red circle"}, {"text": "<image> a photo", "images": ["square.png"]}]
+  rows = [good[0],
+          {"text": "<image> broken", "images": [str(truncated)], "where": "pages.jsonl:7"},
+          {"text": "lone \ud800 surrogate"}, {"text": ""}, good[1]]
+  vectors, errors = embedder.try_embed_rows(rows, base_dir=image_dir)
+  assert sorted(errors) == [1, 2, 3]
+  assert errors[1].startswith("pages.jsonl:7: cannot load image 0") and "truncated.png" in errors[1]
+  assert errors[2].startswith("row 3: the tokenizer rejects the text (TypeError")
+  assert errors[3].startswith("row 4 is empty")
+  assert np.isnan(vectors[[1, 2, 3]]).all()
+  np.testing.assert_allclose(vectors[[0, 4]], embedder.embed_rows(good, base_dir=image_dir),
+                             atol=1e-5, rtol=0)

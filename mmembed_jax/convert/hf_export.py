@@ -3,9 +3,16 @@
 Writes sharded safetensors with their index, config.json, the tokenizer and preprocessor
 files of a source directory, and `mmembed.json`, which records how embeddings are made
 (pooling, attention, normalisation, prompts) so the PyTorch side reproduces them.
+
+The directory is written whole under a temporary name beside the target and then renamed into
+place, so a reader never sees a half-written export or a mixture of two (an earlier export's
+shards and index left beside a new single file). A non-empty target is refused unless
+`overwrite`; then the old directory is moved aside, the new one renamed in, the old one deleted.
 """
 import contextlib
 import json
+import os
+import shutil
 import struct
 from typing import Any, Iterator, Mapping, Optional
 
@@ -87,22 +94,74 @@ def _write_safetensors(path: Optional[epath.Path], entries: list, tensors: Itera
         f.write(np.ascontiguousarray(tensor).view(np.uint8).reshape(-1).data)
 
 
+def check_target(out_dir: str, overwrite: bool = False) -> None:
+  """ValueError unless `out_dir` can receive an export: absent or an empty directory, or any
+  directory with `overwrite`; never a file."""
+  out = epath.Path(out_dir)
+  if out.exists() and not out.is_dir():
+    raise ValueError(f"export target {out_dir} is a file, not a directory")
+  if out.exists() and any(out.iterdir()) and not overwrite:
+    raise ValueError(f"export target {out_dir} is not empty; choose an empty directory or pass "
+                     f"--overwrite to replace it")
+
+
+def _remove(directory: epath.Path) -> None:
+  """Deletes a directory tree, local or gs://."""
+  if "://" in str(directory):
+    directory.rmtree()
+  else:
+    shutil.rmtree(directory)
+
+
+def _swap_in(staging: epath.Path, out: epath.Path) -> None:
+  """Renames the finished `staging` directory to `out`, replacing what was there."""
+  old = out.parent / f".{out.name}.old-{os.getpid()}"
+  if out.exists():
+    out.rename(old)
+  staging.rename(out)
+  if old.exists():
+    _remove(old)
+
+
 def export_hf(config: ModelConfig, params: Mapping, out_dir: str, *,
               source_dir: Optional[str] = None, embedding: Optional[Mapping[str, Any]] = None,
               dtype: Optional[str] = None, preprocessor: Optional[Mapping[str, Any]] = None,
-              max_shard_bytes: int = 2 * 1024**3) -> epath.Path:
+              max_shard_bytes: int = 2 * 1024**3, overwrite: bool = False) -> epath.Path:
   """Writes the HF checkpoint; `dtype` (e.g. 'bfloat16') casts on write, default keeps params' dtype.
 
   source_dir: directory whose tokenizer / preprocessor files are carried over;
   embedding: the embedding conventions written to mmembed.json (pooling, attention, ...);
-  preprocessor: a preprocessor_config.json dict written over the carried one.
+  preprocessor: a preprocessor_config.json dict written over the carried one;
+  overwrite: replace a non-empty `out_dir` (else ValueError).
   Tensors are gathered and written one at a time, so the host holds one tensor beyond the
-  params; with several processes all take part in the gathers and process 0 writes.
+  params; with several processes all take part in the gathers and process 0 writes. Files go
+  to a staging directory beside `out_dir`, renamed into place once complete (deleted on failure).
   """
+  check_target(out_dir, overwrite)
   writer = jax.process_index() == 0
-  out = epath.Path(out_dir)
+  target = epath.Path(out_dir)
+  staging = target.parent / f".{target.name}.tmp-{os.getpid()}"
   if writer:
-    out.mkdir(parents=True, exist_ok=True)
+    target.parent.mkdir(parents=True, exist_ok=True)
+    staging.mkdir()
+  try:
+    _write_files(config, params, staging if writer else None, source_dir=source_dir,
+                 embedding=embedding, dtype=dtype, preprocessor=preprocessor,
+                 max_shard_bytes=max_shard_bytes)
+  except BaseException:
+    if writer:
+      _remove(staging)
+    raise
+  if writer:
+    _swap_in(staging, target)
+  return target
+
+
+def _write_files(config: ModelConfig, params: Mapping, out: Optional[epath.Path], *,
+                 source_dir: Optional[str], embedding: Optional[Mapping[str, Any]],
+                 dtype: Optional[str], preprocessor: Optional[Mapping[str, Any]],
+                 max_shard_bytes: int) -> None:
+  """Writes every file of the export into `out` (None: only take part in the gathers)."""
   maps = list(tensor_maps(config))
   leaves = {m.path: _get(params, m.path) for m in maps}
   out_dtype = jnp.dtype(dtype) if dtype else None
@@ -129,10 +188,10 @@ def export_hf(config: ModelConfig, params: Mapping, out_dir: str, *,
         tensor = m.to_hf(_to_host(leaves[m.path], m.layer))
         yield tensor.astype(out_dtype, copy=False) if out_dtype is not None else tensor
 
-    _write_safetensors(out / name if writer else None, entries, tensors())
+    _write_safetensors(out / name if out is not None else None, entries, tensors())
   total = sum(size(m) for m in maps)
-  if not writer:
-    return out
+  if out is None:
+    return
   if len(shards) > 1:
     index = {"metadata": {"total_size": total}, "weight_map": weight_map}
     (out / "model.safetensors.index.json").write_text(json.dumps(index, indent=2))
@@ -153,4 +212,3 @@ def export_hf(config: ModelConfig, params: Mapping, out_dir: str, *,
             "image_marker": "<image>"}
   record.update(embedding or {})
   (out / EMBEDDING_FILE).write_text(json.dumps(record, indent=2))
-  return out

@@ -46,13 +46,28 @@ def model_config(model_dir: str, **run_options: Any) -> ModelConfig:
 
 
 def safetensors_files(model_dir: str) -> list[epath.Path]:
-  """The checkpoint's files: those listed by model.safetensors.index.json, or model.safetensors."""
+  """The checkpoint's files: those listed by model.safetensors.index.json, or model.safetensors.
+
+  A directory holding both (an earlier sharded export under a newer single file, or the
+  reverse) is refused: transformers would read one and this reader the other.
+  """
   root = epath.Path(model_dir)
   index = root / "model.safetensors.index.json"
-  if index.exists():
-    weight_map = json.loads(index.read_text())["weight_map"]
-    return [root / name for name in sorted(set(weight_map.values()))]
   single = root / "model.safetensors"
+  if index.exists() and single.exists():
+    raise ValueError(f"{model_dir} holds both model.safetensors and model.safetensors.index.json "
+                     f"(two exports mixed); export again into an empty directory")
+  if index.exists():
+    try:
+      weight_map = json.loads(index.read_text())["weight_map"]
+    except (json.JSONDecodeError, KeyError, TypeError) as e:
+      raise ValueError(f"{index}: not a safetensors index ({type(e).__name__}: {e})") from None
+    files = [root / name for name in sorted(set(weight_map.values()))]
+    missing = [str(f) for f in files if not f.exists()]
+    if missing:
+      raise FileNotFoundError(f"{index} lists {len(missing)} file(s) that do not exist, first "
+                              f"{missing[0]}")
+    return files
   if single.exists():
     return [single]
   raise FileNotFoundError(f"{model_dir}: neither model.safetensors nor model.safetensors.index.json")
@@ -78,15 +93,18 @@ def import_hf(model_dir: str, *, param_dtype: Optional[str] = None, put: Optiona
   layer_counts = collections.Counter(m.path for m in tensor_maps(config) if m.layer is not None)
   maps: dict[str, TensorMap] = {m.hf_name: m for m in tensor_maps(config)}
   put = put or (lambda path, array: array)
-  from safetensors import safe_open  # pylint: disable=g-import-not-at-top
+  from safetensors import SafetensorError, safe_open  # pylint: disable=g-import-not-at-top
 
   with tempfile.TemporaryDirectory(prefix="mmembed_import_") as scratch:
     # Where each tensor is, checked in full before any tensor is read.
     location: dict[str, tuple[str, str, epath.Path]] = {}  # name -> (local file, raw name, file)
     for file in safetensors_files(model_dir):
       local = _local_copy(file, scratch)
-      with safe_open(local, framework="np") as reader:
-        raw_names = list(reader.keys())
+      try:
+        with safe_open(local, framework="np") as reader:
+          raw_names = list(reader.keys())
+      except SafetensorError as e:  # truncated or not a safetensors file at all
+        raise ValueError(f"{file}: cannot read it as safetensors ({e})") from None
       for raw_name in raw_names:
         name = canonical_hf_name(raw_name)
         if name not in maps:

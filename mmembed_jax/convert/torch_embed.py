@@ -101,6 +101,8 @@ def load(export_dir: str, *, attention: Optional[str] = None, pooling: Optional[
   """Loads an exported directory with transformers; options default to its mmembed.json."""
   import torch  # pylint: disable=g-import-not-at-top
   import transformers  # pylint: disable=g-import-not-at-top
+  from mmembed_jax.convert.hf_import import safetensors_files  # pylint: disable=g-import-not-at-top
+  safetensors_files(export_dir)  # refuses a directory mixing two exports, as the JAX loader does
   record = {}
   record_path = os.path.join(export_dir, "mmembed.json")
   if os.path.exists(record_path):

@@ -23,6 +23,7 @@ One batch (this process's share, L = global_batch_size / process_count), nested 
   dataset_index  int32 [L]     the row's source, by its place in `sources`
   example_ids    int32 [L]     dataset_index * 2**26 + row index (mixture.example_id)
   bad_records    int32 [L]     1 where the row was bad
+  bad_messages   str [L]       "FILE:LINE: why" of a bad row, "" otherwise (bad_records.py)
 
 An absent sequence (a missing hard negative, every sequence of a bad row) is all padding:
 pad_id in input_ids, zeros everywhere else (segment_ids 0: no token). Its embedding means
@@ -35,9 +36,10 @@ show other negatives; fewer than K leaves the rest absent with negative_mask 0.
 Truncation: a side's text past its length is cut at the end. Its images are never cut: a row
 whose sampled sequences' images do not fit their side's token, patch or image budget, or that
 cannot be read (malformed JSON, missing fields, a missing or corrupt image, a marker count that
-does not match the images) is a bad row: it stays in the batch with valid 0, bad_records 1,
-absent sequences, and a warning naming FILE:LINE and why (logged by the process that encodes
-it, a worker when num_workers > 0).
+does not match the images, text the tokenizer rejects: any exception while encoding it) is a bad
+row: it stays in the batch with valid 0, bad_records 1, absent sequences, and its FILE:LINE and
+why in bad_messages, which the trainer logs when it takes the batch. A source whose last 1000
+rows (max_consecutive_bad) were all bad stops the run with one DataError line naming it.
 
 Resume: `iter(ds).get_state()` is a small JSON-able dict; `set_state` on a fresh iterator of the
 same dataset (same arguments and num_workers) continues with exactly the same batches. The
@@ -53,6 +55,8 @@ import numpy as np
 
 from mmembed_jax.data import collate, cpt_pipeline, images as images_lib, mixture, pairs
 from mmembed_jax.data import task_batching as task_batching_lib
+from mmembed_jax.data import bad_records
+from mmembed_jax.data.bad_records import BadRecord
 from mmembed_jax.data import rows as rows_lib
 from mmembed_jax.models import inputs
 
@@ -98,8 +102,8 @@ class PairEncoder:
       example = self.sequences.encode_sequence(side["text"], side["images"], shape.length,
                                                shape.max_patches, shape.max_images,
                                                cut_images=False)
-    except cpt_pipeline.BadRecord as e:
-      raise cpt_pipeline.BadRecord(f"{what}: {e}") from e
+    except BadRecord as e:
+      raise BadRecord(f"{what}: {e}") from e
     return rows_lib.EncodedRow(input_ids=example["input_ids"], patches=example["pixel_patches"],
                                grid_thw=example["image_grid_thw"], positions=example["positions"],
                                source=f"{where} {what}")
@@ -120,7 +124,7 @@ class PairEncoder:
   def encode(self, pair: Mapping[str, Any], example_id: int, epoch: int):
     """(query, positive, negatives, negative_mask) of a pair record; raises BadRecord."""
     if pair.get("error"):
-      raise cpt_pipeline.BadRecord(pair["error"])
+      raise BadRecord(pair["error"])
     where = pair["where"]
     query = self._encode(pair["query"], self.query_shape, "query", where)
     positive = self._encode(pair["positive"], self.target_shape, "positive", where)
@@ -134,7 +138,7 @@ class PairEncoder:
 
   def _row(self, query: rows_lib.EncodedRow, positive: rows_lib.EncodedRow,
            negatives: Sequence[rows_lib.EncodedRow], negative_mask: np.ndarray, valid: int,
-           target_modal: int, dataset_index: int, example_id: int, bad: int) -> Dict[str, Any]:
+           target_modal: int, dataset_index: int, example_id: int, bad: str) -> Dict[str, Any]:
     """The batch row of encoded sequences and bookkeeping (see the module docstring)."""
     row = {"query": {k: v[0] for k, v in self._collate([query], self.query_shape).items()},
            "positive": {k: v[0] for k, v in self._collate([positive], self.target_shape).items()}}
@@ -143,27 +147,30 @@ class PairEncoder:
       row["negative_mask"] = negative_mask
     row.update(valid=np.int32(valid), target_modal=np.int32(target_modal),
                dataset_index=np.int32(dataset_index), example_ids=np.int32(example_id),
-               bad_records=np.int32(bad))
+               bad_records=np.int32(bool(bad)))
+    row[bad_records.MESSAGES] = bad_records.join_messages([bad] if bad else [])
     return row
 
-  def empty_row(self, dataset_index: int = -1, example_id: int = -1, bad: int = 0,
+  def empty_row(self, dataset_index: int = -1, example_id: int = -1, bad: str = "",
                 where: str = "padding") -> Dict[str, Any]:
-    """A row with valid 0 whose sequences are all padding (a bad row, or batch padding)."""
+    """A row with valid 0 whose sequences are all padding (a bad row, named by `bad`, or batch
+    padding)."""
     empty = _empty_sequence(where)
     return self._row(empty, empty, [empty] * self.num_negatives,
                      np.zeros((self.num_negatives,), np.int32), 0, 0, dataset_index, example_id,
                      bad)
 
   def __call__(self, slot: Mapping[str, Any]) -> Dict[str, Any]:
-    """The batch row of a sampled slot; a bad row is logged and kept with valid 0."""
+    """The batch row of a sampled slot; a bad row is kept with valid 0 and named."""
     i, example_id = int(slot["dataset_index"]), int(slot["example_id"])
-    pair = self.sources[i][int(slot["record_index"])]
+    where = f"source '{self.sources[i].name}' row {int(slot['record_index']) + 1}"
     try:
+      pair = self.sources[i][int(slot["record_index"])]
+      where = pair["where"]
       query, positive, negatives, mask = self.encode(pair, example_id, int(slot["epoch"]))
-    except cpt_pipeline.BadRecord as e:
-      log.warning("bad pair row (kept with valid=0) %s: %s", pair["where"], e)
-      return self.empty_row(i, example_id, bad=1, where=pair["where"])
-    return self._row(query, positive, negatives, mask, 1, pair["target_modal"], i, example_id, 0)
+    except Exception as e:  # pylint: disable=broad-except  # any failure of one row marks it bad
+      return self.empty_row(i, example_id, bad=bad_records.describe(where, e), where=where)
+    return self._row(query, positive, negatives, mask, 1, pair["target_modal"], i, example_id, "")
 
 
 def open_pair_sources(
@@ -241,13 +248,15 @@ def cl_dataset(sources: Any, tokenizer_dir: str, global_batch_size: int, seed: i
                min_pixels: int, max_pixels: int, task_batching: bool = True,
                num_workers: int = 0, read_threads: int = 4, read_buffer: Optional[int] = None,
                worker_buffer: int = 2, process_index: Optional[int] = None,
-               process_count: Optional[int] = None) -> grain.IterDataset:
+               process_count: Optional[int] = None,
+               max_consecutive_bad: int = bad_records.MAX_CONSECUTIVE) -> grain.IterDataset:
   """This process's endless dataset of contrastive batches (see the module docstring)."""
   # sources: {name: dict(path (file, glob or list), kind (jsonl | parquet, default jsonl),
   #   format (mmeb | mmE5), weight (default 1), cap (default all rows), image_root,
   #   query_template, target_template, target_modal)}, e.g. a ConfigDict; pairs.py explains the
   #   pair settings. read_threads / read_buffer: batches encoded at once / kept ahead (default
   #   read_threads), per worker. process_index / process_count default to JAX's.
+  #   max_consecutive_bad: bad rows in a row from one source that stop the run (DataError).
   if process_index is None or process_count is None:
     import jax  # pylint: disable=g-import-not-at-top
     process_index, process_count = jax.process_index(), jax.process_count()
@@ -264,7 +273,25 @@ def cl_dataset(sources: Any, tokenizer_dir: str, global_batch_size: int, seed: i
   ds = ds.batch(sampler.local_batch_size, drop_remainder=True)
   ds = ds.to_iter_dataset(grain.ReadOptions(num_threads=read_threads,
                                             prefetch_buffer_size=read_buffer or read_threads))
-  return cpt_pipeline.with_worker_processes(ds, num_workers, worker_buffer)
+  ds = cpt_pipeline.with_worker_processes(ds, num_workers, worker_buffer)
+  return ds.map(_BadSourceCheck([source.name for source in opened], max_consecutive_bad))
+
+
+class _BadSourceCheck:
+  """Passes batches through; DataError once a source's last `limit` rows were all bad."""
+
+  def __init__(self, names: Sequence[str], limit: int):
+    self.names, self.check = list(names), bad_records.ConsecutiveBadCheck(limit)
+
+  def __call__(self, batch: Dict[str, Any]) -> Dict[str, Any]:
+    for index, bad, message in zip(batch["dataset_index"], batch["bad_records"],
+                                   batch[bad_records.MESSAGES]):
+      name = self.names[int(index)]
+      if bad:
+        self.check.bad(name, str(message))
+      else:
+        self.check.good(name)
+    return batch
 
 
 def _stack(rows: Sequence[Mapping[str, Any]]) -> Dict[str, Any]:
@@ -294,6 +321,8 @@ def cl_eval_batches(sources: Any, tokenizer_dir: str, batch_size: int, *,
            for r in range(min(len(source), max_rows_per_dataset))]
   with concurrent.futures.ThreadPoolExecutor(max(1, read_threads)) as pool:
     rows = list(pool.map(encoder, slots))
+  for message in bad_records.split_messages(np.array([row[bad_records.MESSAGES] for row in rows])):
+    log.warning("held-out set: skipped bad row %s", message)
   batches = []
   for start in range(0, len(rows), batch_size):
     chunk = rows[start:start + batch_size]

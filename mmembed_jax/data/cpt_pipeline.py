@@ -15,19 +15,21 @@ One batch (this process's share, local_batch = global_batch_size / process_count
   image_grid_thw                     int32 [local_batch, max_images, 3]
   example_ids                        int32 [local_batch, max_segments]  (-1 unused)
   bad_records                        int32 [local_batch]  records skipped (sum it for a metric)
+  bad_messages                       str [local_batch]    their "FILE:LINE: why" lines
 
 Truncation: text past `length` is cut; an image that does not fit what is left of the token,
 patch or image budget is cut before its `<|vision_start|>`, with every later image. A record
 whose first image does not fit, or that cannot be read (malformed JSON, no 'text', a missing
-or corrupt image, a marker count that does not match its images), is a bad record: skipped,
-counted in `bad_records` and logged with its FILE:LINE (in the worker process when
-num_workers > 0). Text-only examples carry no image; text-only rows have no patches.
+or corrupt image, a marker count that does not match its images, text the tokenizer rejects:
+any exception while encoding it), is a bad record: skipped, counted in `bad_records` and named
+by FILE:LINE in `bad_messages`, which the trainer logs when it takes the batch (bad_records.py).
+A source whose every record is bad stops the run with one DataError line naming it.
+Text-only examples carry no image; text-only rows have no patches.
 
 Resume: `iter(ds).get_state()` is a small JSON-able dict; `set_state` on a fresh iterator of
 the same dataset (same arguments, same num_workers) continues with exactly the batches an
 uninterrupted iterator would have produced. Changing num_workers changes the stream.
 """
-import io
 import json
 import os
 import threading
@@ -35,17 +37,13 @@ from typing import Any, Dict, List, Mapping, Optional, Sequence
 
 import grain
 import numpy as np
-import PIL.Image
 
 from mmembed_jax.data import images as images_lib
 from mmembed_jax.data import masking, mixture, mrope, packing, sources as sources_lib
+from mmembed_jax.data.bad_records import BadRecord, describe
 from mmembed_jax.data.rows import IMAGE_MARKER, IMAGE_PAD, VIDEO_PAD, VISION_END, VISION_START
 
 SOURCE_FIELDS = {"name", "path", "kind", "weight", "cap", "options"}
-
-
-class BadRecord(ValueError):
-  """A record the pipeline skips and counts; the message says why."""
 
 
 def _read_text(path: str) -> str:
@@ -113,11 +111,9 @@ class SequenceEncoder:
       if isinstance(image, str):
         image = images_lib.load_image(image)
       elif isinstance(image, bytes):
-        with PIL.Image.open(io.BytesIO(image)) as pil_image:
-          pil_image.load()
-          image = pil_image.copy()
+        image = images_lib.decode_image(image)
       patches, grid = images_lib.preprocess_image(image, self.image_config)
-    except (OSError, ValueError, TypeError, PIL.UnidentifiedImageError) as e:
+    except Exception as e:  # pylint: disable=broad-except  # decoders raise their own types
       raise BadRecord(f"cannot read image {k} ({name}): {e}") from e
     return patches, np.asarray(grid, np.int32).reshape(3)
 
@@ -177,7 +173,8 @@ class SequenceEncoder:
 
 
 class CptEncoder(SequenceEncoder):
-  """Record -> encoded, truncated, masked example, or {"bad_record": "FILE:LINE: why"}."""
+  """Record -> encoded, truncated, masked example, or {"bad_record": "FILE:LINE: why"}; both
+  carry the record's "source" name."""
 
   def __init__(self, tokenizer_dir: str, budget: packing.PackingBudget,
                image_config: images_lib.ImageProcessingConfig, text_mask_prob: float,
@@ -203,13 +200,14 @@ class CptEncoder(SequenceEncoder):
         example["pixel_patches"].shape[0], self.never_mask, self.text_mask_prob,
         self.image_mask_prob, merge**2)
     return dict(example, mlm_mask=mlm_mask, mae_mask=mae_mask,
-                example_id=int(record["example_id"]))
+                example_id=int(record["example_id"]), source=record.get("source", "?"))
 
   def __call__(self, record: Mapping[str, Any]) -> Dict[str, Any]:
     try:
       return self.encode(record)
-    except BadRecord as e:
-      return {packing.BAD_RECORD: f"{record.get('where', '?')}: {e}"}
+    except Exception as e:  # pylint: disable=broad-except  # any failure of one record skips it
+      return {packing.BAD_RECORD: describe(record.get("where", "?"), e),
+              "source": record.get("source", "?")}
 
 
 def _image_name(image: Any) -> str:

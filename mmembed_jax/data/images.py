@@ -29,6 +29,7 @@ from typing import Any, Mapping, Sequence, Union
 
 import numpy as np
 import PIL.Image
+import PIL.ImageOps
 
 try:
   from etils import epath
@@ -365,14 +366,20 @@ def num_merged_tokens(grid_thw: Union[Sequence[int], np.ndarray], merge_size: in
   return t * h * w // merge_size**2
 
 
+def decode_image(data: bytes) -> PIL.Image.Image:
+  """Encoded image bytes -> an RGB PIL image, turned upright by its EXIF orientation (as
+  transformers' `load_image` does), transparency composited onto white."""
+  with PIL.Image.open(io.BytesIO(data)) as image:
+    image.load()
+    return _pil_to_rgb(PIL.ImageOps.exif_transpose(image))
+
+
 def load_image(path: Union[str, os.PathLike]) -> PIL.Image.Image:
-  """Opens a local or gs:// image file as an RGB PIL image (transparency composited onto white)."""
+  """Opens a local or gs:// image file with `decode_image`; ValueError naming the file."""
   try:
     with _as_path(path).open("rb") as f:
       data = f.read()
-    with PIL.Image.open(io.BytesIO(data)) as image:
-      image.load()
-      return _pil_to_rgb(image)
+    return decode_image(data)
   except ImportError:
     raise
   except Exception as e:  # pylint: disable=broad-except  # storage backends raise their own types

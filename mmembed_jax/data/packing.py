@@ -17,6 +17,7 @@ A packed row has the batch contract of `models/inputs.py` plus the masks:
   image_grid_thw   int32 [max_images, 3]     grid of the row's i-th image at slot i - 1
   example_ids      int32 [max_segments]      example id of segment s at s - 1, -1 unused
   bad_records      int32 []                  inputs skipped while this row's group was read
+  bad_messages     str                       their "FILE:LINE: why" lines (bad_records.py)
 
 Packing (like grain's FirstFitPackIterDataset): up to `num_bins` open rows; each example goes
 to the first row where it fits all four budgets (tokens, patches, images, segments); the first
@@ -25,7 +26,8 @@ opens the next group. The iterator state is {"group_parent": the parent's state 
 group's first input, "emitted": rows of the group already emitted}: no pixels, a few numbers.
 `set_state` restores the parent there and re-reads (re-decodes) the group, so a resumed
 iterator emits exactly what an uninterrupted one would. The skipped inputs of a group are
-counted on its first row and logged (with FILE:LINE) when that row is emitted.
+counted on its first row and named there (`bad_messages`), for the consumer to log. A source
+whose last `max_consecutive_bad` inputs were all bad stops the stream with a DataError.
 """
 import dataclasses
 import logging
@@ -34,6 +36,7 @@ from typing import Any, Dict, List, Mapping, Optional, Sequence
 import grain
 import numpy as np
 
+from mmembed_jax.data import bad_records
 from mmembed_jax.models import inputs
 
 log = logging.getLogger(__name__)
@@ -136,7 +139,7 @@ class PackIterDataset(grain.IterDataset):
   """Packs the parent's encoded examples into rows of `budget`'s fixed shape, first fit."""
 
   def __init__(self, parent: grain.IterDataset, budget: PackingBudget, num_bins: int,
-               max_consecutive_bad: int = 1000):
+               max_consecutive_bad: int = bad_records.MAX_CONSECUTIVE):
     super().__init__(parent)
     if num_bins < 1:
       raise ValueError(f"packing: num_bins must be >= 1, found {num_bins}")
@@ -158,7 +161,7 @@ class PackIterator(grain.DatasetIterator):
                max_consecutive_bad: int):
     super().__init__(parent)
     self._budget, self._num_bins = budget, num_bins
-    self._max_consecutive_bad = max_consecutive_bad
+    self._bad_check = bad_records.ConsecutiveBadCheck(max_consecutive_bad)
     self._restart(self._parent.get_state(), skip=0)
 
   def _restart(self, group_parent: Any, skip: int) -> None:
@@ -181,7 +184,6 @@ class PackIterator(grain.DatasetIterator):
   def _read_group(self) -> None:
     """Reads inputs until a group is complete; fills self._rows (StopIteration at the end)."""
     bins: List[_Bin] = []
-    consecutive_bad = 0
     pending = [self._carry] if self._carry is not None else []
     self._carry = None
     while True:
@@ -199,14 +201,12 @@ class PackIterator(grain.DatasetIterator):
             raise
           self._next_group_parent = state_before
           break
+        source = element.get("source", "?")
         if BAD_RECORD in element:
           self._bad.append(element[BAD_RECORD])
-          consecutive_bad += 1
-          if consecutive_bad > self._max_consecutive_bad:
-            raise RuntimeError(f"packing: {consecutive_bad} bad records in a row, the last: "
-                               f"{self._bad[-3:]}; is the data or its configuration broken?")
+          self._bad_check.bad(source, element[BAD_RECORD])
           continue
-        consecutive_bad = 0
+        self._bad_check.good(source)
         example, size = element, example_size(element)
       target = next((b for b in bins if b.fits(size, self._budget)), None)
       if target is None and len(bins) < self._num_bins:
@@ -223,7 +223,7 @@ class PackIterator(grain.DatasetIterator):
     self._rows = [layout_row(b.examples, self._budget) for b in bins]
     for i, row in enumerate(self._rows):
       row["bad_records"] = np.int32(len(self._bad) if i == 0 else 0)
-    self._rows[0]["bad_messages"] = self._bad
+      row[bad_records.MESSAGES] = bad_records.join_messages(self._bad if i == 0 else ())
     self._bad = []
 
   def __next__(self) -> Dict[str, np.ndarray]:
@@ -236,8 +236,6 @@ class PackIterator(grain.DatasetIterator):
       if not self._rows:
         self._advance_group()
     row = self._rows.pop(0)
-    for message in row.pop("bad_messages", ()):
-      log.warning("skipped bad record %s", message)
     self._emitted += 1
     if not self._rows:
       self._advance_group()

@@ -18,7 +18,8 @@ separator, as Qwen2-VL's chat template puts images right before the text); a row
 must have exactly one marker per image, and any other count is an error. No chat template and no
 other special tokens are added (the tokenizer runs with add_special_tokens=False), and the text
 may not contain the vision tokens literally. Inputs longer than max_length are an error here;
-nothing is silently truncated.
+nothing is silently truncated. So is an empty row (no text, no image), a line that is not UTF-8
+and text the tokenizer rejects (a lone surrogate such as "\ud800", which JSON allows).
 
 Errors name the row as "row R (line L) of FILE" (both 1-based) and say what was expected vs found.
 """
@@ -104,8 +105,13 @@ def validate_row(row: Any, where: str = "row") -> None:
 def _read_jsonl(path: str) -> List[Tuple[int, Dict[str, Any]]]:
   """Returns (1-based line number, validated row) for every non-blank line of a JSONL file."""
   rows = []
-  with open(path, "r", encoding="utf-8") as f:
-    for line_no, line in enumerate(f, start=1):
+  with open(path, "rb") as f:
+    for line_no, data in enumerate(f, start=1):
+      try:
+        line = data.decode("utf-8")
+      except UnicodeDecodeError as e:
+        raise ValueError(f"{path}: line {line_no}: not UTF-8 ({e.reason} at byte {e.start})"
+                         ) from None
       if not line.strip():
         continue
       try:
@@ -180,7 +186,11 @@ def tokenize_with_images(text: str, grid_thw: Any, tokenizer: Any, merge_size: i
       count = t * h * w // (merge_size * merge_size)
       ids += [special[VISION_START]] + [special[IMAGE_PAD]] * count + [special[VISION_END]]
     if piece:
-      piece_ids = tokenizer.encode(piece, add_special_tokens=False)
+      try:
+        piece_ids = tokenizer.encode(piece, add_special_tokens=False)
+      except Exception as e:  # pylint: disable=broad-except  # e.g. a lone surrogate: TypeError
+        raise ValueError(f"{where}: the tokenizer rejects the text ({type(e).__name__}: {e}); "
+                         f"expected valid Unicode text") from None
       for token_id in piece_ids:
         if token_id in reserved:
           raise ValueError(f"{where}: text contains the reserved token {reserved[token_id]!r}; "
@@ -232,6 +242,8 @@ def encode_row(row: Dict[str, Any], tokenizer: Any, image_config: Any, max_lengt
   merge_size = int(getattr(image_config, "merge_size", 2))  # image_config may be None without images
   input_ids = tokenize_with_images(row["text"], grid_thw, tokenizer, merge_size, where)
   n = input_ids.shape[0]
+  if n == 0:
+    raise ValueError(f"{where} is empty: no text and no image; expected at least one of them")
   if n > max_length:
     num_image_tokens = int(np.prod(grid_thw, axis=-1).sum()) // (merge_size * merge_size)
     detail = f" ({num_image_tokens} of them image tokens)" if paths else ""

@@ -165,7 +165,7 @@ def build_demo(out_dir: str, family: str = "qwen2_5_vl", seed: int = 0) -> Dict[
   token_ids = {k: v for k, v in ids.items() if k not in ("pad_token_id", "eos_token_id")}
   config = tiny_config(family, attention=DEMO_EMBEDDING["attention"], **token_ids)
   export_hf(config, random_params(config, seed), paths["model"], source_dir=tokenizer_dir,
-            embedding=DEMO_EMBEDDING)
+            embedding=DEMO_EMBEDDING, overwrite=True)
   with open(os.path.join(paths["model"], "preprocessor_config.json"), "w", encoding="utf-8") as f:
     json.dump(ImageProcessingConfig(**DEMO_PIXELS).to_preprocessor_config(), f, indent=2)
 

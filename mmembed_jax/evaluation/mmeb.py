@@ -12,8 +12,9 @@ A dataset is a table (JSONL or Parquet) at DIR/NAME.jsonl, DIR/NAME.parquet or D
 Candidate 0 is the ground truth. Each dataset's candidates are encoded once, however many rows
 share them (MMEB's classification rows all hold the same labels), and queries and candidates go
 through the embedder sorted by size, so batches of similar shapes share compiled programs. A row
-that cannot be read (bad JSON, a missing field, a missing image) is skipped, counted and named by
-FILE:LINE. Scores: P@1 per dataset (`metrics.mmeb_precision_at_1`: ties go to the earlier
+that cannot be read (bad JSON, not UTF-8, a missing field, a missing image, an unreadable
+Parquet file) or whose query or one of whose candidates cannot be embedded (a truncated image,
+say) is skipped, counted and named by FILE:LINE. Scores: P@1 per dataset (`metrics.mmeb_precision_at_1`: ties go to the earlier
 candidate, as in VLM2Vec), the mean of its datasets per meta-task, and the mean of all datasets
 overall (VLM2Vec's "overall"), all as fractions in [0, 1]. The meta-task of a dataset comes from
 `mmembed_jax.data.mmeb.MMEB_EVAL`, or for other datasets from DIR/meta_tasks.json ({name: task}).
@@ -23,7 +24,7 @@ import json
 import logging
 import os
 import time
-from typing import Any, Callable, Dict, List, Optional, Sequence
+from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple
 
 import numpy as np
 from etils import epath
@@ -34,7 +35,9 @@ from mmembed_jax.evaluation import metrics, tables
 
 log = logging.getLogger(__name__)
 
-EmbedFn = Callable[[Sequence[Dict[str, Any]]], np.ndarray]  # rows {"text", "images"} -> [rows, d]
+# rows {"text", "images", "where"} -> (embeddings [rows, d], {row index: why it failed}), e.g.
+# JaxEmbedder.try_embed_rows; the rows that failed are left out of the scores.
+EmbedFn = Callable[[Sequence[Dict[str, Any]]], Tuple[np.ndarray, Dict[int, str]]]
 META_TASKS_FILE = "meta_tasks.json"
 
 
@@ -43,7 +46,7 @@ class MmebDataset:
   """One dataset's rows, ready to embed: queries, unique candidates, each row's candidate ids."""
   name: str
   meta_task: str
-  queries: List[Dict[str, Any]]  # row-convention rows {"text", "images"}
+  queries: List[Dict[str, Any]]  # row-convention rows {"text", "images", "where"}
   candidates: List[Dict[str, Any]]  # distinct candidates of the whole dataset
   row_candidates: List[np.ndarray]  # per query: indices into `candidates`, truth first
   bad_rows: List[str]  # "FILE:LINE: why"
@@ -115,13 +118,13 @@ def read_dataset(name: str, path: str, image_root: str, meta_task: str,
         dataset.bad_rows.append(f"{where}: {e}")
         continue
       ids = []
-      for candidate in candidates:
+      for k, candidate in enumerate(candidates):
         key = (candidate["text"], tuple(candidate["images"]))
         if key not in keys:
           keys[key] = len(dataset.candidates)
-          dataset.candidates.append(candidate)
+          dataset.candidates.append(dict(candidate, where=f"{where}: candidate {k}"))
         ids.append(keys[key])
-      dataset.queries.append(query)
+      dataset.queries.append(dict(query, where=where))
       dataset.row_candidates.append(np.asarray(ids, np.int64))
   return dataset
 
@@ -131,26 +134,39 @@ def _size(row: Dict[str, Any]) -> tuple:
   return (len(row["images"]), len(row["text"]))
 
 
-def embed_sorted(embed: EmbedFn, rows: Sequence[Dict[str, Any]]) -> np.ndarray:
-  """embed(rows) with rows sent in size order (fewer padded tokens and batch shapes), in input order."""
+def embed_sorted(embed: EmbedFn, rows: Sequence[Dict[str, Any]]
+                 ) -> Tuple[np.ndarray, Dict[int, str]]:
+  """embed(rows) with rows sent in size order (fewer padded tokens and batch shapes), returned
+  in input order: (embeddings [rows, d], {input index: why it failed})."""
   order = sorted(range(len(rows)), key=lambda i: _size(rows[i]))
-  out = np.empty((len(rows), 0), np.float32)
+  out, errors = np.empty((len(rows), 0), np.float32), {}
   if rows:
-    embedded = embed([rows[i] for i in order])
+    embedded, sorted_errors = embed([rows[i] for i in order])
     out = np.empty_like(embedded)
     out[order] = embedded
-  return out
+    errors = {order[i]: why for i, why in sorted_errors.items()}
+  return out, errors
 
 
 def score_dataset(embed: EmbedFn, dataset: MmebDataset) -> Dict[str, Any]:
-  """P@1 of one dataset and what it took (rows, distinct candidates, seconds)."""
+  """P@1 of one dataset and what it took (rows, distinct candidates, seconds); rows whose query
+  or a candidate could not be embedded join `dataset.bad_rows`."""
   start = time.perf_counter()
-  vectors = embed_sorted(embed, dataset.queries + dataset.candidates)
+  vectors, errors = embed_sorted(embed, dataset.queries + dataset.candidates)
   queries, candidates = vectors[:len(dataset.queries)], vectors[len(dataset.queries):]
-  scores = [candidates[ids] @ query for query, ids in zip(queries, dataset.row_candidates)]
+  scores = []
+  for q, (query, ids) in enumerate(zip(queries, dataset.row_candidates)):
+    failed = [errors[q]] if q in errors else []
+    failed += [errors[len(queries) + c] for c in ids if len(queries) + c in errors][:1]
+    if failed:
+      dataset.bad_rows.append(failed[0] if q in errors else
+                              f"{dataset.queries[q]['where']}: a candidate cannot be embedded "
+                              f"({failed[0]})")
+      continue
+    scores.append(candidates[ids] @ query)
   hits = metrics.mmeb_precision_at_1(scores) if scores else np.zeros(0, bool)
   return {"precision_at_1": float(np.mean(hits)) if len(hits) else float("nan"),
-          "meta_task": dataset.meta_task, "rows": len(dataset.queries),
+          "meta_task": dataset.meta_task, "rows": len(scores),
           "candidates_encoded": len(dataset.candidates), "bad_rows": len(dataset.bad_rows),
           "seconds": time.perf_counter() - start}
 
@@ -191,11 +207,11 @@ def evaluate_mmeb(embed: EmbedFn, root: str, datasets: Optional[Sequence[str]] =
   for name in names:
     dataset = read_dataset(name, found[name], image_root,
                            mmeb_data.meta_task_of(name, overrides), max_rows)
+    details[name] = score_dataset(embed, dataset)
     for bad in dataset.bad_rows[:5]:
       log.warning("skipped %s", bad)
     if len(dataset.bad_rows) > 5:
       log.warning("%s: %d bad rows in all", name, len(dataset.bad_rows))
-    details[name] = score_dataset(embed, dataset)
     log.info("%s: P@1 %.4f (%d rows, %d candidates encoded, %.1fs)", name,
              details[name]["precision_at_1"], details[name]["rows"],
              details[name]["candidates_encoded"], details[name]["seconds"])

@@ -25,19 +25,31 @@ def table_files(path: str) -> List[str]:
 
 
 def read_table(path: str) -> Iterator[Tuple[str, Optional[dict], Optional[str]]]:
-  """(where, row or None, None or why the row cannot be read) for every row of a table file."""
+  """(where, row or None, None or why the row cannot be read) for every row of a table file.
+
+  A Parquet file that cannot be read at all (truncated, say) is one entry naming the file.
+  """
   if path.endswith(".parquet"):
     import pyarrow.parquet as pq  # pylint: disable=g-import-not-at-top
-    with epath.Path(path).open("rb") as f:
-      rows = pq.read_table(f).to_pylist()
+    try:
+      with epath.Path(path).open("rb") as f:
+        rows = pq.read_table(f).to_pylist()
+    except Exception as e:  # pylint: disable=broad-except  # Arrow raises its own types
+      yield path, None, f"cannot read the Parquet file ({type(e).__name__}: {e})"
+      return
     for number, row in enumerate(rows, start=1):
       yield f"{path}:row {number}", row, None
     return
-  with epath.Path(path).open("r") as f:
-    for line_no, line in enumerate(f, start=1):
+  with epath.Path(path).open("rb") as f:
+    for line_no, data in enumerate(f, start=1):
+      where = f"{path}:{line_no}"
+      try:
+        line = data.decode("utf-8")
+      except UnicodeDecodeError as e:
+        yield where, None, f"not UTF-8 ({e.reason} at byte {e.start})"
+        continue
       if not line.strip():
         continue
-      where = f"{path}:{line_no}"
       try:
         row = json.loads(line)
       except json.JSONDecodeError as e:

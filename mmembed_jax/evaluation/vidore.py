@@ -11,8 +11,9 @@ The corpus is embedded block by block; each block's embeddings are split over th
 folded into a running top-k per query (`topk.StreamingTopK`), so no device (and no host) ever
 holds the whole corpus's embeddings. Ties rank the earlier corpus row first. NDCG uses linear
 gains and 1/log2(rank + 1) discounts (pytrec_eval, as ViDoRe and MTEB compute it); queries
-without a relevant page are left out and counted. Rows that cannot be read (or whose image is
-missing) are skipped, counted and named by FILE:LINE.
+without a relevant page are left out and counted. Rows that cannot be read (bad JSON, not UTF-8,
+a missing image, an unreadable Parquet file) or embedded (a truncated image, say) are skipped,
+counted and named by FILE:LINE.
 """
 import csv
 import logging
@@ -29,7 +30,8 @@ from mmembed_jax.evaluation import metrics, tables, topk
 
 log = logging.getLogger(__name__)
 
-EmbedFn = Callable[[Sequence[Dict[str, Any]]], np.ndarray]  # rows {"text", "images"} -> [rows, d]
+# rows {"text", "images", "where"} -> (embeddings [rows, d], {row index: why it failed}).
+EmbedFn = Callable[[Sequence[Dict[str, Any]]], Tuple[np.ndarray, Dict[int, str]]]
 QUERY_TEMPLATE = "Find a document image that answers the question: {text}"
 DOCUMENT_TEMPLATE = IMAGE_MARKER + "\nRepresent the given document image."
 K_VALUES = (1, 5, 10)
@@ -110,7 +112,7 @@ def read_dataset(directory: str, query_template: str, document_template: str, im
       if not text:
         raise ValueError("field 'query' is empty")
       query_ids.append(tables.string_field(row, "query-id"))
-      queries.append({"text": query_template.format(text=text), "images": []})
+      queries.append({"text": query_template.format(text=text), "images": [], "where": where})
     except ValueError as e:
       bad.append(f"{where}: {e}")
   corpus_ids, corpus = [], []
@@ -120,23 +122,31 @@ def read_dataset(directory: str, query_template: str, document_template: str, im
         raise ValueError(error)
       path = _image_file(row.get("image"), directory, image_cache, len(corpus))
       corpus_ids.append(tables.string_field(row, "corpus-id"))
-      corpus.append({"text": document_template, "images": [path]})
+      corpus.append({"text": document_template, "images": [path], "where": where})
     except ValueError as e:
       bad.append(f"{where}: {e}")
   return query_ids, queries, corpus_ids, corpus, _read_qrels(directory, bad), bad
 
 
 def search(embed: EmbedFn, queries: Sequence[dict], corpus: Sequence[dict], mesh: Any, k: int,
-           block_rows: int) -> Tuple[np.ndarray, np.ndarray]:
-  """(scores [queries, k], corpus indices [queries, k]) of the top k, best first (-1: none)."""
+           block_rows: int, bad: List[str]) -> Tuple[np.ndarray, np.ndarray, np.ndarray]:
+  """(scores [queries, k], corpus indices [queries, k], embedded [queries] bool) of the top k,
+  best first (-1: none). Queries and pages that cannot be embedded are left out, named in `bad`."""
   search_topk = topk.StreamingTopK(mesh, k)
-  search_topk.reset(embed(queries))
+  query_vectors, errors = embed(queries)
+  bad += errors.values()
+  embedded = np.ones(len(queries), bool)
+  embedded[list(errors)] = False
+  search_topk.reset(np.where(embedded[:, None], query_vectors, 0.0))
   for start in range(0, len(corpus), block_rows):
-    block = embed(corpus[start:start + block_rows])  # [block, d]
+    block, errors = embed(corpus[start:start + block_rows])  # [block, d]
+    bad += errors.values()
     ids = np.arange(start, start + len(block), dtype=np.int32)
+    ids[list(errors)] = -1  # never ranked
     # Every block padded to one shape: one compiled merge for the whole corpus.
-    search_topk.update(*topk.shard_block(mesh, block, ids, rows=block_rows))
-  return search_topk.result()
+    search_topk.update(*topk.shard_block(mesh, np.nan_to_num(block), ids, rows=block_rows))
+  scores, indices = search_topk.result()
+  return scores, indices, embedded
 
 
 def evaluate_vidore(embed: EmbedFn, root: str, mesh: Any, datasets: Optional[Sequence[str]] = None,
@@ -155,14 +165,15 @@ def evaluate_vidore(embed: EmbedFn, root: str, mesh: Any, datasets: Optional[Seq
     with tempfile.TemporaryDirectory(prefix="mmembed_vidore_") as image_cache:
       query_ids, queries, corpus_ids, corpus, qrels, bad = read_dataset(
           found[name], query_template, document_template, image_cache)
+      _, indices, embedded = search(embed, queries, corpus, mesh, max(k_values), block_rows, bad)
       for line in bad[:5]:
         log.warning("skipped %s", line)
-      _, indices = search(embed, queries, corpus, mesh, max(k_values), block_rows)
-    ranked = {q: [corpus_ids[i] for i in row if i >= 0] for q, row in zip(query_ids, indices)}
+    ranked = {q: [corpus_ids[i] for i in row if i >= 0]
+              for q, row, ok in zip(query_ids, indices, embedded) if ok}
     unknown = sorted(set(qrels) - set(ranked))
     qrels = {q: rel for q, rel in qrels.items() if q in ranked}  # judged queries that were read
-    scores: Dict[str, Any] = {"queries": len(queries), "corpus": len(corpus), "bad_rows": len(bad),
-                              "unjudged_or_unread_queries": len(unknown)}
+    scores: Dict[str, Any] = {"queries": int(np.sum(embedded)), "corpus": len(corpus),
+                              "bad_rows": len(bad), "unjudged_or_unread_queries": len(unknown)}
     for k in k_values:
       ndcg, recall = metrics.ndcg_at_k(ranked, qrels, k), metrics.recall_at_k(ranked, qrels, k)
       scores[f"ndcg_at_{k}"], scores[f"recall_at_{k}"] = ndcg.mean, recall.mean

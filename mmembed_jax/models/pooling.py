@@ -8,9 +8,15 @@ POOLINGS = ("mean", "last", "ctoken")
 
 
 def l2_normalize(x: jax.Array, eps: float = 1e-12) -> jax.Array:
-  """x / max(||x||, eps) along the last axis, in float32."""
+  """x / max(||x||, eps) along the last axis, in float32; a zero vector stays zero.
+
+  The norm is taken as rsqrt(max(sum x^2, eps^2)), not max(sqrt(sum x^2), eps): the gradient of
+  sqrt at 0 is infinite, and 0 * inf made every masked (all-padding, mean-pooled to zero) slot
+  of a contrastive batch turn the whole gradient into NaN.
+  """
   x = x.astype(jnp.float32)
-  return x / jnp.maximum(jnp.linalg.norm(x, axis=-1, keepdims=True), eps)
+  squared = jnp.sum(x * x, axis=-1, keepdims=True)
+  return x * jax.lax.rsqrt(jnp.maximum(squared, eps * eps))
 
 
 def pool(hidden: jax.Array, segment_ids: jax.Array, method: str,

@@ -202,7 +202,7 @@ def build_input(config: ml_collections.ConfigDict, model_config: ModelConfig) ->
 
 
 # Keys the input adds for the host only; the trainer drops them before the step.
-HOST_ONLY = ("bad_records", "example_ids")
+HOST_ONLY = ("bad_records", "bad_messages", "example_ids")
 
 
 def batch_row(config: ml_collections.ConfigDict, model_config: ModelConfig) -> dict:

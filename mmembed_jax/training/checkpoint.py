@@ -1,16 +1,26 @@
-"""Orbax checkpoints of a run: params, optimiser state, RNG and the data iterator, as separate items.
+"""Orbax checkpoints of a run: params, optimiser state, RNG and the input's state, as separate items.
 
 Saves are asynchronous; `keep` last checkpoints are kept plus every `keep_period`-th. A
 restore takes the target shardings, so a run can continue on a different mesh. Orbax writes
 into a temporary directory and renames it when complete: a crash or kill mid-save leaves the
 previous checkpoint as the latest.
+
+The `data` item (JSON, written by process 0) is `input_item(...)`: every process's Grain
+iterator state (gathered from all processes, since each reads its own share of the input) and
+the run's count of bad records so far, so a resumed run continues both.
 """
+import json
+import logging
 from typing import Any, Optional
 
 import jax
 import ml_collections
+import numpy as np
 from etils import epath
+from jax.experimental import multihost_utils
 import orbax.checkpoint as ocp
+
+log = logging.getLogger(__name__)
 
 from mmembed_jax.training.train_step import TrainState
 
@@ -24,9 +34,41 @@ def make_manager(directory: str, ckpt: ml_collections.ConfigDict) -> ocp.Checkpo
   return ocp.CheckpointManager(directory, options=options)
 
 
+def _gather_json(value: Any) -> list:
+  """[value of process 0, value of process 1, ...]: a JSON-able value from every process."""
+  if jax.process_count() == 1:
+    return [value]
+  encoded = np.frombuffer(json.dumps(value).encode(), np.uint8)
+  sizes = multihost_utils.process_allgather(np.int32(encoded.size))  # [processes]
+  padded = np.zeros(int(np.max(sizes)), np.uint8)
+  padded[:encoded.size] = encoded
+  gathered = multihost_utils.process_allgather(padded)  # [processes, longest]
+  return [json.loads(row[:size].tobytes()) for row, size in zip(gathered, sizes)]
+
+
+def input_item(iterator_state: Any, bad_records: int) -> dict:
+  """The `data` item: every process's iterator state and the run's bad-record count (all
+  processes must call this together)."""
+  return {"iterators": _gather_json(iterator_state), "bad_records": int(bad_records)}
+
+
+def split_input_item(item: Optional[dict]) -> tuple[Any, int]:
+  """(this process's iterator state or None, bad records so far) of a restored `data` item."""
+  if item is None:
+    return None, 0
+  if "iterators" not in item:  # written before the item held all processes' states
+    return item, 0
+  states = item["iterators"]
+  if len(states) != jax.process_count():
+    log.warning("the checkpoint holds the input state of %d processes, this run has %d: every "
+                "process resumes from process 0's", len(states), jax.process_count())
+    return states[0], int(item.get("bad_records", 0))
+  return states[jax.process_index()], int(item.get("bad_records", 0))
+
+
 def save(manager: ocp.CheckpointManager, state: TrainState, data_state: Optional[dict],
          force: bool = False) -> bool:
-  """Starts saving `state` (and the iterator state) at its step; returns whether a save started."""
+  """Starts saving `state` (and the `input_item`) at its step; returns whether a save started."""
   step = int(jax.device_get(state.step))
   items = dict(params=ocp.args.StandardSave(state.params),
                opt_state=ocp.args.StandardSave(state.opt_state),

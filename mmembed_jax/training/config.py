@@ -4,6 +4,7 @@ Recipes (configs/*.py) start from `default_config()` and override fields; the `o
 `input` sections are free-form (each builder checks its own fields).
 """
 import math
+import re
 from typing import Any
 
 import ml_collections
@@ -64,14 +65,63 @@ def mesh_devices(config: ml_collections.ConfigDict, devices: list) -> list:
   return list(devices[:count])
 
 
+# field -> (what it must be, test): numbers a run cannot train with are refused before it starts.
+_RANGES = {
+    "total_steps": ("an integer >= 1", lambda v: _is_int(v) and v >= 1),
+    "log_every": ("an integer >= 1", lambda v: _is_int(v) and v >= 1),
+    "grad_accum_steps": ("an integer >= 1", lambda v: _is_int(v) and v >= 1),
+    "checkpoint.every": ("an integer >= 1", lambda v: _is_int(v) and v >= 1),
+    "checkpoint.keep": ("an integer >= 1", lambda v: _is_int(v) and v >= 1),
+    "checkpoint.keep_period": ("an integer >= 0 (0: none)", lambda v: _is_int(v) and v >= 0),
+    "eval.every": ("an integer >= 0 (0: off)", lambda v: _is_int(v) and v >= 0),
+    "optimizer.lr": ("a number > 0", lambda v: _is_number(v) and v > 0),
+    "optimizer.warmup_ratio": ("a number in [0, 1]", lambda v: _is_number(v) and 0 <= v <= 1),
+    "optimizer.end_lr_ratio": ("a number >= 0", lambda v: _is_number(v) and v >= 0),
+    "optimizer.b1": ("a number in [0, 1)", lambda v: _is_number(v) and 0 <= v < 1),
+    "optimizer.b2": ("a number in [0, 1)", lambda v: _is_number(v) and 0 <= v < 1),
+    "optimizer.eps": ("a number > 0", lambda v: _is_number(v) and v > 0),
+    "optimizer.weight_decay": ("a number >= 0", lambda v: _is_number(v) and v >= 0),
+    "optimizer.max_grad_norm": ("a number >= 0 (0: no clipping)",
+                                lambda v: _is_number(v) and v >= 0),
+    "optimizer.decay": ("one of 'linear', 'cosine', 'constant'",
+                        lambda v: v in ("linear", "cosine", "constant")),
+    "sharding.max_replicated_share": ("a number in [0, 1]",
+                                      lambda v: _is_number(v) and 0 <= v <= 1),
+}
+
+
+def _is_int(value: Any) -> bool:
+  return isinstance(value, int) and not isinstance(value, bool)
+
+
+def _is_number(value: Any) -> bool:
+  return _is_int(value) or (isinstance(value, float) and math.isfinite(value))
+
+
+def _check_ranges(config: ml_collections.ConfigDict) -> None:
+  """ValueError naming the first field outside its range (_RANGES), or a freeze regex that
+  does not compile."""
+  for name, (expected, ok) in _RANGES.items():
+    value = config
+    for key in name.split("."):
+      value = value[key]
+    if not ok(value):
+      raise ValueError(f"{name}={value!r}: expected {expected}")
+  try:
+    re.compile(config.optimizer.freeze)
+  except re.error as e:
+    raise ValueError(f"optimizer.freeze={config.optimizer.freeze!r} is not a valid regular "
+                     f"expression ({e})") from None
+
+
 def validate(config: ml_collections.ConfigDict, devices: list) -> None:
-  """Raises ValueError (one line) on unknown fields, a mesh that doesn't fit, a bad batch size."""
+  """Raises ValueError (one line) on unknown fields, values out of range, a mesh that doesn't
+  fit, a bad batch size."""
   unknown = _unknown_fields(config, default_config())
   if unknown:
     raise ValueError(f"unknown config field(s): {', '.join(unknown)}")
+  _check_ranges(config)
   devices = mesh_devices(config, devices)
-  if config.total_steps <= 0:
-    raise ValueError(f"total_steps must be positive, got {config.total_steps}")
   slices = num_slices(devices)
   dcn = resolve_axis_sizes(config.mesh.dcn, slices, "mesh.dcn")
   ici = resolve_axis_sizes(config.mesh.ici, len(devices) // slices, "mesh.ici")

@@ -133,13 +133,15 @@ def load_trained(path: str, *, dtype: Optional[str] = None, mesh: Any = None) ->
 
 
 def export_trained(path: str, out_dir: str, *, dtype: Optional[str] = None,
-                   max_shard_bytes: int = 2 * 1024**3) -> TrainedModel:
+                   max_shard_bytes: int = 2 * 1024**3, overwrite: bool = False) -> TrainedModel:
   """Writes a run's backbone as a Hugging Face directory (safetensors, config.json, tokenizer,
-  preprocessor_config.json, mmembed.json); dtype casts on write (default: the run's)."""
+  preprocessor_config.json, mmembed.json); dtype casts on write (default: the run's);
+  overwrite replaces a non-empty `out_dir` (checked before the checkpoint is read)."""
   from mmembed_jax.convert import hf_export  # pylint: disable=g-import-not-at-top
+  hf_export.check_target(out_dir, overwrite)
   model = load_trained(path)
   hf_export.export_hf(model.config, model.params, out_dir, source_dir=model.tokenizer_dir,
                       embedding=dict(model.embedding, source_run=model.workdir, step=model.step),
                       dtype=dtype, preprocessor=model.image_config.to_preprocessor_config(),
-                      max_shard_bytes=max_shard_bytes)
+                      max_shard_bytes=max_shard_bytes, overwrite=overwrite)
   return model

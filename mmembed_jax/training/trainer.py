@@ -13,12 +13,15 @@ import flax.linen as nn
 import jax
 import ml_collections
 import numpy as np
+from jax.experimental import multihost_utils
 
+from mmembed_jax.data import bad_records
 from mmembed_jax.models.embedder import dummy_batch
 from mmembed_jax.models.vlm import VisionLanguageModel
 from mmembed_jax.parallel import sharding as sharding_lib
 from mmembed_jax.parallel.mesh import make_mesh
 from mmembed_jax.training import builders, checkpoint, flops, metrics as metrics_lib
+from mmembed_jax.training import workdir as workdir_lib
 from mmembed_jax.training.config import mesh_devices, validate
 from mmembed_jax.training.sharded_state import StateLayout, state_layout
 from mmembed_jax.training.train_step import TrainState, create_state, make_update_fn
@@ -46,9 +49,18 @@ class _StopRequest:
 
 def train(config: ml_collections.ConfigDict, workdir: str) -> dict:
   """Runs (or resumes) training to `config.total_steps`; returns the last logged metrics."""
-  # ----- Config, checked before anything compiles.
+  # ----- Config, checked before anything compiles; the workdir, locked before anything is written.
   validate(config, jax.devices())
-  os.makedirs(workdir, exist_ok=True)
+  lock = workdir_lib.lock(workdir)
+  try:
+    return _train(config, workdir)
+  finally:
+    if lock is not None:
+      lock.release()
+
+
+def _train(config: ml_collections.ConfigDict, workdir: str) -> dict:
+  """`train` once the config is valid and the workdir is this run's."""
   if jax.process_index() == 0:
     with open(os.path.join(workdir, "config.json"), "w") as f:
       f.write(config.to_json_best_effort(indent=2))
@@ -72,8 +84,10 @@ def train(config: ml_collections.ConfigDict, workdir: str) -> dict:
   # ----- Checkpoints: resume, else initial weights (random, HF directory or another run).
   manager = checkpoint.make_manager(os.path.abspath(builders.checkpoint_dir(workdir)),
                                     config.checkpoint)
+  bad_before = 0  # bad records the run skipped before this launch (from the checkpoint)
   if manager.latest_step() is not None:
-    state, data_state = checkpoint.restore(manager, layout.abstract_state)
+    state, data_item = checkpoint.restore(manager, layout.abstract_state)
+    data_state, bad_before = checkpoint.split_input_item(data_item)
     if data_state is not None:
       data_iter.set_state(data_state)
     log.info("resumed from step %d", int(state.step))
@@ -103,13 +117,15 @@ def train(config: ml_collections.ConfigDict, workdir: str) -> dict:
   stop = _StopRequest()
   peak = flops.peak_flops_per_device(jax.devices()[0])
   last_scalars: dict = {}
-  bad_records = 0  # skipped by this process's input pipeline since this run started
+  bad_here = 0  # skipped by this process's input pipeline since this launch started
   window_start, window_steps, window_tokens = time.time(), 0, 0
   try:
     for step in range(start_step + 1, config.total_steps + 1):
       local = next(data_iter)
-      bad_records += int(np.sum(local.pop("bad_records", 0)))
-      local.pop("example_ids", None)  # host-side bookkeeping only
+      bad_here += int(np.sum(local.get("bad_records", 0)))
+      for message in bad_records.split_messages(local.get(bad_records.MESSAGES)):
+        log.warning("skipped bad record %s", message)  # named once, when its batch is used
+      local = {k: v for k, v in local.items() if k not in builders.HOST_ONLY}
       if train_step is None:
         train_step = layout.jit_step(update, local)
       batch = jax.tree.map(
@@ -123,6 +139,7 @@ def train(config: ml_collections.ConfigDict, workdir: str) -> dict:
       stopping = stop.requested  # read once: a SIGTERM arriving later waits for the next step
       will_save = step == config.total_steps or stopping or manager.should_save(step)
       if step % config.log_every == 0 or will_save:
+        bad_total = bad_before + _sum_over_processes(bad_here)
         scalars = metrics_lib.host_scalars(step_metrics)
         bad = metrics_lib.first_non_finite(scalars)
         if bad:
@@ -130,7 +147,7 @@ def train(config: ml_collections.ConfigDict, workdir: str) -> dict:
               f"step {step}: {bad} is {scalars[bad]}; stopping. The last good checkpoint "
               f"(step {manager.latest_step()}) is kept in {builders.checkpoint_dir(workdir)}")
         elapsed = time.time() - window_start
-        scalars["bad_records"] = bad_records
+        scalars["bad_records"] = bad_total
         scalars.update(_throughput(model_config, local, window_steps, window_tokens, elapsed,
                                    peak, mesh.size, objective))
         writer.write(step, scalars)
@@ -141,7 +158,7 @@ def train(config: ml_collections.ConfigDict, workdir: str) -> dict:
         last_scalars.update(evaluate(step))
         window_start += time.time() - eval_start  # throughput counts training time only
       if will_save:
-        checkpoint.save(manager, state, data_iter.get_state(),
+        checkpoint.save(manager, state, checkpoint.input_item(data_iter.get_state(), bad_total),
                         force=step == config.total_steps or stopping)
       if stopping:
         log.warning("SIGTERM: saved step %d, exiting", step)
@@ -199,6 +216,13 @@ def initial_state(config: ml_collections.ConfigDict, model_config, objective,
 
   with in_context():
     return jax.jit(init, out_shardings=state_shardings)(jax.random.key(config.seed))
+
+
+def _sum_over_processes(count: int) -> int:
+  """`count` summed over every process of the run."""
+  if jax.process_count() == 1:
+    return count
+  return int(np.sum(multihost_utils.process_allgather(np.int64(count))))
 
 
 def _throughput(model_config, local_batch, steps: int, tokens: int, elapsed: float,

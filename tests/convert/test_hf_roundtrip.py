@@ -349,3 +349,73 @@ def test_put_called_once_per_parameter_with_final_array(scan_layers, tiny_hf_dir
       stacked += 1
   assert (stacked > 0) == scan_layers
   assert _max_tree_diff(params, plain) == 0
+
+
+def _scaled(params, factor):
+  """params with every leaf multiplied by `factor` (another step's weights, say)."""
+  return jax.tree.map(lambda x: np.asarray(x) * factor, params)
+
+
+def test_export_replaces_a_directory_whole_and_never_leaves_a_mixture(tiny_hf_dirs, tmp_path):
+  """An earlier sharded export, then a single-file export of other weights into the same
+  directory: refused without overwrite; with it, the directory holds only the new export (no
+  old index or shards, which our loader preferred over the new file) and every loader reads the
+  new weights. A directory mixing the two layouts is refused by both loaders; an export that
+  fails half way leaves the previous export untouched and no temporary directory behind."""
+  from mmembed_jax import torch_embed
+  source = tiny_hf_dirs["qwen2_5_vl"]
+  config, params = import_hf(source)
+  target = tmp_path / "export"
+  hf_export.export_hf(config, params, str(target), source_dir=source, max_shard_bytes=SMALL_SHARD)
+  assert "model.safetensors.index.json" in os.listdir(target)
+  newer = _scaled(params, 0.5)
+  with pytest.raises(ValueError, match=r"is not empty; choose an empty directory or pass "
+                                       r"--overwrite"):
+    hf_export.export_hf(config, newer, str(target), source_dir=source)
+  hf_export.export_hf(config, newer, str(target), source_dir=source, overwrite=True)
+  assert not [n for n in os.listdir(target) if n.startswith("model-") or n.endswith(".index.json")]
+  assert sorted(os.listdir(tmp_path)) == ["export"]  # no staging or old directory left
+  assert _max_tree_diff(import_hf(str(target))[1], newer) == 0
+  reloaded = _hf_model(str(target)).state_dict()
+  key = "model.language_model.embed_tokens.weight"
+  np.testing.assert_array_equal(reloaded[key].numpy(),
+                                np.asarray(newer["embed_tokens"]["embedding"]))
+
+  # A mixture made by hand (as an export that did not swap would have left it): refused.
+  mixed = tmp_path / "mixed"
+  shutil.copytree(target, mixed)
+  hf_export.export_hf(config, params, str(tmp_path / "sharded"), max_shard_bytes=SMALL_SHARD)
+  for name in os.listdir(tmp_path / "sharded"):
+    if name.startswith("model-") or name.endswith(".index.json"):
+      shutil.copy(tmp_path / "sharded" / name, mixed)
+  for load in (import_hf, torch_embed.load):
+    with pytest.raises(ValueError, match="holds both model.safetensors and "
+                                         "model.safetensors.index.json"):
+      load(str(mixed))
+
+  # A failure half way through writing: the previous export stays as it was.
+  before = {n: (target / n).read_bytes() for n in os.listdir(target)}
+  broken = dict(newer, language_model=dict(newer["language_model"],
+                                           norm={"scale": np.zeros((3,), np.float32)}))
+  with pytest.raises(ValueError, match="cannot reshape"):
+    hf_export.export_hf(config, broken, str(target), overwrite=True)
+  assert {n: (target / n).read_bytes() for n in os.listdir(target)} == before
+  assert sorted(os.listdir(tmp_path)) == ["export", "mixed", "sharded"]
+
+
+def test_export_target_that_is_a_file_is_refused(tiny_hf_dirs, tmp_path):
+  config, params = import_hf(tiny_hf_dirs["qwen2_vl"])
+  (tmp_path / "file").write_text("not a directory")
+  with pytest.raises(ValueError, match=r"export target .*file is a file, not a directory"):
+    hf_export.export_hf(config, params, str(tmp_path / "file"))
+
+
+def test_truncated_safetensors_is_one_error_naming_the_file(tiny_hf_dirs, tmp_path):
+  source = tiny_hf_dirs["qwen2_vl"]
+  broken = tmp_path / "broken"
+  shutil.copytree(source, broken)
+  shard = sorted(n for n in os.listdir(broken) if n.endswith(".safetensors"))[0]
+  data = (broken / shard).read_bytes()
+  (broken / shard).write_bytes(data[:len(data) // 2])
+  with pytest.raises(ValueError, match=f"{shard}: cannot read it as safetensors"):
+    import_hf(str(broken))

@@ -8,7 +8,7 @@ import shutil
 import numpy as np
 import pytest
 
-from mmembed_jax.data import cl_pipeline, demo_data, images, mixture, mrope, rows
+from mmembed_jax.data import bad_records, cl_pipeline, demo_data, images, mixture, mrope, rows
 from mmembed_jax.models import inputs
 
 from pipeline_checks import assert_same, take
@@ -93,13 +93,14 @@ def test_batches_have_the_documented_keys_shapes_and_dtypes(demo, tokenizer_dir)
               "positive": {k: (4,) + v for k, v in target.items()},
               "negative": {k: (4, 2) + v for k, v in target.items()},
               "negative_mask": (4, 2), "valid": (4,), "target_modal": (4,), "dataset_index": (4,),
-              "example_ids": (4,), "bad_records": (4,)}
+              "example_ids": (4,), "bad_records": (4,), "bad_messages": (4,)}
   shapes = {k: ({kk: vv.shape for kk, vv in v.items()} if isinstance(v, dict) else v.shape)
             for k, v in batch.items()}
   assert shapes == expected
   for key, value in batch.items():
     for name, array in (value.items() if isinstance(value, dict) else [(key, value)]):
-      assert array.dtype == (np.float32 if name == "pixel_patches" else np.int32), (key, name)
+      expected_dtype = {"pixel_patches": np.float32, "bad_messages": np.dtype("<U1")}
+      assert array.dtype == expected_dtype.get(name, np.int32), (key, name)
   inputs.check_batch(batch["query"])
   inputs.check_batch(batch["positive"])
   inputs.check_batch({k: v.reshape((8,) + v.shape[2:]) for k, v in batch["negative"].items()})
@@ -172,28 +173,47 @@ def test_bad_rows_stay_in_the_batch_marked_and_named(demo, tokenizer_dir, tmp_pa
            json.dumps({"qry": "long " * 100 + "<image>", "qry_image_path": "scene.png",
                        "pos_text": "x"}),  # the image does not fit after the text
            json.dumps({"qry": "negative missing", "pos_text": "x", "neg_text": ["n"],
-                       "neg_image_path": ["gone.png"]})]
+                       "neg_image_path": ["gone.png"]}),
+           json.dumps({"qry": "a lone surrogate \ud800", "pos_text": "x"})]  # legal JSON
   path.write_text("\n".join(lines) + "\n")
   sources = {"bad": dict(path=str(path))}
   with caplog.at_level(logging.WARNING, logger="mmembed_jax.data.cl_pipeline"):
-    batch = next(iter(_dataset(sources, tokenizer_dir, global_batch_size=5)))
+    batch = next(iter(_dataset(sources, tokenizer_dir, global_batch_size=6)))
+  assert not caplog.records  # named in the batch, for the trainer to log once it is used
   by_line = {int(e) + 1: row for row, e in enumerate(batch["example_ids"])}  # dataset 0: id = row
-  assert sorted(by_line) == [1, 2, 3, 4, 5]  # a batch never holds a row twice
-  assert [batch["valid"][by_line[line]] for line in range(1, 6)] == [1, 0, 0, 0, 0]
-  assert [batch["bad_records"][by_line[line]] for line in range(1, 6)] == [0, 1, 1, 1, 1]
-  warnings = [r.getMessage() for r in caplog.records]
+  assert sorted(by_line) == [1, 2, 3, 4, 5, 6]  # a batch never holds a row twice
+  assert [batch["valid"][by_line[line]] for line in range(1, 7)] == [1, 0, 0, 0, 0, 0]
+  assert [batch["bad_records"][by_line[line]] for line in range(1, 7)] == [0, 1, 1, 1, 1, 1]
+  assert batch["bad_messages"][by_line[1]] == ""
   reasons = {2: "positive: cannot read image 0", 3: "malformed JSON",
-             4: "does not fit the budget (length 96", 5: "negative 0: cannot read image 0"}
+             4: "does not fit the budget (length 96", 5: "negative 0: cannot read image 0",
+             6: "TypeError"}
   for line, reason in reasons.items():
-    named = [w for w in warnings if f"{path}:{line}: " in w]
-    assert named and all(reason in w for w in named), (line, warnings)  # read ahead: 1 or 2
     row = by_line[line]
+    named = str(batch["bad_messages"][row])
+    assert named.startswith(f"{path}:{line}: ") and reason in named, (line, named)
     for side in ("query", "positive", "negative"):
       assert not batch[side]["segment_ids"][row].any()
       assert not batch[side]["pixel_patches"][row].any()
     assert batch["target_modal"][row] == 0 and not batch["negative_mask"][row].any()
   good = by_line[1]
   assert batch["positive"]["segment_ids"][good].sum() > 0 and batch["target_modal"][good] == 2
+
+
+def test_a_source_whose_every_row_is_bad_stops_the_run_naming_it(demo, tokenizer_dir, tmp_path):
+  """Beside a good source, a source of only bad rows stops the stream with one DataError line
+  naming it (task-aware batches: its batches are all bad, the good source's all good)."""
+  path = tmp_path / "broken.jsonl"
+  path.write_text("".join(json.dumps({"qry": f"q{i}", "pos_text": "x", "pos_image_path": "gone.png"})
+                          + "\n" for i in range(8)))
+  sources = dict(_sources(demo["train"]), broken=dict(path=str(path)))
+  iterator = iter(_dataset(sources, tokenizer_dir, global_batch_size=4, max_consecutive_bad=12))
+  with pytest.raises(bad_records.DataError) as error:
+    for _ in range(200):
+      next(iterator)
+  message = str(error.value)
+  assert message.startswith("source 'broken': the last 12 records read from it were all bad")
+  assert f"{path}:" in message and "positive: cannot read image 0" in message
 
 
 def test_resume_processes_and_workers_give_the_same_batches(demo, tokenizer_dir):

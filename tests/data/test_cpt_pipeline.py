@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from mmembed_jax.data import cpt_pipeline, images, mrope, packing, rows
+from mmembed_jax.data import bad_records, cpt_pipeline, images, mrope, packing, rows
 from mmembed_jax.demo import tokenizer as tokenizer_lib
 from mmembed_jax.models import inputs
 
@@ -66,6 +66,7 @@ def data(tmp_path_factory, image_dir):
       {"text": "too large", "images": ["img/big.png"]},  # line 6
       {"text": "<image> <image> two markers", "images": ["img/small.png"]},  # line 7
       {"text": _text(3, 2), "images": ["img/small.png"]},
+      {"text": "a lone surrogate \ud800 (legal JSON)"},  # line 9
   ])
   paths["root"] = str(root)
   return paths
@@ -109,9 +110,11 @@ def test_batches_follow_the_contract_with_masks_and_bookkeeping(mixed, tokenizer
   expected = {"input_ids": (4, 160), "segment_ids": (4, 160), "positions": (4, 3, 160),
               "mlm_mask": (4, 160), "pixel_patches": (4, 160, inputs.PATCH_DIM),
               "patch_image_ids": (4, 160), "mae_mask": (4, 160), "image_grid_thw": (4, 3, 3),
-              "example_ids": (4, 64), "bad_records": (4,)}
+              "example_ids": (4, 64), "bad_records": (4,), "bad_messages": (4,)}
   assert {k: v.shape for k, v in batch.items()} == expected
-  assert all(v.dtype == (np.float32 if k == "pixel_patches" else np.int32) for k, v in batch.items())
+  dtypes = {k: v.dtype.kind for k, v in batch.items()}
+  assert dtypes == {k: "f" if k == "pixel_patches" else "U" if k == "bad_messages" else "i"
+                    for k in batch} and batch["input_ids"].dtype == np.int32
   assert not batch["mlm_mask"][batch["segment_ids"] == 0].any()
   assert not batch["mae_mask"][batch["patch_image_ids"] == 0].any()
   assert (batch["segment_ids"].max(-1) == (batch["example_ids"] >= 0).sum(-1)).all()
@@ -179,18 +182,20 @@ def test_sources_may_be_a_mapping_and_bad_specs_are_named(mixed, tokenizer_dir):
     cpt_pipeline.open_sources([dict(name="x", path="a.jsonl", kind="jsonl", wieght=2)])
 
 
-def test_bad_records_are_skipped_counted_and_named(data, tokenizer_dir, caplog):
+def test_bad_records_are_skipped_counted_and_named(data, tokenizer_dir):
+  """Every kind of bad record (any exception while encoding it, the tokenizer's TypeError on a
+  lone surrogate included) is skipped, counted and named in the batch that counts it."""
   sources = [dict(name="bad", path=data["bad"], kind="jsonl")]
-  with caplog.at_level(logging.WARNING, logger="mmembed_jax.data.packing"):
-    _, batches = take(iter(_dataset(sources, tokenizer_dir, global_batch_size=2)), 6)
-  warnings = [r.getMessage() for r in caplog.records]
-  assert sum(int(b["bad_records"].sum()) for b in batches) == len(warnings) > 0
+  _, batches = take(iter(_dataset(sources, tokenizer_dir, global_batch_size=2)), 6)
+  named = bad_records.split_messages(np.array([b[bad_records.MESSAGES] for b in batches]))
+  assert sum(int(b["bad_records"].sum()) for b in batches) == len(named) > 0
   path = data["bad"]
   expected = {2: "malformed JSON", 3: "missing field 'text'", 4: "missing.png",
-              5: "corrupt.png", 6: "does not fit the budget", 7: "2 '<image>' markers"}
+              5: "corrupt.png", 6: "does not fit the budget", 7: "2 '<image>' markers",
+              9: "TypeError"}
   for line, reason in expected.items():
-    named = [w for w in warnings if f"{path}:{line}: " in w]
-    assert named and all(reason in w for w in named), (line, reason, warnings)
+    lines = [w for w in named if w.startswith(f"{path}:{line}: ")]
+    assert lines and all(reason in w for w in lines), (line, reason, named)
   packed = {int(i) for b in batches for i in b["example_ids"].ravel() if i >= 0}
   assert packed == {0, 7}  # only the good lines 1 and 8 (record indices 0 and 7)
 

@@ -361,3 +361,23 @@ def test_load_image_corrupt_file(tmp_path):
   truncated.write_bytes(truncated.read_bytes()[:200])
   with pytest.raises(ValueError, match=re.escape(f"cannot read image {truncated}: ")):
     images.load_image(truncated)
+
+
+@pytest.mark.parametrize("orientation", [3, 6, 8])
+def test_load_image_applies_exif_orientation_like_transformers(tmp_path, orientation):
+  """A JPEG whose EXIF says "rotate" (camera photos) is turned upright exactly as transformers'
+  `load_image` does (`exif_transpose`), for files and for encoded bytes (Parquet, TFDS): the
+  same pixels and the same patches from the processor."""
+  from transformers.image_utils import load_image as hf_load_image
+  path = tmp_path / f"rotated_{orientation}.jpg"
+  exif = PIL.Image.Exif()
+  exif[0x0112] = orientation  # Orientation
+  PIL.Image.fromarray(_smooth(45, 70, 15)).save(path, exif=exif, quality=95)
+  ours, theirs = images.load_image(path), hf_load_image(str(path))
+  assert ours.size == theirs.size == ((70, 45) if orientation == 3 else (45, 70))
+  np.testing.assert_array_equal(np.asarray(ours), np.asarray(theirs))
+  np.testing.assert_array_equal(np.asarray(images.decode_image(path.read_bytes())),
+                                np.asarray(theirs))
+  _assert_matches_hf(ours)
+  np.testing.assert_array_equal(images.preprocess_image(ours, DEFAULT)[0],
+                                _hf_preprocess(theirs)[0])

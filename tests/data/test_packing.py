@@ -6,7 +6,7 @@ import grain
 import numpy as np
 import pytest
 
-from mmembed_jax.data import mrope, packing
+from mmembed_jax.data import bad_records, mrope, packing
 from mmembed_jax.models import inputs
 
 IMAGE, PAD = 9, 0
@@ -138,22 +138,35 @@ def test_resume_from_state_replays_exactly():
         np.testing.assert_array_equal(expected[key], got[key], err_msg=f"{key} after row {k}")
 
 
-def test_bad_records_are_counted_once_and_logged_with_their_line(caplog):
+def test_bad_records_are_counted_once_and_named_in_the_rows(caplog):
+  """Each skipped input is counted once and named once, in the row that carries its count (the
+  trainer logs the names when it takes the batch); the packer itself logs nothing."""
   elements = _stream(120, seed=4, bad_every=10)
   with caplog.at_level(logging.WARNING, logger="mmembed_jax.data.packing"):
     rows = list(_packed(elements, BUDGET, num_bins=2))
   assert sum(int(r["bad_records"]) for r in rows) == 12
-  logged = [r.getMessage() for r in caplog.records]
-  assert len(logged) == 12
-  assert "skipped bad record data.jsonl:10: broken" in logged
+  named = bad_records.split_messages(np.array([r[bad_records.MESSAGES] for r in rows]))
+  assert named == [f"data.jsonl:{i}: broken" for i in range(10, 121, 10)]
+  assert all(len(bad_records.split_messages(r[bad_records.MESSAGES])) == r["bad_records"]
+             for r in rows)
+  assert not caplog.records
 
 
-def test_too_many_bad_records_in_a_row_stop_the_pipeline():
-  elements = [{packing.BAD_RECORD: f"x:{i}: broken"} for i in range(20)]
+def test_a_source_whose_every_record_is_bad_stops_the_pipeline_naming_it():
+  """An all-bad source stops the stream with one DataError line naming it, even when a good
+  source's records come between its bad ones."""
+  elements = []
+  for i in range(40):
+    elements.append(dict(_example(i, 3), source="good"))
+    elements.append({packing.BAD_RECORD: f"/data/broken.jsonl:{i + 1}: missing field 'text'",
+                     "source": "broken"})
   dataset = packing.PackIterDataset(grain.MapDataset.source(elements).to_iter_dataset(), BUDGET, 2,
                                     max_consecutive_bad=10)
-  with pytest.raises(RuntimeError, match="11 bad records in a row"):
-    next(iter(dataset))
+  with pytest.raises(bad_records.DataError) as error:
+    list(dataset)
+  message = str(error.value)
+  assert message.startswith("source 'broken': the last 10 records read from it were all bad")
+  assert "/data/broken.jsonl:10: missing field 'text'" in message and "\n" not in message
 
 
 def test_an_example_larger_than_a_row_is_an_error():

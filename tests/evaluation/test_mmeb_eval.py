@@ -16,13 +16,17 @@ DIM = 16
 
 
 def _embed(rows):
-  """Row -> e_k for text ending in "#k"; rows with an image add 0.5 * e_15 (then renormalised)."""
+  """Row -> e_k for text ending in "#k"; rows with an image add 0.5 * e_15 (then renormalised).
+  A row whose text holds "FAIL" cannot be embedded (as a truncated image cannot)."""
   out = np.zeros((len(rows), DIM), np.float32)
+  errors = {}
   for i, row in enumerate(rows):
     out[i, int(row["text"].rsplit("#", 1)[1])] = 1.0
     if row["images"]:
       out[i, DIM - 1] += 0.5
-  return out / np.linalg.norm(out, axis=1, keepdims=True)
+    if "FAIL" in row["text"]:
+      errors[i] = f"{row['where']}: cannot embed it"
+  return out / np.linalg.norm(out, axis=1, keepdims=True), errors
 
 
 class _Counting:
@@ -92,6 +96,31 @@ def test_mmeb_scores_dedups_and_skips_bad_rows(mmeb_dir, caplog):
   assert "ImageNet-1K" in mmeb.format_table(result)
 
 
+def test_rows_whose_query_or_candidate_cannot_be_embedded_are_skipped_and_named(tmp_path, caplog):
+  """The embed function reports the rows it could not embed (a truncated image, say): their
+  dataset rows are left out of the score, counted and named by FILE:LINE, and the evaluation
+  goes on; so are lines that are not UTF-8 and Parquet files that cannot be read."""
+  _write_jsonl(tmp_path / "ImageNet-1K.jsonl", [
+      {"qry_text": "q #1", "tgt_text": ["cat #1", "dog #2"]},  # hit
+      {"qry_text": "q FAIL #1", "tgt_text": ["cat #1", "dog #2"]},  # the query fails
+      {"qry_text": "q #3", "tgt_text": ["bird FAIL #3", "dog #2"]}])  # a candidate fails
+  with open(tmp_path / "ImageNet-1K.jsonl", "ab") as f:
+    f.write(b'{"qry_text": "caf\xe9 #1", "tgt_text": ["cat #1"]}\n')  # line 4: Latin-1
+  (tmp_path / "N24News.parquet").write_bytes(b"PAR1 truncated")
+  with caplog.at_level("WARNING"):
+    result = mmeb.evaluate_mmeb(_embed, str(tmp_path))
+  details = result["details"]["ImageNet-1K"]
+  assert (details["rows"], details["bad_rows"], details["precision_at_1"]) == (1, 3, 1.0)
+  assert (result["details"]["N24News"]["rows"], result["details"]["N24News"]["bad_rows"]) == (0, 1)
+  assert result["overall"] == 1.0  # datasets without a scored row are left out of the means
+  logged = "\n".join(r.getMessage() for r in caplog.records)
+  path = tmp_path / "ImageNet-1K.jsonl"
+  assert f"{path}:2: cannot embed it" in logged
+  assert f"{path}:3: a candidate cannot be embedded ({path}:3: candidate 0: cannot embed it)" in logged
+  assert f"{path}:4: not UTF-8" in logged
+  assert f"{tmp_path / 'N24News.parquet'}: cannot read the Parquet file" in logged
+
+
 def test_mmeb_dataset_selection_and_errors(mmeb_dir, tmp_path_factory):
   tmp_path = tmp_path_factory.mktemp("other")
   result = mmeb.evaluate_mmeb(_embed, mmeb_dir, datasets=["my_retrieval"], max_rows=1)
@@ -132,7 +161,7 @@ def test_vidore_ndcg_with_graded_and_several_relevant_pages(tmp_path):
       else:
         vector = np.eye(DIM)[axes[row["text"].rsplit(": ", 1)[1]]]
       out.append(vector / np.linalg.norm(vector))
-    return np.asarray(out, np.float32)
+    return np.asarray(out, np.float32), {}
 
   from mmembed_jax.training.trained_model import export_mesh
   result = vidore.evaluate_vidore(embed, str(root), export_mesh(), k_values=(1, 5))

@@ -66,9 +66,10 @@ class _Recorder:
     self.embed, self.calls = embed, []
 
   def __call__(self, rows):
-    out = self.embed(rows)
+    out, errors = self.embed(rows)
+    assert not errors, errors
     self.calls.append((list(rows), out))
-    return out
+    return out, errors
 
 
 def test_export_to_pytorch_embeds_and_scores_like_jax(run_dir, sample_sets, tmp_path):
@@ -77,7 +78,7 @@ def test_export_to_pytorch_embeds_and_scores_like_jax(run_dir, sample_sets, tmp_
   jax_embedder = JaxEmbedder.load(run_dir, batch_size=16)
   assert jax_embedder.step == 2 and jax_embedder.mesh.size == 8
   assert (jax_embedder.config.attention, jax_embedder.pooling) == ("bidirectional", "mean")
-  recorder = _Recorder(jax_embedder.embed_rows)
+  recorder = _Recorder(jax_embedder.try_embed_rows)
   jax_result = mmeb.evaluate_mmeb(recorder, mmeb_dir)
   compiles = len(jax_embedder.batch_shapes)
   rows = sum(len(r) for r, _ in recorder.calls)
@@ -96,12 +97,13 @@ def test_export_to_pytorch_embeds_and_scores_like_jax(run_dir, sample_sets, tmp_
   hf_embedder = JaxEmbedder.load(str(out), batch_size=16, mesh=trained_model.export_mesh())
   rows_in, jax_vectors = recorder.calls[0]
   np.testing.assert_allclose(hf_embedder.embed_rows(rows_in), jax_vectors, atol=1e-5, rtol=0)
-  torch_result = mmeb.evaluate_mmeb(torch_embedder, mmeb_dir)
+  torch_result = mmeb.evaluate_mmeb(lambda rows: (torch_embedder(rows), {}), mmeb_dir)
   assert torch_result["per_dataset"] == jax_result["per_dataset"]
   assert set(jax_result["per_task"]) == {"classification", "vqa", "retrieval", "grounding"}
 
-  jax_vidore = vidore.evaluate_vidore(jax_embedder.embed_rows, vidore_dir, jax_embedder.mesh)
-  torch_vidore = vidore.evaluate_vidore(torch_embedder, vidore_dir, jax_embedder.mesh)
+  jax_vidore = vidore.evaluate_vidore(jax_embedder.try_embed_rows, vidore_dir, jax_embedder.mesh)
+  torch_vidore = vidore.evaluate_vidore(lambda rows: (torch_embedder(rows), {}), vidore_dir,
+                                        jax_embedder.mesh)
   for name, scores in jax_vidore["per_dataset"].items():
     for key in ("ndcg_at_5", "recall_at_5"):
       assert torch_vidore["per_dataset"][name][key] == pytest.approx(scores[key], abs=1e-9)
@@ -119,6 +121,10 @@ def test_embed_and_evaluate_from_a_workdir_or_step(run_dir, sample_sets, tmp_pat
   with pytest.raises(FileNotFoundError, match="not a training run"):
     trained_model.locate(str(tmp_path))
 
+  # Damaged copies of the sample sets: a truncated query image, a line that is not UTF-8, a
+  # truncated Parquet dataset and a truncated corpus page. Each is skipped, counted and named by
+  # its file and line; the evaluation runs to the end and writes its results.
+  mmeb_dir, vidore_dir = _damaged_copies(mmeb_dir, vidore_dir, tmp_path / "damaged")
   out = tmp_path / "results.json"
   done = _run("evaluate.py", f"--model={run_dir}", f"--mmeb={mmeb_dir}", f"--vidore={vidore_dir}",
               f"--out={out}", "--batch_size=16")
@@ -127,7 +133,42 @@ def test_embed_and_evaluate_from_a_workdir_or_step(run_dir, sample_sets, tmp_pat
   assert set(result) >= {"overall", "per_task", "per_dataset", "details", "vidore", "throughput"}
   assert 0.0 <= result["overall"] <= 1.0 and "ndcg_at_5" in result["vidore"]
   assert result["throughput"]["rows_per_second"] > 0
+  details = result["details"]
+  assert (details["document_vqa"]["rows"], details["document_vqa"]["bad_rows"]) == (15, 1)
+  assert (details["shape_classification"]["rows"], details["shape_classification"]["bad_rows"]
+          ) == (16, 1)
+  assert (details["broken"]["rows"], details["broken"]["bad_rows"]) == (0, 1)
+  pages = result["vidore"]["per_dataset"]["document_pages"]
+  assert pages["bad_rows"] == 1 and pages["queries"] == 43
+  skipped = [line for line in done.stderr.splitlines() if "skipped" in line]
+  for where, why in ((f"{mmeb_dir}/document_vqa.jsonl:1: query: cannot load image 0", "truncated"),
+                     (f"{mmeb_dir}/shape_classification.jsonl:17: ", "not UTF-8"),
+                     (f"{mmeb_dir}/broken.parquet: ", "cannot read the Parquet file"),
+                     (f"{vidore_dir}/document_pages/corpus.jsonl:1: ", "cannot load image 0")):
+    assert [line for line in skipped if where in line and why in line], (where, skipped)
   print(done.stdout)
+
+
+def _damaged_copies(mmeb_dir, vidore_dir, root):
+  """Copies of the sample sets with one fault of each kind the evaluators must survive."""
+  import shutil
+  mmeb_copy, vidore_copy = root / "mmeb", root / "vidore"
+  shutil.copytree(mmeb_dir, mmeb_copy)
+  shutil.copytree(vidore_dir, vidore_copy)
+  for image in (mmeb_copy / "images" / "vqa" / "0000.png",
+                vidore_copy / "document_pages" / "images" / "000.png"):
+    image.write_bytes(image.read_bytes()[:100])
+  with open(mmeb_copy / "shape_classification.jsonl", "ab") as f:
+    f.write(b'{"qry_text": "caf\xe9 #1", "tgt_text": ["x"]}\n')  # line 17: Latin-1, not UTF-8
+  import pyarrow as pa
+  import pyarrow.parquet as pq
+  pq.write_table(pa.table({"qry_text": ["a"] * 50, "tgt_text": [["b"]] * 50}),
+                 mmeb_copy / "broken.parquet")
+  data = (mmeb_copy / "broken.parquet").read_bytes()
+  (mmeb_copy / "broken.parquet").write_bytes(data[:len(data) // 2])
+  tasks = json.loads((mmeb_copy / "meta_tasks.json").read_text())
+  (mmeb_copy / "meta_tasks.json").write_text(json.dumps(dict(tasks, broken="vqa")))
+  return str(mmeb_copy), str(vidore_copy)
 
 
 def test_two_process_export_equals_one_process(run_dir, tmp_path):

@@ -110,3 +110,56 @@ def test_bad_chunk_is_named(setup):
   with pytest.raises(ValueError, match="grad_cache_chunk=3"):
     _grads(Contrastive(config, grad_cache_chunk=3), params, batch,
            make_mesh(dict(data=2, fsdp=1, tensor=4)))
+
+
+def _empty(side, rows):
+  """`side` with the given rows (leading index tuples) made all padding, as the pipeline makes
+  an absent sequence: pad id 0, segment 0, no patch, no image."""
+  side = {k: np.array(v) for k, v in side.items()}
+  for row in rows:
+    for value in side.values():
+      value[row] = 0
+  return side
+
+
+@pytest.mark.parametrize("pooling", ["mean", "last"])
+def test_masked_slots_give_finite_gradients_and_contribute_nothing(setup, pooling):
+  """A bad pair (valid 0: its query, positive and negatives all padding), missing hard negatives
+  (negative_mask 0, all padding) and a padding query: the gradient is finite, and filling those
+  slots with real sequences instead changes neither the loss nor any gradient (rtol 1e-6).
+  Before the fix, mean pooling gave the padding slots a zero vector whose L2 normalisation had a
+  NaN gradient."""
+  config, params, batch = setup
+  mask = np.array(batch["negative_mask"])
+  mask[3] = [1, 0]  # one of K present
+  mask[5] = [0, 0]  # none
+  invalid = PAIRS - 1
+  masked_negatives = [(3, 1), (5, 0), (5, 1)] + [(invalid, k) for k in range(NEGATIVES)]
+  masked_negatives += [tuple(i) for i in np.argwhere(mask == 0)]
+  padded = dict(batch, negative_mask=mask,
+                query=_empty(batch["query"], [invalid]),
+                positive=_empty(batch["positive"], [invalid]),
+                negative=_empty(batch["negative"], masked_negatives))
+  objective = Contrastive(config, pooling=pooling, temperature=0.05, negatives="global")
+  mesh = make_mesh(dict(data=2, fsdp=2, tensor=2))
+  loss, _, grads = _grads(objective, params, padded, mesh)
+  assert np.isfinite(loss)
+  assert all(np.all(np.isfinite(g)) for g in jax.tree.leaves(grads))
+  real_loss, _, real_grads = _grads(objective, params, dict(batch, negative_mask=mask), mesh)
+  np.testing.assert_allclose(real_loss, loss, rtol=1e-6)
+  assert _max_relative_difference(real_grads, grads) <= 1e-6
+
+
+def test_l2_normalize_of_a_zero_vector_has_a_zero_gradient():
+  """Every pooling of an all-padding sequence (zero pooled vector for mean and ctoken) has a
+  finite (zero) gradient through the normalisation."""
+  import jax.numpy as jnp
+  from mmembed_jax.models.pooling import pool
+  hidden = jnp.asarray(np.random.default_rng(0).normal(size=(2, 5, 8)), jnp.float32)
+  segment_ids = jnp.asarray([[1, 1, 1, 0, 0], [0, 0, 0, 0, 0]], jnp.int32)
+  ctoken_mask = jnp.asarray([[0, 1, 1, 0, 0], [0, 0, 0, 0, 0]], jnp.int32)
+  for method in ("mean", "last", "ctoken"):
+    grad = jax.grad(lambda h: jnp.sum(pool(h, segment_ids, method, ctoken_mask) * 3.0))(hidden)
+    assert np.all(np.isfinite(grad)), method
+    if method != "last":
+      np.testing.assert_array_equal(grad[1], 0.0)

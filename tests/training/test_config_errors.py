@@ -96,7 +96,7 @@ VALIDATE_CASES = {
     "micro_batch_not_divisible": (dict(grad_accum_steps=4),
                                   "grad_accum_steps=4: global batch 16 must split into 4"),
     "num_devices_too_large": (dict(mesh__num_devices=9), "mesh.num_devices=9 must be 0 (all)"),
-    "total_steps_not_positive": (dict(total_steps=0), "total_steps must be positive"),
+    "total_steps_not_positive": (dict(total_steps=0), "total_steps=0: expected an integer >= 1"),
     "input_without_batch_size": (dict(input=dict(name="synthetic_tokens", length=32)),
                                  "input 'synthetic_tokens' has no global_batch_size"),
 }
