@@ -14,6 +14,7 @@ import pytest
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 EMBED = os.path.join(REPO, "launch", "embed.py")
 DEMO = os.path.join(REPO, "launch", "demo.py")
+EVALUATE = os.path.join(REPO, "launch", "evaluate.py")
 TIMEOUT = 180
 
 
@@ -105,6 +106,9 @@ BAD_INPUTS = {
                        ("row 2 (line 2)", "the tokenizer rejects the text")),
     "truncated_model": (None, ("--model={model}",), ("model.safetensors", "cannot read it as "
                                                      "safetensors")),
+    # launch/evaluate.py reads its --model the same way.
+    "evaluate_truncated_model": (None, ("--model={model}",),
+                                 ("model.safetensors", "cannot read it as safetensors")),
 }
 
 
@@ -135,8 +139,12 @@ def bad_input_results(demo, tmp_path_factory):
             f.write(b"\n")
     args = [a.format(model=truncated) for a in extra]
     model = [] if any(a.startswith("--model") for a in args) else [f"--model={out}/model"]
-    commands[case] = ([EMBED, *model, f"--input={rows}", f"--output={directory}/emb.npy", *args],
-                      directory)
+    if case.startswith("evaluate_"):
+      commands[case] = ([EVALUATE, *args, f"--mmeb={out}/data", f"--out={directory}/emb.npy"],
+                        directory)
+    else:
+      commands[case] = ([EMBED, *model, f"--input={rows}", f"--output={directory}/emb.npy",
+                         *args], directory)
   with concurrent.futures.ThreadPoolExecutor(2) as pool:
     results = pool.map(lambda item: (item[0], _run(item[1][0], cache), item[1][1]),
                        commands.items())

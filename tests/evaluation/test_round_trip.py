@@ -171,6 +171,23 @@ def _damaged_copies(mmeb_dir, vidore_dir, root):
   return str(mmeb_copy), str(vidore_copy)
 
 
+def test_export_refuses_a_file_or_a_non_empty_target_in_one_line(run_dir, tmp_path):
+  """Before: a traceback for a file, and files written over an earlier export (its shards and
+  index left beside the new file)."""
+  (tmp_path / "a_file").write_text("x")
+  (tmp_path / "earlier").mkdir()
+  (tmp_path / "earlier" / "model.safetensors.index.json").write_text("{}")
+  for out, words in ((tmp_path / "a_file", "is a file, not a directory"),
+                     (tmp_path / "earlier", "is not empty; choose an empty directory or pass "
+                                            "--overwrite")):
+    done = _run("export_to_pytorch.py", f"--checkpoint={run_dir}", f"--out={out}", devices=1)
+    errors = [line for line in done.stderr.splitlines() if line.startswith("error: ")]
+    assert done.returncode == 2 and "Traceback" not in done.stderr, done.stderr[-3000:]
+    assert len(errors) == 1 and str(out) in errors[0] and words in errors[0], errors
+  assert os.listdir(tmp_path / "earlier") == ["model.safetensors.index.json"]
+  assert sorted(os.listdir(tmp_path)) == ["a_file", "earlier"]  # no staging directory left
+
+
 def test_two_process_export_equals_one_process(run_dir, tmp_path):
   """2 processes x 4 devices: each holds half the checkpoint's shards, gathers tensor by tensor;
   process 0 writes, and the files equal a 1-process export's."""

@@ -138,3 +138,32 @@ def test_init_from_another_run_loads_its_params_and_starts_at_step_zero(side_run
     assert np.array_equal(np.asarray(loaded[name]), np.asarray(value)), name
   # Its first loss is the loaded params' loss, not the random initialisation's.
   assert not math.isclose(read_metrics(workdir)[1]["loss"], losses(source)[1], rel_tol=1e-6)
+
+
+def test_a_second_run_on_a_busy_workdir_exits_2_at_once_and_writes_nothing(tmp_path, cache_dir):
+  """Process 0 locks its workdir before writing anything. Before: a second run raced the first
+  (a misleading `No such file ..._METADATA`, or duplicate steps appended to metrics.jsonl)."""
+  import os
+  import socket
+  workdir = str(tmp_path / "busy")
+  first = Run(cache_dir, train_command(workdir, "1x1x1", 100_000, ONE_DEVICE + (
+      "--config.checkpoint.every=1000",)), workdir)
+  try:
+    wait_until(first, lambda: len(metric_lines(workdir)) >= 2, "two logged steps")
+    with open(os.path.join(workdir, "config.json")) as f:
+      config = f.read()
+    second = Run(cache_dir, train_command(workdir, "1x1x1", 5, ONE_DEVICE + (
+        "--config.seed=7",)), workdir)
+    assert second.wait(120) == 2, second.output()[-3000:]
+    output = second.output()
+    errors = [line for line in output.splitlines() if line.startswith("error: ")]
+    assert len(errors) == 1 and "Traceback" not in output, output[-3000:]
+    assert f"workdir {workdir} is in use by another run (host {socket.gethostname()}, pid " \
+           f"{first.process.pid}, since " in errors[0]
+    with open(os.path.join(workdir, "config.json")) as f:
+      assert f.read() == config  # the second run (seed 7) wrote nothing
+    steps = [entry["step"] for entry in metric_lines(workdir)]
+    assert steps == sorted(set(steps))  # only the first run's lines, each step once
+    assert first.process.poll() is None  # the first run goes on
+  finally:
+    first.signal(signal.SIGKILL)

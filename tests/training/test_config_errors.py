@@ -1,4 +1,6 @@
 """A bad config fails before compiling: a one-line ValueError, or exit 2 and one CLI error line."""
+import os
+import subprocess
 import sys
 import textwrap
 
@@ -35,28 +37,90 @@ CLI_CASES = {
                           ("unknown objective 'coma'", "masked_lm")),
     "bad_objective_field": ("bad_objective_field", (),
                             ("objective 'masked_lm'", "mask_prop")),
+    # Before: accepted, and the loss exploded.
+    "negative_learning_rate": (None, ("--config.optimizer.lr=-1.0",),
+                               ("optimizer.lr=-1.0: expected a number > 0",)),
+    # Before: ZeroDivisionError tracebacks.
+    "log_every_zero": (None, ("--config.log_every=0",), ("log_every=0: expected an integer >= 1",)),
+    "checkpoint_every_zero": (None, ("--config.checkpoint.every=0",),
+                              ("checkpoint.every=0: expected an integer >= 1",)),
+    # Before: error: unknown config field '\'lrr\'\nDid you mean "lr" instead of "lrr"?'
+    "misspelt_field": (None, ("--config.optimizer.lrr=1",),
+                       ("unknown config field 'lrr' in --config.optimizer.lrr=1",
+                        'Did you mean "lr"')),
+    # Before: an 8-line and a 37-line traceback.
+    "recipe_argument_out_of_range": ("configs/moca.py:size=huge", (),
+                                     ("configs/moca.py: size must be demo, 3b or 7b, got 'huge'",)),
+    "missing_config_file": ("configs/no_such_recipe.py", (),
+                            ("config file configs/no_such_recipe.py does not exist",)),
+    # Before: tracebacks (FileExistsError, NotADirectoryError, OSError).
+    "workdir_is_a_file": (None, ("--workdir={root}/a_file",), ("workdir", "a_file is a file")),
+    "workdir_under_a_file": (None, ("--workdir={root}/a_file/run",),
+                             ("lies under", "a_file, which is a file")),
+    "workdir_read_only": (None, ("--workdir={root}/read_only/run",),
+                          ("read_only/run", "read-only file system")),
+    # Before: a SafetensorError traceback.
+    "init_from_truncated_safetensors": (None, ("--config.init_from={root}/truncated_model",),
+                                        ("truncated_model/model", "cannot read it as safetensors")),
 }
 
 
+def _read_only_directory(path) -> bool:
+  """Mounts an empty read-only tmpfs at `path`; False where this machine does not allow it."""
+  os.makedirs(path, exist_ok=True)
+  done = subprocess.run(["mount", "-t", "tmpfs", "-o", "ro,size=1m", "tmpfs", str(path)],
+                        capture_output=True, check=False)
+  return done.returncode == 0
+
+
+def _truncated_model(source, out) -> None:
+  """A copy of the HF directory `source` whose first safetensors file lost its second half."""
+  import shutil
+  shutil.copytree(source, out)
+  shard = sorted(name for name in os.listdir(out) if name.endswith(".safetensors"))[0]
+  with open(os.path.join(out, shard), "rb") as f:
+    data = f.read()
+  with open(os.path.join(out, shard), "wb") as f:
+    f.write(data[:len(data) // 2])
+
+
 @pytest.fixture(scope="module")
-def cli_results(tmp_path_factory, cache_dir):
-  """{case: CompletedProcess} of launch/tpu_train.py for every CLI case, run side by side."""
+def cli_results(tmp_path_factory, cache_dir, tiny_hf_dirs):
+  """{case: CompletedProcess} of launch/tpu_train.py for every CLI case, run side by side.
+
+  A case's recipe is one of RECIPES, a config path of the repository, or None (the demo); a
+  `--workdir=` among its arguments ({root}: this fixture's directory) replaces its own.
+  """
   root = tmp_path_factory.mktemp("config_errors")
+  (root / "a_file").write_text("not a directory")
+  _truncated_model(tiny_hf_dirs["qwen2_5_vl"], root / "truncated_model")
+  read_only = _read_only_directory(root / "read_only")
   commands = {}
   for case, (recipe, extra, _) in CLI_CASES.items():
     config = DEMO
-    if recipe is not None:
+    if recipe in RECIPES:
       config = str(root / f"{recipe}.py")
       with open(config, "w") as f:
         f.write(f"from mmembed_jax.training.config import default_config as base\n\n\n"
                 f"def get_config():\n{textwrap.indent(textwrap.dedent(RECIPES[recipe]), '  ')}\n")
-    commands[case] = [sys.executable, TRAIN,
-                      f"--config={config}", f"--workdir={root / case}", *extra]
-  return dict(zip(commands, run_commands(cache_dir, list(commands.values()))))
+    elif recipe is not None:
+      config = recipe
+    extra = [arg.format(root=root) for arg in extra]
+    workdir = [] if any(a.startswith("--workdir=") for a in extra) else [f"--workdir={root / case}"]
+    commands[case] = [sys.executable, TRAIN, f"--config={config}", *workdir, *extra]
+  if not read_only:
+    commands.pop("workdir_read_only")
+  try:
+    yield dict(zip(commands, run_commands(cache_dir, list(commands.values()))))
+  finally:
+    if read_only:
+      subprocess.run(["umount", str(root / "read_only")], check=False)
 
 
 @pytest.mark.parametrize("case", sorted(CLI_CASES))
 def test_launcher_reports_a_config_error_in_one_line_with_status_2(case, cli_results):
+  if case not in cli_results:
+    pytest.skip("this machine cannot mount a read-only file system")
   result = cli_results[case]
   assert result.returncode == 2, result.stderr[-3000:]
   assert "Traceback" not in result.stderr
@@ -64,6 +128,7 @@ def test_launcher_reports_a_config_error_in_one_line_with_status_2(case, cli_res
   assert len(errors) == 1, result.stderr[-3000:]
   for words in CLI_CASES[case][2]:
     assert words in errors[0], errors[0]
+  assert "\\" not in errors[0], errors[0]  # no escaped quotes or newlines
 
 
 def _config(**changes):
