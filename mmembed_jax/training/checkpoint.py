@@ -20,9 +20,9 @@ from etils import epath
 from jax.experimental import multihost_utils
 import orbax.checkpoint as ocp
 
-log = logging.getLogger(__name__)
-
 from mmembed_jax.training.train_step import TrainState
+
+log = logging.getLogger(__name__)
 
 
 def make_manager(directory: str, ckpt: ml_collections.ConfigDict) -> ocp.CheckpointManager:
@@ -66,15 +66,15 @@ def split_input_item(item: Optional[dict]) -> tuple[Any, int]:
   return states[jax.process_index()], int(item.get("bad_records", 0))
 
 
-def save(manager: ocp.CheckpointManager, state: TrainState, data_state: Optional[dict],
+def save(manager: ocp.CheckpointManager, state: TrainState, data_item: Optional[dict],
          force: bool = False) -> bool:
   """Starts saving `state` (and the `input_item`) at its step; returns whether a save started."""
   step = int(jax.device_get(state.step))
   items = dict(params=ocp.args.StandardSave(state.params),
                opt_state=ocp.args.StandardSave(state.opt_state),
                rng=ocp.args.StandardSave({"step": state.step, "rng": state.rng}))
-  if data_state is not None:
-    items["data"] = ocp.args.JsonSave(data_state)
+  if data_item is not None:
+    items["data"] = ocp.args.JsonSave(data_item)
   return manager.save(step, args=ocp.args.Composite(**items), force=force)
 
 

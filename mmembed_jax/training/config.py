@@ -74,7 +74,7 @@ _RANGES = {
     "checkpoint.keep": ("an integer >= 1", lambda v: _is_int(v) and v >= 1),
     "checkpoint.keep_period": ("an integer >= 0 (0: none)", lambda v: _is_int(v) and v >= 0),
     "eval.every": ("an integer >= 0 (0: off)", lambda v: _is_int(v) and v >= 0),
-    "optimizer.lr": ("a number > 0", lambda v: _is_number(v) and v > 0),
+    "optimizer.lr": ("a number >= 0", lambda v: _is_number(v) and v >= 0),
     "optimizer.warmup_ratio": ("a number in [0, 1]", lambda v: _is_number(v) and 0 <= v <= 1),
     "optimizer.end_lr_ratio": ("a number >= 0", lambda v: _is_number(v) and v >= 0),
     "optimizer.b1": ("a number in [0, 1)", lambda v: _is_number(v) and 0 <= v < 1),

@@ -39,7 +39,7 @@ CLI_CASES = {
                             ("objective 'masked_lm'", "mask_prop")),
     # Before: accepted, and the loss exploded.
     "negative_learning_rate": (None, ("--config.optimizer.lr=-1.0",),
-                               ("optimizer.lr=-1.0: expected a number > 0",)),
+                               ("optimizer.lr=-1.0: expected a number >= 0",)),
     # Before: ZeroDivisionError tracebacks.
     "log_every_zero": (None, ("--config.log_every=0",), ("log_every=0: expected an integer >= 1",)),
     "checkpoint_every_zero": (None, ("--config.checkpoint.every=0",),
