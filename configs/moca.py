@@ -30,11 +30,14 @@ source's `query_template` / `target_template`. The demo fine-tunes on the synthe
 (caption <-> scene, question -> document page, question -> passage) and reports held-out
 Precision@1 before training and every 50 steps.
 """
+import os
+import sys
+
 import ml_collections
 
-from mmembed_jax.data.mmeb import MMEB_TRAIN
-from mmembed_jax.training.config import (contrastive_config, default_config, demo_contrastive,
-                                           demo_pairs_input, pod_contrastive)
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))  # recipe_common.py, beside this file
+import recipe_common  # pylint: disable=wrong-import-position
+from mmembed_jax.data.mmeb import MMEB_TRAIN  # pylint: disable=wrong-import-position
 
 _SIZES = {
     # size: (preset, text mask probability, image mask probability)
@@ -63,29 +66,20 @@ def cl_sources() -> dict:
   return sources
 
 
-def _options(arg: str) -> dict:
-  options = dict(item.split("=", 1) for item in arg.split(",") if item)
-  unknown = set(options) - {"size", "stage", "lr"}
-  if unknown:
-    raise ValueError(f"configs/moca.py: unknown argument(s) {sorted(unknown)}; use size=, stage=, lr=")
-  return options
-
-
 def get_config(arg: str = "") -> ml_collections.ConfigDict:
   """MoCa config for `size` and `stage`."""
-  options = _options(arg)
-  size, stage = options.get("size", "demo"), options.get("stage", "cpt")
-  if size not in ("demo", "3b", "7b"):
-    raise ValueError(f"configs/moca.py: size must be demo, 3b or 7b, got '{size}'")
-  if stage not in ("cpt", "cl"):
-    raise ValueError(f"configs/moca.py: stage must be cpt or cl, got '{stage}'")
+  options = recipe_common.parse_args(
+      arg, "configs/moca.py", {"size": ("demo", "3b", "7b"), "stage": ("cpt", "cl"),
+                               "lr": ("paper", "code")},
+      {"size": "demo", "stage": "cpt", "lr": "paper"})
+  size, stage = options["size"], options["stage"]
   if stage == "cl":
-    return _contrastive(size, options.get("lr", "paper"))
-  config = default_config()
+    return _contrastive(size, options["lr"])
+  config = recipe_common.default_config()
   config.model.attention = "bidirectional"
   config.optimizer.update(decay="linear", warmup_ratio=0.1, end_lr_ratio=0.0, weight_decay=0.0)
-  config.objective = dict(name="moca_cpt", tokenizer_dir="", mae_weight=0.5, mlm_shift_labels=True,
-                          noise="shared", logits_chunk=512)
+  config.objective = dict(name="moca_cpt", mae_weight=0.5, mlm_shift_labels=True, noise="shared",
+                          logits_chunk=512)
   if size == "demo":
     return _demo(config)
   preset, text_mask, image_mask = _SIZES[size]
@@ -121,14 +115,13 @@ def _demo(config: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
 
 def _contrastive(size: str, lr: str) -> ml_collections.ConfigDict:
   """Stage 2: heterogeneous contrastive fine-tuning from the stage-1 run."""
-  if lr not in ("paper", "code"):
-    raise ValueError(f"configs/moca.py: lr must be paper (1e-5) or code (2e-5), got '{lr}'")
-  config = contrastive_config(pooling="mean", temperature=0.03, negatives="global")
+  config = recipe_common.contrastive_config(pooling="mean", temperature=0.03, negatives="global")
   config.model.attention = "bidirectional"
   if size == "demo":
-    config.input = demo_pairs_input(num_negatives=2, task_batching=True)
-    return demo_contrastive(config, "tiny_qwen2_5_vl")
+    config.input = recipe_common.demo_pairs_input(num_negatives=2, task_batching=True)
+    return recipe_common.demo_contrastive(config, "tiny_qwen2_5_vl")
   # One epoch: about 2M pairs / 2048.
-  return pod_contrastive(config, _SIZES[size][0], cl_sources(), global_batch_size=2048,
-                         num_negatives=2, task_batching=True, length=1280,
-                         lr=1e-5 if lr == "paper" else 2e-5, total_steps=1000)
+  return recipe_common.pod_contrastive(config, _SIZES[size][0], cl_sources(),
+                                       global_batch_size=2048, num_negatives=2, task_batching=True,
+                                       length=1280, lr=1e-5 if lr == "paper" else 2e-5,
+                                       total_steps=1000)

@@ -15,11 +15,14 @@ positive j competes for query i only when both positives have the same modality 
 (`target_modal`, text=1, image=2, video=4), query->candidate only. Prompts end in "... in one
 word:" and live in each source's templates.
 """
+import os
+import sys
+
 import ml_collections
 
-from mmembed_jax.data.mmeb import MMEB_TRAIN
-from mmembed_jax.training.config import (contrastive_config, demo_contrastive, demo_pairs_input,
-                                           pod_contrastive)
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))  # recipe_common.py, beside this file
+import recipe_common  # pylint: disable=wrong-import-position
+from mmembed_jax.data.mmeb import MMEB_TRAIN  # pylint: disable=wrong-import-position
 
 _PRESETS = {"2b": "qwen2_vl_2b", "7b": "qwen2_vl_7b"}
 TEXT_PROMPT = "{text}\nSummarize above sentence in one word:"
@@ -42,21 +45,19 @@ def _sources(stage: str) -> dict:
 
 def get_config(arg: str = "") -> ml_collections.ConfigDict:
   """UNITE config for `size` and `stage`."""
-  options = dict(item.split("=", 1) for item in arg.split(",") if item)
-  if set(options) - {"size", "stage"}:
-    raise ValueError(f"configs/unite.py: unknown argument(s) {sorted(set(options) - {'size', 'stage'})}")
-  size, stage = options.get("size", "demo"), options.get("stage", "2")
-  if size not in ("demo", "2b", "7b") or stage not in ("1", "2"):
-    raise ValueError(f"configs/unite.py: size must be demo, 2b or 7b and stage 1 or 2, got "
-                     f"'{size}', '{stage}'")
-  config = contrastive_config(pooling="last", temperature=0.03, negatives="own",
-                              symmetric=stage == "1", modality_mask=stage == "2")
+  options = recipe_common.parse_args(arg, "configs/unite.py",
+                                     {"size": ("demo", "2b", "7b"), "stage": ("1", "2")},
+                                     {"size": "demo", "stage": "2"})
+  size, stage = options["size"], options["stage"]
+  config = recipe_common.contrastive_config(pooling="last", temperature=0.03, negatives="own",
+                                            symmetric=stage == "1", modality_mask=stage == "2")
   config.model.attention = "causal"
   lr = 1e-4 if stage == "1" else 2e-5
   if size == "demo":
-    config.input = demo_pairs_input(num_negatives=0, task_batching=False)
-    config = demo_contrastive(config, "tiny_qwen2_vl")
+    config.input = recipe_common.demo_pairs_input(num_negatives=0, task_batching=False)
+    config = recipe_common.demo_contrastive(config, "tiny_qwen2_vl")
     config.optimizer.lr = lr * 10  # a tiny model from scratch learns at a larger rate
     return config
-  return pod_contrastive(config, _PRESETS[size], _sources(stage), global_batch_size=1024,
-                         num_negatives=0, task_batching=False, length=1024, lr=lr, total_steps=2000)
+  return recipe_common.pod_contrastive(config, _PRESETS[size], _sources(stage),
+                                       global_batch_size=1024, num_negatives=0,
+                                       task_batching=False, length=1024, lr=lr, total_steps=2000)

@@ -35,16 +35,19 @@ def build_run(workdir: str, preset: str, dtype: str) -> int:
   import orbax.checkpoint as ocp  # pylint: disable=g-import-not-at-top
   from mmembed_jax.models.embedder import boxed_param_shapes  # pylint: disable=g-import-not-at-top
   from mmembed_jax.parallel import sharding as sharding_lib  # pylint: disable=g-import-not-at-top
-  from mmembed_jax.training import builders, trained_model  # pylint: disable=g-import-not-at-top
-  from mmembed_jax.training.config import contrastive_config  # pylint: disable=g-import-not-at-top
-  config = contrastive_config(pooling="last")
+  from mmembed_jax import demo  # pylint: disable=g-import-not-at-top
+  from mmembed_jax.training import lineage, trained_model  # pylint: disable=g-import-not-at-top
+  from mmembed_jax.training import run as run_lib  # pylint: disable=g-import-not-at-top
+  from mmembed_jax.training.config import default_config  # pylint: disable=g-import-not-at-top
+  config = default_config()
+  config.objective = dict(name="contrastive", pooling="last")
   config.model.update(preset=preset, param_dtype=dtype, dtype=dtype)
-  config.input = dict(name="contrastive_pairs", sources="demo", global_batch_size=8,
-                      tokenizer_dir=builders.demo_tokenizer_dir())
+  resolved = lineage.Resolved(tokenizer_dir=demo.tokenizer_dir())
   os.makedirs(workdir, exist_ok=True)
   with open(os.path.join(workdir, "config.json"), "w") as f:
-    f.write(config.to_json_best_effort(indent=2))
-  model_config = builders.build_model_config(config)
+    json.dump(dict(json.loads(config.to_json_best_effort()),
+                   **{lineage.RESOLVED: resolved.to_json()}), f, indent=2)
+  model_config = run_lib.model_config(config, resolved)
   mesh = trained_model.export_mesh()
   boxed = boxed_param_shapes(model_config)
   shardings = sharding_lib.logical_shardings(boxed, mesh, sharding_lib.DEFAULT_RULES)

@@ -27,7 +27,7 @@ def build_tiny_hf_model(out_dir: str, family: str, tokenizer_dir: str, tie: bool
   import transformers
   from mmembed_jax.data.images import ImageProcessingConfig
   from mmembed_jax.demo.tiny_model import tiny_config
-  from mmembed_jax.demo.tokenizer import special_token_ids
+  from mmembed_jax.data.special_tokens import special_token_ids
   from mmembed_jax.models.config import hf_config_object
 
   tokenizer = transformers.AutoTokenizer.from_pretrained(tokenizer_dir)

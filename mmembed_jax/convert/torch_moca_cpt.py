@@ -68,7 +68,7 @@ class TorchMocaCpt(torch.nn.Module):
         image_grid_thw=batch["image_grid_thw"]).last_hidden_state  # [batch, length, embed]
 
     # MLM: logits at every position (as a Hugging Face head computes them), masked ones counted.
-    if objective.shift_labels:
+    if objective.mlm_shift_labels:
       states, targets = hidden[:, :-1], ids[:, 1:]
       weights = (mlm_mask[:, 1:] & (segments[:, 1:] == segments[:, :-1])).float()
     else:

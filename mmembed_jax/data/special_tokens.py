@@ -1,5 +1,5 @@
-"""Special tokens the objectives need beyond the Qwen-VL ones: `<|mask|>` for MoCa's MLM."""
-from typing import Any
+"""Special tokens: the Qwen-VL ids a model config needs, and `<|mask|>` for MoCa's MLM."""
+from typing import Any, Dict
 
 MASK_TOKEN = "<|mask|>"
 
@@ -24,3 +24,36 @@ def special_ids(tokenizer: Any) -> list[int]:
   ids = set(tokenizer.all_special_ids)
   ids.update(tokenizer.get_added_vocab().values())
   return sorted(ids)
+
+
+def special_token_ids(tokenizer: Any) -> Dict[str, int]:
+  """Returns the vision, pad and eos ids that HF Qwen-VL configs need, from any Qwen-VL tokenizer."""
+  names = {
+      "image_token_id": "<|image_pad|>",
+      "video_token_id": "<|video_pad|>",
+      "vision_start_token_id": "<|vision_start|>",
+      "vision_end_token_id": "<|vision_end|>",
+  }
+  ids = {key: _token_id(tokenizer, token, key) for key, token in names.items()}
+  eos = tokenizer.eos_token_id
+  if eos is None:
+    eos = _token_id(tokenizer, "<|endoftext|>", "eos_token_id")
+  pad = tokenizer.pad_token_id
+  ids["pad_token_id"] = int(eos if pad is None else pad)  # Qwen2-VL pads with <|endoftext|>
+  ids["eos_token_id"] = int(eos)
+  return ids
+
+
+def _token_id(tokenizer: Any, token: str, key: str) -> int:
+  """Returns the id of token; raises ValueError naming the token and config field if it is missing."""
+  token_id = tokenizer.convert_tokens_to_ids(token)
+  if token_id is None or tokenizer.convert_ids_to_tokens(token_id) != token:
+    raise ValueError(f"special_token_ids: tokenizer has no token {token!r} (needed for '{key}'); "
+                     f"expected a Qwen-VL tokenizer")
+  return int(token_id)
+
+
+def vision_config_ids(tokenizer: Any) -> Dict[str, int]:
+  """The vision token ids of a model config, from the run's tokenizer."""
+  ids = special_token_ids(tokenizer)
+  return {k: v for k, v in ids.items() if k not in ("pad_token_id", "eos_token_id")}

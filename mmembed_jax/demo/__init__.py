@@ -1,0 +1,57 @@
+"""The demo: a laptop-sized world in which every recipe runs, with nothing downloaded.
+
+  scenes.py, documents.py   synthetic shape scenes, document pages and passages (with hard negatives)
+  records.py                their MoCa stage-1 rows and contrastive pairs, written to the demo cache
+  eval_sets.py              small MMEB- and ViDoRe-format evaluation sets
+  tokenizer.py              a 512-token Qwen-VL-style BPE tokenizer trained on the spot
+  tiny_model.py             tiny and small Qwen2(.5)-VL architectures (`model.preset`)
+  synthetic_tokens.py       `input.name = "synthetic_tokens"`, the engine's test input
+  build.py                  launch/demo.py: a random tiny model embedding a few rows
+
+The package reaches this one only through `training/demo_entry.py`, when a config asks for the
+demo: `sources="demo"`, a demo input or a demo preset. Deleting demo/ loses the demo only.
+"""
+import os
+from typing import Any, Dict
+
+from mmembed_jax.demo.synthetic_tokens import SyntheticTokens
+from mmembed_jax.demo.tiny_model import PRESETS, preset_config
+
+INPUTS = {SyntheticTokens.name: SyntheticTokens}
+# The synthetic pairs: a training split and a held-out one (another seed).
+TRAIN_PAIRS = dict(num_scenes=192, num_documents=64, num_passages=192, seed=0, name="pairs")
+HELD_OUT_PAIRS = dict(num_scenes=48, num_documents=16, num_passages=48, seed=1, name="pairs_eval")
+
+
+def cache_dir() -> str:
+  """Where the demo's data and tokenizer are built once: $MMEMBED_DEMO_CACHE, read at each call,
+  else ~/.cache/mmembed_jax/demo."""
+  return os.environ.get("MMEMBED_DEMO_CACHE") or os.path.join(
+      os.path.expanduser("~"), ".cache", "mmembed_jax", "demo")
+
+
+def tokenizer_dir() -> str:
+  """The demo tokenizer, trained into the demo cache on first use."""
+  from mmembed_jax.demo.tokenizer import build_tokenizer  # pylint: disable=g-import-not-at-top
+  path = os.path.join(cache_dir(), "tokenizer")
+  if not os.path.exists(os.path.join(path, "tokenizer.json")):
+    build_tokenizer(path)
+  return path
+
+
+def sources(kind: str) -> Dict[str, Dict[str, Any]]:
+  """{name: source spec} of the demo's files for `kind`: "moca_cpt" (stage-1 rows),
+  "contrastive_pairs" (training pairs) or "held_out_pairs"; written on first use."""
+  from mmembed_jax.demo import records  # pylint: disable=g-import-not-at-top
+  data = os.path.join(cache_dir(), "data")
+  if kind == "moca_cpt":
+    files = records.write_demo_dataset(data, seed=0)
+    return {name: dict(path=path, kind="jsonl", weight=1.0) for name, path in files.items()}
+  if kind in ("contrastive_pairs", "held_out_pairs"):
+    files = records.write_demo_pairs(data, **(TRAIN_PAIRS if kind == "contrastive_pairs"
+                                              else HELD_OUT_PAIRS))
+    return {name: dict(path=path, kind="jsonl", format="mmeb") for name, path in files.items()}
+  raise ValueError(f"the demo has no sources for '{kind}'")
+
+
+__all__ = ["INPUTS", "PRESETS", "cache_dir", "preset_config", "sources", "tokenizer_dir"]

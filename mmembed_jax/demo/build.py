@@ -151,6 +151,7 @@ def build_demo(out_dir: str, family: str = "qwen2_5_vl", seed: int = 0) -> Dict[
   import transformers  # pylint: disable=g-import-not-at-top
   from mmembed_jax.convert.hf_export import export_hf  # pylint: disable=g-import-not-at-top
   from mmembed_jax.data.images import ImageProcessingConfig  # pylint: disable=g-import-not-at-top
+  from mmembed_jax.data import special_tokens  # pylint: disable=g-import-not-at-top
   from mmembed_jax.demo import tokenizer as tokenizer_lib  # pylint: disable=g-import-not-at-top
   from mmembed_jax.demo.tiny_model import tiny_config  # pylint: disable=g-import-not-at-top
 
@@ -161,7 +162,7 @@ def build_demo(out_dir: str, family: str = "qwen2_5_vl", seed: int = 0) -> Dict[
 
   tokenizer_dir = tokenizer_lib.build_tokenizer(os.path.join(out_dir, "tokenizer"))
   tokenizer = transformers.AutoTokenizer.from_pretrained(tokenizer_dir)
-  ids = tokenizer_lib.special_token_ids(tokenizer)
+  ids = special_tokens.special_token_ids(tokenizer)
   token_ids = {k: v for k, v in ids.items() if k not in ("pad_token_id", "eos_token_id")}
   config = tiny_config(family, attention=DEMO_EMBEDDING["attention"], **token_ids)
   export_hf(config, random_params(config, seed), paths["model"], source_dir=tokenizer_dir,

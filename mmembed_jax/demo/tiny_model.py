@@ -1,4 +1,8 @@
-"""Tiny Qwen2-VL / Qwen2.5-VL architectures for tests and the laptop demo (random weights, no hub)."""
+"""Tiny Qwen2-VL / Qwen2.5-VL architectures for tests and the laptop demo (random weights, no hub).
+
+Presets `tiny_qwen2_5_vl`, `tiny_qwen2_vl` (the demos) and `small_qwen2_5_vl`, `small_qwen2_vl`
+(launch/benchmark.py), reached from configs' `model.preset` through the demo entry.
+"""
 from mmembed_jax.models.config import ModelConfig, TextConfig, VisionConfig
 
 
@@ -36,3 +40,14 @@ def small_config(family: str = "qwen2_5_vl", **options) -> ModelConfig:
   text = TextConfig(vocab_size=576, hidden_size=768, intermediate_size=2048, num_layers=8,
                     num_heads=12, num_kv_heads=2, mrope_section=(8, 12, 12))
   return ModelConfig(family=family, vision=vision, text=text, **options)
+
+
+PRESETS = ("tiny_qwen2_5_vl", "tiny_qwen2_vl", "small_qwen2_5_vl", "small_qwen2_vl")
+
+
+def preset_config(name: str, **options) -> ModelConfig:
+  """ModelConfig of a demo preset; options are run-time switches (attention, dtype, ...)."""
+  if name not in PRESETS:
+    raise ValueError(f"unknown demo preset '{name}', expected one of {PRESETS}")
+  size, family = name.split("_", 1)
+  return (tiny_config if size == "tiny" else small_config)(family, **options)

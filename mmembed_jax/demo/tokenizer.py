@@ -9,11 +9,11 @@ special tokens appended after the learned vocabulary in Qwen2-VL's order.
 
   out_dir = build_tokenizer("/tmp/tok", vocab_size=512)
   tok = transformers.AutoTokenizer.from_pretrained(out_dir)
-  ids = special_token_ids(tok)  # {"image_token_id": ..., "pad_token_id": ..., ...}
+  ids = mmembed_jax.data.special_tokens.special_token_ids(tok)  # {"image_token_id": ...}
 """
 import itertools
 import os
-from typing import Any, Dict, List
+from typing import List
 
 # The Qwen2-VL special tokens, in the order of their ids in the real tokenizer (151643...151656).
 ENDOFTEXT = "<|endoftext|>"
@@ -98,8 +98,8 @@ def demo_corpus() -> List[str]:
                 for n in range(40)]
   # The synthetic demo data's own words (scene captions, page lines, questions, passages), so the
   # demo data tokenises into few tokens. Imported here: the data module is only needed for training.
-  from mmembed_jax.data import demo_data  # pylint: disable=g-import-not-at-top
-  sentences += demo_data.corpus_sentences()
+  from mmembed_jax.demo import records  # pylint: disable=g-import-not-at-top
+  sentences += records.corpus_sentences()
   return sentences
 
 
@@ -146,30 +146,3 @@ def build_tokenizer(out_dir: str, vocab_size: int = 512) -> str:
   os.makedirs(out_dir, exist_ok=True)
   hf_tok.save_pretrained(out_dir)
   return out_dir
-
-
-def special_token_ids(tokenizer: Any) -> Dict[str, int]:
-  """Returns the vision, pad and eos ids that HF Qwen-VL configs need, from any Qwen-VL tokenizer."""
-  names = {
-      "image_token_id": "<|image_pad|>",
-      "video_token_id": "<|video_pad|>",
-      "vision_start_token_id": "<|vision_start|>",
-      "vision_end_token_id": "<|vision_end|>",
-  }
-  ids = {key: _token_id(tokenizer, token, key) for key, token in names.items()}
-  eos = tokenizer.eos_token_id
-  if eos is None:
-    eos = _token_id(tokenizer, ENDOFTEXT, "eos_token_id")
-  pad = tokenizer.pad_token_id
-  ids["pad_token_id"] = int(eos if pad is None else pad)  # Qwen2-VL pads with <|endoftext|>
-  ids["eos_token_id"] = int(eos)
-  return ids
-
-
-def _token_id(tokenizer: Any, token: str, key: str) -> int:
-  """Returns the id of token; raises ValueError naming the token and config field if it is missing."""
-  token_id = tokenizer.convert_tokens_to_ids(token)
-  if token_id is None or tokenizer.convert_ids_to_tokens(token_id) != token:
-    raise ValueError(f"special_token_ids: tokenizer has no token {token!r} (needed for '{key}'); "
-                     f"expected a Qwen-VL tokenizer")
-  return int(token_id)

@@ -1,5 +1,7 @@
-"""Architectures by name: the published Qwen-VL sizes (for compile proofs) and the tiny demo ones."""
-from mmembed_jax.demo.tiny_model import small_config, tiny_config
+"""Architectures by name: the published Qwen-VL sizes (for compile proofs without weights).
+
+The demo's tiny and small architectures are in demo/tiny_model.py.
+"""
 from mmembed_jax.models.config import ModelConfig, TextConfig, VisionConfig
 
 _QWEN2_5_VISION = dict(depth=32, hidden_size=1280, num_heads=16, intermediate_size=3420,
@@ -22,16 +24,11 @@ _PRESETS = {
                     dict(vocab_size=152064, hidden_size=3584, intermediate_size=18944,
                          num_layers=28, num_heads=28, num_kv_heads=4), False),
 }
-PRESETS = tuple(_PRESETS) + ("tiny_qwen2_5_vl", "tiny_qwen2_vl", "small_qwen2_5_vl",
-                             "small_qwen2_vl")
+PRESETS = tuple(_PRESETS)
 
 
 def preset_config(name: str, **options) -> ModelConfig:
   """ModelConfig of a named architecture; options are run-time switches (attention, dtype, ...)."""
-  if name.startswith("tiny_"):
-    return tiny_config(name[len("tiny_"):], **options)
-  if name.startswith("small_"):
-    return small_config(name[len("small_"):], **options)
   if name not in _PRESETS:
     raise ValueError(f"unknown model preset '{name}', expected one of {PRESETS}")
   family, vision, text, tied = _PRESETS[name]

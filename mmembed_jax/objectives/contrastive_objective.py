@@ -21,7 +21,7 @@ identical (the encoder draws no random numbers).
 """
 import dataclasses
 import math
-from typing import Any, Mapping
+from typing import Any, ClassVar, Mapping, Tuple
 
 import jax
 import jax.numpy as jnp
@@ -29,6 +29,7 @@ import jax.numpy as jnp
 from mmembed_jax.models.config import ModelConfig
 from mmembed_jax.models.pooling import POOLINGS, pool
 from mmembed_jax.models.vlm import VisionLanguageModel
+from mmembed_jax.objectives.base import Objective
 from mmembed_jax.objectives.contrastive import sharded_info_nce
 from mmembed_jax.parallel.sharding import merge_rows, split_rows
 
@@ -44,8 +45,13 @@ def _batch_parallelism() -> int:
 
 
 @dataclasses.dataclass(frozen=True)
-class Contrastive:
+class Contrastive(Objective):
   """The objective: fn(params, batch, rng) -> (loss, metrics)."""
+  name: ClassVar[str] = "contrastive"
+  inputs: ClassVar[Tuple[str, ...]] = ("contrastive_pairs",)
+  uses_lm_head: ClassVar[bool] = False
+  embeds: ClassVar[bool] = True
+
   config: ModelConfig
   pooling: str = "mean"
   temperature: float = 0.03  # fixed, or the initial value when learned
@@ -54,7 +60,6 @@ class Contrastive:
   modality_mask: bool = False  # UNITE's MAMCL
   symmetric: bool = False  # (q->c + c->q) / 2
   grad_cache_chunk: int = 0  # rows per device per chunk; 0 = embed the batch in one pass
-  uses_lm_head = False  # for the trainer's FLOP count
 
   @property
   def forwards_per_step(self) -> int:
@@ -71,14 +76,23 @@ class Contrastive:
     if self.grad_cache_chunk < 0:
       raise ValueError(f"objective.grad_cache_chunk must be >= 0, got {self.grad_cache_chunk}")
 
-  def boxed_extra_shapes(self) -> dict:
+  @classmethod
+  def check_run(cls, config) -> None:
+    """Every candidate of the global batch must be in one loss: no gradient accumulation."""
+    if config.grad_accum_steps != 1:
+      raise ValueError(f"grad_accum_steps={config.grad_accum_steps}: a contrastive loss needs "
+                       f"every candidate of the global batch at once; use "
+                       f"objective.grad_cache_chunk for large batches")
+
+  def extra_param_shapes(self) -> dict:
     """{LOGIT_SCALE: scalar} when the temperature is learned (replicated), else nothing."""
     if not self.learn_temperature:
       return {}
     return {LOGIT_SCALE: jax.ShapeDtypeStruct((), jnp.float32)}
 
-  def init_extra(self, rng: jax.Array, params: Mapping[str, Any]) -> dict:  # pylint: disable=unused-argument
+  def init_extra(self, rng: jax.Array, params: Mapping[str, Any]) -> dict:
     """The learned temperature's initial value, log(1 / temperature)."""
+    del rng, params
     if not self.learn_temperature:
       return {}
     return {LOGIT_SCALE: jnp.asarray(math.log(1.0 / self.temperature), jnp.float32)}

@@ -1,5 +1,6 @@
 """A plain masked-LM objective over text (bidirectional): the engine's test objective."""
-from typing import Callable, Sequence
+import dataclasses
+from typing import ClassVar, Tuple
 
 import jax
 import jax.numpy as jnp
@@ -7,18 +8,25 @@ import optax
 
 from mmembed_jax.models.config import ModelConfig
 from mmembed_jax.models.vlm import VisionLanguageModel
+from mmembed_jax.objectives.base import Objective
 
 
-def make_masked_lm(config: ModelConfig, mask_token_id: int, mask_prob: float,
-                   never_mask: Sequence[int] = ()) -> Callable:
-  """Objective: mask non-pad tokens with `mask_prob`, cross-entropy on masked positions only."""
-  model = VisionLanguageModel(config)
-  protected = jnp.asarray(list(never_mask) or [-1], jnp.int32)
+@dataclasses.dataclass(frozen=True)
+class MaskedLm(Objective):
+  """Masks non-pad tokens with `mask_prob` (drawn in the step), cross-entropy on masked positions."""
+  name: ClassVar[str] = "masked_lm"
+  inputs: ClassVar[Tuple[str, ...]] = ("synthetic_tokens",)
 
-  def objective(params, batch, rng):
+  config: ModelConfig
+  mask_prob: float = 0.15
+  mask_token_id: int = -1  # -1: the last id of the vocabulary
+
+  def __call__(self, params, batch, rng):
+    model = VisionLanguageModel(self.config)
+    mask_token_id = (self.mask_token_id if self.mask_token_id >= 0
+                     else self.config.text.vocab_size - 1)
     input_ids = batch["input_ids"]  # [batch, length]
-    maskable = (batch["segment_ids"] > 0) & ~jnp.isin(input_ids, protected)
-    masked = jax.random.bernoulli(rng, mask_prob, input_ids.shape) & maskable
+    masked = jax.random.bernoulli(rng, self.mask_prob, input_ids.shape) & (batch["segment_ids"] > 0)
     hidden = model.apply({"params": params}, dict(batch, input_ids=jnp.where(
         masked, mask_token_id, input_ids)))
     logits = model.apply({"params": params}, hidden, method=VisionLanguageModel.lm_logits)
@@ -28,5 +36,3 @@ def make_masked_lm(config: ModelConfig, mask_token_id: int, mask_prob: float,
     loss = (losses * weights).sum() / count
     accuracy = ((jnp.argmax(logits, -1) == input_ids) * weights).sum() / count
     return loss, {"mlm_loss": loss, "mlm_accuracy": accuracy, "masked_tokens": weights.sum()}
-
-  return objective

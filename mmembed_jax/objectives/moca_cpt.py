@@ -5,14 +5,14 @@ The batch carries host-made masks (`data/masking.py`, deterministic per example)
   mae_mask  int32 [batch, patches]  1 = this patch is masked (whole 2x2 merged groups)
 
 Text: masked ids become `<|mask|>`; cross-entropy on masked positions only, predicted from
-position i-1 (`shift_labels`, paper) or at i (released code). Image: masked patches are
+position i-1 (`mlm_shift_labels`, paper) or at i (released code). Image: masked patches are
 replaced in normalised pixel space by Gaussian noise (one shared vector, as the released
 code, or fresh per patch); one extra bidirectional decoder layer (a copy of LLM layer L//2)
 runs over the final hidden states, then Linear(d, 4*1176) at each masked visual token
 predicts its four original patches; MSE over the masked patches' values.
 """
 import dataclasses
-from typing import Any, Mapping
+from typing import Any, ClassVar, Mapping, Tuple
 
 import flax.linen as nn
 import jax
@@ -23,6 +23,7 @@ from mmembed_jax.models.config import ModelConfig
 from mmembed_jax.models.layers import Linear, dtype_of
 from mmembed_jax.models.llm import DecoderLayer, layer_mask, mrope_tables
 from mmembed_jax.models.vlm import VisionLanguageModel
+from mmembed_jax.objectives.base import Objective
 
 MAE_DECODER = "mae_decoder"  # top-level key of the decoder's params, beside the backbone's
 
@@ -84,14 +85,27 @@ def chunked_cross_entropy(model: VisionLanguageModel, params: Any, hidden: jax.A
 
 
 @dataclasses.dataclass(frozen=True)
-class MocaCpt:
+class MocaCpt(Objective):
   """The objective: call as fn(params, batch, rng) -> (loss, metrics); `init_extra` adds the decoder."""
+  name: ClassVar[str] = "moca_cpt"
+  inputs: ClassVar[Tuple[str, ...]] = ("moca_cpt",)
+  derived: ClassVar[Tuple[str, ...]] = ("mask_token_id",)
+
   config: ModelConfig
   mask_token_id: int
   mae_weight: float = 0.5  # paper 0.5, released code 0.1
-  shift_labels: bool = True  # paper: predict token i from position i-1
+  mlm_shift_labels: bool = True  # paper: predict token i from position i-1
   noise: str = "shared"  # "shared" (released code: one N(0,1) vector) or "per_patch"
   logits_chunk: int = 512
+
+  @classmethod
+  def from_config(cls, model_config: ModelConfig, fields: Mapping[str, Any],
+                  tokenizer_dir: str) -> "MocaCpt":
+    """The objective with `<|mask|>`'s id read from the run's tokenizer."""
+    import transformers  # pylint: disable=g-import-not-at-top
+    from mmembed_jax.data.special_tokens import mask_token_id  # pylint: disable=g-import-not-at-top
+    tokenizer = transformers.AutoTokenizer.from_pretrained(tokenizer_dir)
+    return cls(model_config, mask_token_id(tokenizer, model_config.text.vocab_size), **fields)
 
   def __post_init__(self):
     if self.noise not in ("shared", "per_patch"):
@@ -117,7 +131,7 @@ class MocaCpt:
     decoder["layer"] = jax.tree.map(jnp.array, source)
     return {MAE_DECODER: decoder}
 
-  def boxed_extra_shapes(self) -> dict:
+  def extra_param_shapes(self) -> dict:
     """Abstract decoder params with logical axis names (for the trainer's shardings)."""
     merged = 4
     shapes = jax.eval_shape(
@@ -142,7 +156,7 @@ class MocaCpt:
     hidden = model.apply({"params": params}, masked_batch)  # [batch, length, embed]
 
     # MLM over masked text positions.
-    if self.shift_labels:
+    if self.mlm_shift_labels:
       same_segment = segment_ids[:, 1:] == segment_ids[:, :-1]
       mlm_hidden, targets = hidden[:, :-1], input_ids[:, 1:]
       weights = (mlm_mask[:, 1:] & same_segment).astype(jnp.float32)

@@ -1,8 +1,8 @@
 """Ahead-of-time compilation of a recipe's train step for a TPU topology, on any host.
 
-`compile_train_step(config, devices)` builds exactly what the trainer runs (mesh, rules, model,
-objective, sharded state, jitted update with donated state) against abstract arguments (no
-parameter or batch is ever allocated), compiles it for `devices` (e.g. the compile-only devices
+`compile_train_step(config, devices)` builds exactly what the trainer runs (the run builder,
+training/run.py: mesh, rules, model, objective, sharded state, jitted update with donated state)
+against abstract arguments (no parameter or batch is ever allocated), compiles it for `devices` (e.g. the compile-only devices
 of `topology_devices("v5p-64")`, which needs libtpu) and reports per-chip HBM, FLOPs and the
 collectives in the program. An out-of-memory is the compiler's own verdict (`CompileOOM`).
 """
@@ -14,15 +14,10 @@ import tempfile
 import time
 from typing import Any, Dict, Optional, Sequence
 
-import jax
 import ml_collections
 
-from mmembed_jax.parallel import sharding as sharding_lib
-from mmembed_jax.parallel.mesh import make_mesh
-from mmembed_jax.training import builders, flops
-from mmembed_jax.training.config import mesh_devices, validate
-from mmembed_jax.training.sharded_state import state_layout
-from mmembed_jax.training.train_step import make_update_fn
+from mmembed_jax.training import flops
+from mmembed_jax.training.run import build_run
 
 # Nominal HBM per chip (bytes); v5p's is the figure its compiler reports as available.
 HBM_BYTES = {"v4": 32 * 2**30, "v5e": 16 * 2**30, "v5p": int(95.74 * 2**30), "v6e": 32 * 2**30}
@@ -72,45 +67,12 @@ def _collective_counts(hlo: str) -> Dict[str, int]:
   return {op: n for op, n in counts.items() if n}
 
 
-def batch_spec(config: ml_collections.ConfigDict, model_config: Any) -> Dict[str, Any]:
-  """The global batch the trainer feeds, as ShapeDtypeStructs (no data is read)."""
-  row = builders.batch_row(config, model_config)
-  batch = config.input.global_batch_size
-  return jax.tree.map(lambda x: jax.ShapeDtypeStruct((batch,) + x.shape, x.dtype), row)
-
-
-def _with_some_tokenizer(config: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
-  """The config, given the demo tokenizer where it names none (a pod config whose init_from
-  is not on this host): token ids do not change the compiled program."""
-  if builders.run_tokenizer_dir(config):
-    return config
-  config = ml_collections.ConfigDict(config.to_dict())
-  for section in (config.objective, config.input):
-    builder = {**builders.OBJECTIVES, **builders.INPUTS}[section.name]
-    if "tokenizer_dir" in builder.__code__.co_varnames:
-      section.tokenizer_dir = builders.demo_tokenizer_dir()
-  return config
-
-
 def compile_train_step(config: ml_collections.ConfigDict, devices: Sequence[Any]) -> Dict[str, Any]:
   """Compiles the config's train step for `devices`; returns the figures (see the module doc)."""
-  validate(config, devices)
-  config = _with_some_tokenizer(config)
-  devices = mesh_devices(config, devices)
-  mesh = make_mesh(config.mesh.ici, config.mesh.dcn, devices=devices)
-  rules = sharding_lib.config_rules(config.sharding.rules)
-  model_config = builders.build_model_config(config)
-  if model_config.attention_impl == "auto":  # as the trainer would pick on the target chips
-    model_config = model_config.replace(attention_impl="splash" if devices[0].platform == "tpu"
-                                        else "xla")
-  objective = builders.build_objective(config, model_config)
-  layout = state_layout(config, model_config, objective, mesh, rules)
-  batch = batch_spec(config, model_config)
-  batch_sharding = sharding_lib.batch_sharding(mesh)
-  abstract_batch = jax.tree.map(
-      lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=batch_sharding), batch)
-  update = make_update_fn(objective, layout.tx, layout.schedule, config.grad_accum_steps)
-  step = layout.jit_step(update, batch)
+  run = build_run(config, devices, compile_proof=True)
+  layout, model_config = run.layout, run.model_config
+  abstract_batch = run.batch_spec()
+  step = run.jit_step(abstract_batch)
   start = time.perf_counter()
   with layout.context():
     lowered = step.lower(layout.abstract_state, abstract_batch)
@@ -130,14 +92,14 @@ def compile_train_step(config: ml_collections.ConfigDict, devices: Sequence[Any]
         collectives.update(_collective_counts(hlo))
         kernels += len(re.findall(r'custom_call_target="tpu_custom_call"', hlo))
   seconds = time.perf_counter() - start
+  devices = list(run.mesh.devices.flat)
   chip = flops.chip_name(devices[0])
   memory = compiled.memory_analysis()
   cost = compiled.cost_analysis() or {}
   cost = cost[0] if isinstance(cost, (list, tuple)) else cost
   per_chip = (memory.argument_size_in_bytes + memory.output_size_in_bytes
               + memory.temp_size_in_bytes - memory.alias_size_in_bytes)
-  analytic = flops.batch_train_flops(model_config, batch, getattr(objective, "forwards_per_step", 1),
-                                     getattr(objective, "uses_lm_head", True))
+  analytic = run.step_flops(abstract_batch)
   peak = flops.PEAK_FLOPS.get(chip or "")
   roofline = analytic / (len(devices) * peak) if peak else None
   # The compiler's time estimate counts a scanned layer once (shared/TPU_NOTES.md): only an
@@ -145,7 +107,7 @@ def compile_train_step(config: ml_collections.ConfigDict, devices: Sequence[Any]
   estimate = cost.get("optimal_seconds")
   usable = estimate and estimate > 0 and not config.model.scan_layers
   return {
-      "chips": len(devices), "chip": chip, "mesh": dict(mesh.shape),
+      "chips": len(devices), "chip": chip, "mesh": dict(run.mesh.shape),
       "hbm_bytes_per_chip": int(per_chip), "hbm_capacity_bytes": HBM_BYTES.get(chip or ""),
       "argument_bytes": int(memory.argument_size_in_bytes),
       "output_bytes": int(memory.output_size_in_bytes),
@@ -161,7 +123,7 @@ def compile_train_step(config: ml_collections.ConfigDict, devices: Sequence[Any]
       "pallas_kernels": kernels,  # Mosaic custom calls in the program (splash attention on TPU)
       "compile_seconds": seconds,
       "scan_layers": bool(config.model.scan_layers),
-      "tokens_per_step": int(sum(r * l for r, l, _ in flops.sequence_groups(batch))),
+      "tokens_per_step": int(sum(r * l for r, l, _ in flops.sequence_groups(abstract_batch))),
   }
 
 

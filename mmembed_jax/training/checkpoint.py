@@ -11,6 +11,7 @@ the run's count of bad records so far, so a resumed run continues both.
 """
 import json
 import logging
+import os
 from typing import Any, Optional
 
 import jax
@@ -23,6 +24,11 @@ import orbax.checkpoint as ocp
 from mmembed_jax.training.train_step import TrainState
 
 log = logging.getLogger(__name__)
+
+
+def checkpoint_dir(workdir: str) -> str:
+  """Where a run's checkpoints live."""
+  return os.path.join(workdir, "checkpoints")
 
 
 def make_manager(directory: str, ckpt: ml_collections.ConfigDict) -> ocp.CheckpointManager:

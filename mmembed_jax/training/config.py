@@ -1,7 +1,8 @@
 """Every field a training config may hold, with defaults, and its validation before anything compiles.
 
-Recipes (configs/*.py) start from `default_config()` and override fields; the `objective` and
-`input` sections are free-form (each builder checks its own fields).
+Recipes (configs/*.py) start from `default_config()` and override fields. The `objective` and
+`input` sections hold `name` and the fields of the class registered under that name
+(training/registry.py checks them: unknown or misspelt fields, wrong types).
 """
 import math
 import re
@@ -11,8 +12,9 @@ import ml_collections
 
 from mmembed_jax.parallel.mesh import MESH_AXES, resolve_axis_sizes, num_slices
 from mmembed_jax.parallel.sharding import DEFAULT_RULES
+from mmembed_jax.training import registry
 
-FREE_FORM = ("objective", "input", "eval")
+TYPED_BY_REGISTRY = ("objective", "input")  # checked against their registered classes
 
 
 def default_config() -> ml_collections.ConfigDict:
@@ -21,6 +23,8 @@ def default_config() -> ml_collections.ConfigDict:
   c.seed = 0
   c.total_steps = 100
   c.init_from = ""  # "" (random), an HF model directory, or another run's workdir
+  # "": the source HF directory's tokenizer (init_from and its chain), else the demo's for demo data
+  c.tokenizer_dir = ""
   c.log_every = 10
   c.model = dict(preset="tiny_qwen2_5_vl", attention="bidirectional", dtype="float32",
                  param_dtype="float32", scan_layers=False, remat_policy="none",
@@ -47,7 +51,7 @@ def _unknown_fields(config: Any, schema: Any, prefix: str = "") -> list[str]:
     name = prefix + key
     if key not in schema:
       unknown.append(name)
-    elif name not in FREE_FORM + ("mesh.ici", "mesh.dcn") and isinstance(
+    elif name not in TYPED_BY_REGISTRY + ("mesh.ici", "mesh.dcn") and isinstance(
         schema[key], ml_collections.ConfigDict):
       unknown += _unknown_fields(config[key], schema[key], name + ".")
   return unknown
@@ -137,58 +141,6 @@ def validate(config: ml_collections.ConfigDict, devices: list) -> None:
   if accum < 1 or batch % (accum * data_parallel):
     raise ValueError(f"grad_accum_steps={accum}: global batch {batch} must split into {accum} "
                      f"micro-batches divisible by the data-parallel size {data_parallel}")
-  if config.objective.get("name") == "contrastive" and accum != 1:
-    raise ValueError(f"grad_accum_steps={accum}: a contrastive loss needs every candidate of the "
-                     f"global batch at once; use objective.grad_cache_chunk for large batches")
   if math.prod(sizes.values()) != len(devices):
     raise ValueError(f"mesh {sizes} does not match the {len(devices)} devices")
-
-
-def contrastive_config(**objective: Any) -> ml_collections.ConfigDict:
-  """default_config() for contrastive fine-tuning on pairs; recipes override sizes and data."""
-  c = default_config()
-  c.objective = dict(name="contrastive", pooling="mean", temperature=0.03, learn_temperature=False,
-                     negatives="global", modality_mask=False, symmetric=False, grad_cache_chunk=0)
-  c.objective.update(objective)
-  c.optimizer.update(decay="linear", warmup_ratio=0.05, end_lr_ratio=0.0, weight_decay=0.0)
-  return c
-
-
-def demo_pairs_input(num_negatives: int, task_batching: bool) -> dict:
-  """The input section of a contrastive demo: the package's synthetic pairs, tiny images."""
-  return dict(name="contrastive_pairs", sources="demo", global_batch_size=32,
-              num_negatives=num_negatives, task_batching=task_batching, query_length=96,
-              target_length=112, query_max_patches=128, target_max_patches=128, max_images=1,
-              min_pixels=16 * 28 * 28, max_pixels=32 * 28 * 28, num_workers=0)
-
-
-def pod_contrastive(config: ml_collections.ConfigDict, preset: str, sources: dict,
-                    global_batch_size: int, num_negatives: int, task_batching: bool, length: int,
-                    lr: float, total_steps: int) -> ml_collections.ConfigDict:
-  """Pod sizes of a contrastive recipe: bf16 compute, scanned and rematerialised layers, FSDP,
-  GradCache chunks of 4 rows per chip, images of 256-1024 merged tokens."""
-  config.model.update(preset=preset, dtype="bfloat16", param_dtype="float32", scan_layers=True,
-                      remat_policy="full")
-  config.objective.grad_cache_chunk = 4
-  config.total_steps = total_steps
-  config.optimizer.update(lr=lr, max_grad_norm=1.0)
-  config.input = dict(
-      name="contrastive_pairs", sources=sources, global_batch_size=global_batch_size,
-      num_negatives=num_negatives, task_batching=task_batching, query_length=length,
-      target_length=length, query_max_patches=4 * 1024, target_max_patches=4 * 1024, max_images=1,
-      min_pixels=256 * 28 * 28, max_pixels=1024 * 28 * 28, num_workers=8)
-  config.mesh.ici = dict(data=1, fsdp=-1, tensor=1)
-  config.checkpoint.update(every=200, keep=3)
-  return config
-
-
-def demo_contrastive(config: ml_collections.ConfigDict, preset: str) -> ml_collections.ConfigDict:
-  """Demo sizes of a contrastive recipe: a tiny model, minutes on a 2-core CPU, held-out P@1."""
-  config.model.update(preset=preset, dtype="float32", param_dtype="float32", scan_layers=False,
-                      remat_policy="none")
-  config.total_steps = 200
-  config.log_every = 10
-  config.optimizer.update(lr=1e-3, max_grad_norm=1.0)
-  config.eval.update(every=50, sources="demo", max_rows_per_dataset=64)
-  config.checkpoint.update(every=100, keep=2)
-  return config
+  registry.check_sections(config)

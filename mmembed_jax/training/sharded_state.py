@@ -11,6 +11,7 @@ from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
 from mmembed_jax.models.config import ModelConfig
 from mmembed_jax.models.embedder import boxed_param_shapes
+from mmembed_jax.objectives.base import Objective
 from mmembed_jax.parallel import sharding as sharding_lib
 from mmembed_jax.training.optimizer import make_optimizer
 from mmembed_jax.training.train_step import TrainState, create_state
@@ -42,14 +43,11 @@ class StateLayout:
                    out_shardings=(self.state_shardings, None), donate_argnums=(0,))
 
 
-def state_layout(config: ml_collections.ConfigDict, model_config: ModelConfig, objective: Any,
+def state_layout(config: ml_collections.ConfigDict, model_config: ModelConfig, objective: Objective,
                  mesh: Mesh, rules: sharding_lib.Rules) -> StateLayout:
   """Shapes from eval_shape, shardings from the parameters' logical axis names and `rules`;
   raises when too much of the model would be replicated (config.sharding)."""
-  boxed = boxed_param_shapes(model_config)
-  extra_params = getattr(objective, "boxed_extra_shapes", None)  # e.g. MoCa's MAE decoder
-  if extra_params is not None:
-    boxed = dict(boxed, **extra_params())
+  boxed = dict(boxed_param_shapes(model_config), **objective.extra_param_shapes())
   param_shardings = sharding_lib.logical_shardings(boxed, mesh, rules)
   abstract_params = nn.meta.unbox(boxed)
   sharding_lib.check_replicated(abstract_params, param_shardings, mesh,

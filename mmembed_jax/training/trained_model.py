@@ -4,13 +4,13 @@
   model = load_trained("runs/moca_cl/checkpoints/400")   # one step
   model.config, model.params, model.tokenizer_dir, model.image_config, model.embedding
 
-The architecture, tokenizer and image settings are the run's own (its config.json, followed
-through `init_from` back to the source HF directory). Only the backbone is read from the
-checkpoint (not the optimiser state, MoCa's MAE decoder or a learned temperature), straight onto
+The architecture, tokenizer and image settings are the run's own: its config.json and the
+lineage the trainer resolved at the start and recorded there (section `resolved`: tokenizer,
+source HF directory; runs written before that record are resolved again through `init_from`).
+Only the backbone is read from the checkpoint (not the optimiser state, MoCa's MAE decoder or a learned temperature), straight onto
 a mesh that spans every device with the run's FSDP rules, so no host ever holds the whole model.
 """
 import dataclasses
-import json
 import os
 from typing import Any, Optional
 
@@ -24,7 +24,8 @@ from mmembed_jax.models.config import ModelConfig
 from mmembed_jax.models.embedder import boxed_param_shapes
 from mmembed_jax.parallel import sharding as sharding_lib
 from mmembed_jax.parallel.mesh import make_mesh
-from mmembed_jax.training import builders, checkpoint
+from mmembed_jax.training import checkpoint, demo_entry, lineage
+from mmembed_jax.training import run as run_lib
 
 CHECKPOINTS = "checkpoints"
 
@@ -66,13 +67,20 @@ def is_run(path: str) -> bool:
   return True
 
 
-def run_config(workdir: str) -> ml_collections.ConfigDict:
-  """The config a run was trained with (its workdir's config.json)."""
-  path = epath.Path(workdir) / "config.json"
-  try:
-    return ml_collections.ConfigDict(json.loads(path.read_text()))
-  except json.JSONDecodeError as e:
-    raise ValueError(f"{path}: invalid JSON ({e})") from None
+def run_config(workdir: str) -> tuple[ml_collections.ConfigDict, lineage.Resolved]:
+  """(the config a run was trained with, its resolved lineage), from its workdir's config.json."""
+  record = lineage.run_record(workdir)
+  if record is None:
+    raise FileNotFoundError(f"{workdir}/config.json does not exist")
+  resolved = record.pop(lineage.RESOLVED, None)
+  config = ml_collections.ConfigDict(record)
+  if resolved is not None:
+    return config, lineage.Resolved.from_json(resolved)
+  # Written before runs recorded their lineage: resolve it as such a run did.
+  config.tokenizer_dir = (config.get("tokenizer_dir") or config.objective.get("tokenizer_dir")
+                          or config.input.get("tokenizer_dir") or "")
+  demo = config.input.get("sources") == "demo"
+  return config, lineage.resolve(config, demo_entry.demo().tokenizer_dir if demo else None)
 
 
 def embedding_record(config: ml_collections.ConfigDict) -> dict:
@@ -83,9 +91,10 @@ def embedding_record(config: ml_collections.ConfigDict) -> dict:
   return {"attention": attention, "pooling": pooling, "normalize": True}
 
 
-def image_config(config: ml_collections.ConfigDict) -> images_lib.ImageProcessingConfig:
+def image_config(config: ml_collections.ConfigDict,
+                 resolved: lineage.Resolved) -> images_lib.ImageProcessingConfig:
   """The run's image preprocessing: the source HF directory's, with the input's pixel bounds."""
-  hf_dir = builders.source_hf_dir(config.init_from)
+  hf_dir = resolved.source_hf_dir
   preprocessor = epath.Path(hf_dir) / "preprocessor_config.json" if hf_dir else None
   base = (images_lib.ImageProcessingConfig.from_preprocessor_config(preprocessor)
           if preprocessor is not None and preprocessor.exists()
@@ -105,11 +114,11 @@ def load_trained(path: str, *, dtype: Optional[str] = None, mesh: Any = None) ->
   dtype: compute and parameter dtype (e.g. 'bfloat16'); default, the run's own.
   """
   workdir, step = locate(path)
-  config = run_config(workdir)
+  config, resolved = run_config(workdir)
   if dtype is not None:
     config.model.update(dtype=dtype, param_dtype=dtype)
   config.model.remat_policy = "none"  # inference; scan_layers stays: it shapes the checkpoint
-  model_config = builders.build_model_config(config)
+  model_config = run_lib.model_config(config, resolved)
   mesh = mesh if mesh is not None else export_mesh()
   boxed = boxed_param_shapes(model_config)
   shardings = sharding_lib.logical_shardings(boxed, mesh,
@@ -123,13 +132,13 @@ def load_trained(path: str, *, dtype: Optional[str] = None, mesh: Any = None) ->
   if missing:
     raise ValueError(f"{workdir}: checkpoint step {step} has no {missing}; expected a run of "
                      f"this model")
-  tokenizer_dir = builders.run_tokenizer_dir(config)
-  if not tokenizer_dir:
+  if not resolved.tokenizer_dir:
     raise ValueError(f"{workdir}/config.json: the run names no tokenizer (tokenizer_dir or an HF "
                      f"init_from)")
-  return TrainedModel(config=model_config, params=params, mesh=mesh, tokenizer_dir=tokenizer_dir,
-                      image_config=image_config(config), embedding=embedding_record(config),
-                      workdir=workdir, step=step)
+  return TrainedModel(config=model_config, params=params, mesh=mesh,
+                      tokenizer_dir=resolved.tokenizer_dir,
+                      image_config=image_config(config, resolved),
+                      embedding=embedding_record(config), workdir=workdir, step=step)
 
 
 def export_trained(path: str, out_dir: str, *, dtype: Optional[str] = None,

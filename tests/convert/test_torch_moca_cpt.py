@@ -12,7 +12,7 @@ torch = pytest.importorskip("torch")
 
 from mmembed_jax.convert import torch_moca_cpt  # noqa: E402  pylint: disable=wrong-import-position
 from mmembed_jax.models.embedder import init_params  # noqa: E402  pylint: disable=wrong-import-position
-from mmembed_jax.training import builders  # noqa: E402  pylint: disable=wrong-import-position
+from mmembed_jax.training.run import HOST_ONLY, build_run  # noqa: E402  pylint: disable=wrong-import-position
 
 ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
@@ -29,10 +29,11 @@ def test_torch_loss_and_gradients_equal_the_jax_objective(noise):
   config = _demo_config()
   config.objective.noise = noise
   config.input.update(length=256, max_patches=512, global_batch_size=4)  # rows pack 2-3 records
-  model_config = builders.build_model_config(config)
-  objective = builders.build_objective(config, model_config)
-  batch = next(iter(builders.build_input(config, model_config)))
-  for key in builders.HOST_ONLY:
+  config.mesh.num_devices = 1
+  run = build_run(config, jax.devices())
+  model_config, objective = run.model_config, run.objective
+  batch = next(iter(run.dataset()))
+  for key in HOST_ONLY:
     batch.pop(key)
   assert (batch["segment_ids"].max(axis=1) > 1).any() and (batch["segment_ids"] == 0).any()
   assert (batch["patch_image_ids"].max(axis=1) > 1).any()  # a row with several images

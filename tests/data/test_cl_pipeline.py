@@ -8,7 +8,8 @@ import shutil
 import numpy as np
 import pytest
 
-from mmembed_jax.data import bad_records, cl_pipeline, demo_data, images, mixture, mrope, rows
+from mmembed_jax.data import bad_records, cl_pipeline, images, mixture, mrope, rows
+from mmembed_jax.demo import records as demo_records
 from mmembed_jax.models import inputs
 
 from pipeline_checks import assert_same, take
@@ -26,8 +27,8 @@ SIDES = ("query", "positive")
 def demo(tmp_path_factory):
   """{"train": {dataset: jsonl}, "eval": {dataset: jsonl}} of small demo pairs (eval: seed 1)."""
   root = str(tmp_path_factory.mktemp("cl_demo"))
-  return {"train": demo_data.write_demo_pairs(root, **SMALL_PAIRS),
-          "eval": demo_data.write_demo_pairs(root, seed=1, name="pairs_eval", **SMALL_PAIRS)}
+  return {"train": demo_records.write_demo_pairs(root, **SMALL_PAIRS),
+          "eval": demo_records.write_demo_pairs(root, seed=1, name="pairs_eval", **SMALL_PAIRS)}
 
 
 def _sources(paths):

@@ -1,6 +1,5 @@
 """Tests of the MoCa CPT input pipeline (mmembed_jax.data.cpt_pipeline), on small files made here."""
 import json
-import logging
 import os
 import shutil
 import time

@@ -7,6 +7,7 @@ import pytest
 
 from mmembed_jax.data import mrope
 from mmembed_jax.data import rows
+from mmembed_jax.data import special_tokens
 from mmembed_jax.demo import tokenizer as tokenizer_lib
 from mmembed_jax.models import inputs
 
@@ -40,7 +41,7 @@ def test_tokenizer_round_trip(tokenizer, tokenizer_dir):
   # Offline reload gives the same ids.
   again = transformers.AutoTokenizer.from_pretrained(tokenizer_dir)
   assert _ids(again, text) == _ids(tokenizer, text)
-  ids = tokenizer_lib.special_token_ids(tokenizer)
+  ids = special_tokens.special_token_ids(tokenizer)
   assert set(ids) == {"image_token_id", "video_token_id", "vision_start_token_id",
                       "vision_end_token_id", "pad_token_id", "eos_token_id"}
   assert ids["image_token_id"] == tokenizer.convert_tokens_to_ids("<|image_pad|>")

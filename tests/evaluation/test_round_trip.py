@@ -10,7 +10,7 @@ import sys
 import numpy as np
 import pytest
 
-from mmembed_jax.data.demo_eval_data import write_demo_mmeb, write_demo_vidore
+from mmembed_jax.demo.eval_sets import write_demo_mmeb, write_demo_vidore
 from mmembed_jax.embedding import JaxEmbedder, embed_file
 from mmembed_jax.evaluation import mmeb, vidore
 from mmembed_jax.training import trained_model

@@ -11,7 +11,7 @@ from mmembed_jax.data import collate as collate_lib
 from mmembed_jax.data import rows as rows_lib
 from mmembed_jax.data.images import ImageProcessingConfig
 from mmembed_jax.demo.tiny_model import tiny_config
-from mmembed_jax.demo.tokenizer import special_token_ids
+from mmembed_jax.data.special_tokens import special_token_ids
 from mmembed_jax.models import inputs
 from mmembed_jax.models.embedder import dummy_batch, make_embed_fn
 from mmembed_jax.models.pooling import pool

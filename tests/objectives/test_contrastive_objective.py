@@ -87,8 +87,8 @@ def test_loss_is_info_nce_of_pooled_embeddings(setup):
   config, params, batch = setup
   objective = Contrastive(config, pooling="last", temperature=0.05, learn_temperature=True,
                           negatives="global", modality_mask=True)
-  assert list(objective.boxed_extra_shapes()) == [LOGIT_SCALE]
-  assert Contrastive(config).boxed_extra_shapes() == {}
+  assert list(objective.extra_param_shapes()) == [LOGIT_SCALE]
+  assert Contrastive(config).extra_param_shapes() == {}
   params = dict(params, **objective.init_extra(jax.random.key(0), params))
   np.testing.assert_allclose(params[LOGIT_SCALE], np.log(20.0), rtol=1e-6)
   loss, metrics, grads = _grads(objective, params, batch, make_mesh(dict(data=4, fsdp=2, tensor=1)))

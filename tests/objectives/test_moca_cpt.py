@@ -8,7 +8,7 @@ from mmembed_jax.data import collate as collate_lib
 from mmembed_jax.data import rows as rows_lib
 from mmembed_jax.data.images import ImageProcessingConfig
 from mmembed_jax.demo.tiny_model import tiny_config
-from mmembed_jax.demo.tokenizer import special_token_ids
+from mmembed_jax.data.special_tokens import special_token_ids
 from mmembed_jax.models.embedder import init_params
 from mmembed_jax.models.llm import DecoderLayer, attention_mask, mrope_tables
 from mmembed_jax.models.vlm import VisionLanguageModel
@@ -65,7 +65,7 @@ def _reference(objective, params, batch, rng):
     for i in range(ids.shape[1]):
       if not mlm_mask[b, i]:
         continue
-      source = i - 1 if objective.shift_labels else i
+      source = i - 1 if objective.mlm_shift_labels else i
       if source < 0 or batch["segment_ids"][b, source] != batch["segment_ids"][b, i]:
         continue
       losses.append(-log_probs[b, source, ids[b, i]])
@@ -95,7 +95,7 @@ def _reference(objective, params, batch, rng):
 def test_loss_equals_plain_reference(setup, shift, noise):
   config, params, batch = setup
   objective = MocaCpt(config, mask_token_id=config.text.vocab_size - 1, mae_weight=0.5,
-                      shift_labels=shift, noise=noise, logits_chunk=16)
+                      mlm_shift_labels=shift, noise=noise, logits_chunk=16)
   params = dict(params, **objective.init_extra(jax.random.key(1), params))
   rng = jax.random.key(7)
   loss, metrics = jax.jit(objective)(params, batch, rng)

@@ -132,9 +132,8 @@ def get_config(arg=""):
   recipe = importlib.util.module_from_spec(spec)
   spec.loader.exec_module(recipe)
   config = recipe.get_config({recipe_arg!r})
-  config.input = dict(config.input.to_dict(), sources={sources!r}, tokenizer_dir={tokenizer!r})
-  if "tokenizer_dir" in config.objective:  # MoCa stage 1's objective reads <|mask|> from it
-    config.objective.tokenizer_dir = {tokenizer!r}
+  config.input = dict(config.input.to_dict(), sources={sources!r})
+  config.tokenizer_dir = {tokenizer!r}
   config.update_from_flattened_dict({overrides!r})
   return config
 '''

@@ -11,7 +11,8 @@ from mmembed_jax.models.embedder import dummy_batch
 from mmembed_jax.models.vlm import VisionLanguageModel
 from mmembed_jax.parallel import sharding as sharding_lib
 from mmembed_jax.parallel.mesh import make_mesh
-from mmembed_jax.training import builders
+from mmembed_jax.training import lineage, registry
+from mmembed_jax.training import run as run_lib
 from mmembed_jax.training.config import default_config
 from mmembed_jax.training.optimizer import (learning_rate_schedule, make_optimizer,
                                             weight_decay_mask)
@@ -28,7 +29,7 @@ def _optimizer(**fields):
 @pytest.fixture(scope="module")
 def model_config():
   """The demo recipe's tiny Qwen2.5-VL."""
-  return builders.build_model_config(default_config())
+  return run_lib.model_config(default_config(), lineage.Resolved())
 
 
 @pytest.fixture(scope="module")
@@ -125,7 +126,7 @@ def test_two_micro_batches_give_the_gradient_of_the_whole_batch(model_config, pa
     loss = jnp.sum(jnp.mean(jnp.square(hidden), axis=-1) * real) / real.size
     return loss, {"energy": loss}
 
-  batch = next(iter(builders.build_input(default_config(), model_config)))
+  batch = next(iter(registry.build_input_spec(default_config()).dataset(model_config, 0, "")))
   assert batch["input_ids"].shape[0] == 16
   results = {}
   for steps in (1, 2):

@@ -27,7 +27,8 @@ from engine_runs import BASE_STEPS, flat, read_metrics, relative_error, restore_
 from mmembed_jax.models.embedder import dummy_batch
 from mmembed_jax.models.vlm import VisionLanguageModel
 from mmembed_jax.parallel.sharding import DEFAULT_RULES
-from mmembed_jax.training import builders
+from mmembed_jax.training import lineage
+from mmembed_jax.training import run as run_lib
 from mmembed_jax.training.config import default_config
 
 RTOL = 1e-5
@@ -68,7 +69,7 @@ def test_every_layout_ends_with_the_same_parameters_as_one_device(final_params):
 def test_parameters_are_saved_sharded_as_the_rules_say(final_params):
   params = flat(final_params["data_2_fsdp_2_tensor_2"])
   mesh_sizes = {"data": 2, "fsdp": 2, "tensor": 2}
-  model_config = builders.build_model_config(default_config())
+  model_config = run_lib.model_config(default_config(), lineage.Resolved())
   boxed = jax.eval_shape(VisionLanguageModel(model_config).init, jax.random.key(0),
                          dummy_batch(model_config))["params"]
   logical = flat(nn.get_partition_spec(boxed))

@@ -4,10 +4,14 @@ Each example is a function of (seed, index) only: a few repeated random "phrases
 masked-LM objective has something learnable. Rows follow the batch contract of
 `models/inputs.py` with an empty patch buffer.
 """
+import dataclasses
+from typing import ClassVar
+
 import grain
 import jax
 import numpy as np
 
+from mmembed_jax.data.input_specs import InputSpec
 from mmembed_jax.models.inputs import PATCH_DIM
 
 
@@ -40,3 +44,20 @@ def synthetic_token_dataset(global_batch_size: int, length: int, vocab_size: int
   dataset = dataset.map(lambda i: synthetic_example(seed, int(i), length, vocab_size))
   dataset = dataset.repeat().batch(global_batch_size // process_count, drop_remainder=True)
   return dataset.to_iter_dataset()
+
+
+@dataclasses.dataclass(frozen=True)
+class SyntheticTokens(InputSpec):
+  """`input.name = "synthetic_tokens"`: the engine's demo input (no tokenizer, no data)."""
+  name: ClassVar[str] = "synthetic_tokens"
+  needs_tokenizer: ClassVar[bool] = False
+
+  global_batch_size: int
+  length: int
+
+  def dataset(self, model_config, seed, tokenizer_dir):
+    return synthetic_token_dataset(self.global_batch_size, self.length,
+                                   model_config.text.vocab_size - 16, seed)
+
+  def batch_row(self, model_config):
+    return synthetic_example(0, 0, self.length, model_config.text.vocab_size - 16)

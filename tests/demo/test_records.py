@@ -1,4 +1,4 @@
-"""Tests of the synthetic demo data (mmembed_jax.data.demo_data): determinism, caching, validity."""
+"""Tests of the synthetic demo data (mmembed_jax.demo: scenes.py, documents.py, records.py): determinism, caching, validity."""
 import json
 import os
 import time
@@ -7,7 +7,7 @@ import numpy as np
 import PIL.Image
 import pytest
 
-from mmembed_jax.data import demo_data
+from mmembed_jax.demo import documents, records, scenes
 from mmembed_jax.data import rows
 
 SMALL = {"num_scenes": 24, "num_documents": 15, "num_passages": 12}
@@ -35,8 +35,8 @@ def _tree_mtimes(directory):
 
 def _build(directory, seed=0):
   """Writes the small dataset and pairs into directory; returns ({source: jsonl}, {dataset: jsonl})."""
-  return (demo_data.write_demo_dataset(str(directory), seed=seed, **SMALL),
-          demo_data.write_demo_pairs(str(directory), seed=seed, **SMALL_PAIRS))
+  return (records.write_demo_dataset(str(directory), seed=seed, **SMALL),
+          records.write_demo_pairs(str(directory), seed=seed, **SMALL_PAIRS))
 
 
 @pytest.fixture(scope="module")
@@ -64,7 +64,7 @@ def test_same_seed_gives_identical_bytes(built, tmp_path):
   assert all(first[name] == second[name] for name in first)
   assert set(paths) == {"scenes", "documents", "passages"}
   assert set(pairs) == {"caption_scene", "scene_caption", "query_document", "question_passage"}
-  other = demo_data.write_demo_dataset(str(tmp_path / "seed1"), seed=1, **SMALL)
+  other = records.write_demo_dataset(str(tmp_path / "seed1"), seed=1, **SMALL)
   with open(other["scenes"], "rb") as a, open(paths["scenes"], "rb") as b:
     assert a.read() != b.read()
 
@@ -76,8 +76,8 @@ def test_second_call_reuses_the_cache(built, monkeypatch):
   def fail(*args, **kwargs):
     raise AssertionError("a finished cache was rebuilt")
 
-  monkeypatch.setattr(demo_data, "render_scene", fail)
-  monkeypatch.setattr(demo_data, "render_document", fail)
+  monkeypatch.setattr(records, "render_scene", fail)
+  monkeypatch.setattr(records, "render_document", fail)
   assert _build(directory) == (paths, pairs)
   assert _tree_mtimes(directory) == before
 
@@ -87,7 +87,7 @@ def test_partial_cache_is_rebuilt(built, tmp_path):
   directory = tmp_path / "partial"
   paths, pairs = _build(directory)
   # An interrupted build: no marker, a truncated JSONL, a missing image.
-  os.remove(directory / demo_data.DATA_MARKER)
+  os.remove(directory / records.DATA_MARKER)
   with open(paths["scenes"], "w", encoding="utf-8") as f:
     f.write('{"text": "<image> half')
   os.remove(directory / "images" / "scenes" / "scene_00003.png")
@@ -99,16 +99,16 @@ def test_partial_cache_is_rebuilt(built, tmp_path):
   assert _build(directory) == (paths, pairs)
   assert _tree_bytes(directory) == reference
   # Other parameters rebuild too.
-  smaller = demo_data.write_demo_dataset(str(directory), num_scenes=5, num_documents=2, num_passages=1)
+  smaller = records.write_demo_dataset(str(directory), num_scenes=5, num_documents=2, num_passages=1)
   assert len(_jsonl(smaller["scenes"])) == 5
   assert not os.path.exists(directory / "images" / "scenes" / "scene_00010.png")
 
 
 def test_default_sizes_generate_fast(tmp_path):
   start = time.perf_counter()
-  paths = demo_data.write_demo_dataset(str(tmp_path))
+  paths = records.write_demo_dataset(str(tmp_path))
   data_seconds = time.perf_counter() - start
-  pairs = demo_data.write_demo_pairs(str(tmp_path))
+  pairs = records.write_demo_pairs(str(tmp_path))
   pair_seconds = time.perf_counter() - start - data_seconds
   counts = {name: len(_jsonl(path)) for name, path in {**paths, **pairs}.items()}
   assert counts["scenes"] + counts["documents"] + counts["passages"] == 360
@@ -158,7 +158,7 @@ def test_captions_name_the_drawn_shapes(built):
   directory, paths, _ = built
   for row in _jsonl(paths["scenes"]):
     for image_path, scene in zip(row["images"], row["meta"]):
-      caption = demo_data.scene_caption(scene)
+      caption = scenes.scene_caption(scene)
       assert caption in row["text"] or caption[0].upper() + caption[1:] in row["text"]
       with PIL.Image.open(os.path.join(directory, image_path)) as image:
         pixels = np.asarray(image)
@@ -169,7 +169,7 @@ def test_captions_name_the_drawn_shapes(built):
         row_index, col_index = shape["position"]
         x = int((col_index + 0.5) * scene["width"] / 3)
         y = int((row_index + 0.5) * scene["height"] / 3)
-        assert tuple(pixels[y, x]) == demo_data.COLOURS[shape["colour"]], (shape, caption)
+        assert tuple(pixels[y, x]) == scenes.COLOURS[shape["colour"]], (shape, caption)
 
 
 def test_document_rows_hold_page_text_and_answers(built):
@@ -177,14 +177,14 @@ def test_document_rows_hold_page_text_and_answers(built):
   for row in _jsonl(paths["documents"]):
     doc = row["meta"][0]
     assert row["text"].count("<image>\n") == len(row["images"])
-    qa = demo_data.document_qa(doc)
+    qa = documents.document_qa(doc)
     assert 1 <= len(qa) <= 3
-    assert all(x["answer"] in demo_data.document_text(doc) for x in qa), qa
+    assert all(x["answer"] in documents.document_text(doc) for x in qa), qa
   receipts = [row["meta"][0] for row in _jsonl(paths["documents"]) if row["meta"][0]["type"] == "receipt"]
   assert receipts
-  subtotal, tax, total = demo_data._receipt_totals(receipts[0]["fields"])  # pylint: disable=protected-access
+  subtotal, tax, total = documents._receipt_totals(receipts[0]["fields"])  # pylint: disable=protected-access
   assert subtotal == sum(cents for _, _, cents in receipts[0]["fields"]["items"]) and total == subtotal + tax
-  assert f"Total: {total // 100}.{total % 100:02d}" in demo_data.document_text(receipts[0])
+  assert f"Total: {total // 100}.{total % 100:02d}" in documents.document_text(receipts[0])
 
 
 # --- contrastive pairs ---------------------------------------------------------------------------
@@ -226,13 +226,13 @@ def test_hard_negatives_differ_in_one_attribute(built):
       assert len({c[0] for c in changed}) == 2  # two different changes
       assert [c.split(":")[0] for c in meta["changes"]] == [c[0] for c in changed]
       if meta["pos"]["type"] == "scene":
-        caption = demo_data.scene_caption(meta["pos"])
-        assert all(demo_data.scene_caption(neg) != caption for neg in meta["neg"])
+        caption = scenes.scene_caption(meta["pos"])
+        assert all(scenes.scene_caption(neg) != caption for neg in meta["neg"])
         if name == "scene_caption":
           assert row["pos_text"] == caption and caption not in row["neg_text"]
       else:
         # The query names the positive's value of the changed field, which the negative lacks.
-        identity = demo_data.IDENTITY_FIELDS[meta["pos"]["type"]]
+        identity = documents.IDENTITY_FIELDS[meta["pos"]["type"]]
         for (field,), neg in zip(changed, meta["neg"]):
           field = field.split(".")[1]
           assert field in identity and str(meta["pos"]["fields"][field]) in row["qry"]
@@ -244,32 +244,32 @@ def test_hard_negatives_differ_in_one_attribute(built):
               assert a.read() != b.read()
 
 
-@pytest.mark.parametrize("attribute", demo_data.SCENE_ATTRIBUTES)
+@pytest.mark.parametrize("attribute", scenes.SCENE_ATTRIBUTES)
 def test_perturb_scene_changes_the_named_attribute(attribute):
   for i in range(30):
-    scene = demo_data.make_scene(demo_data.item_rng(0, "scene", i))
-    new, change = demo_data.perturb_scene(scene, demo_data.item_rng(0, "test", i), attribute)
+    scene = scenes.make_scene(scenes.item_rng(0, "scene", i))
+    new, change = scenes.perturb_scene(scene, scenes.item_rng(0, "test", i), attribute)
     assert [c.split(".")[1] for c in _changed(scene, new)] == [attribute], change
-    assert demo_data.scene_caption(new) != demo_data.scene_caption(scene)
+    assert scenes.scene_caption(new) != scenes.scene_caption(scene)
 
 
 def test_bad_arguments_name_the_field():
-  scene = demo_data.make_scene(demo_data.item_rng(0, "scene", 0))
-  rng = demo_data.item_rng(0, "test", 0)
+  scene = scenes.make_scene(scenes.item_rng(0, "scene", 0))
+  rng = scenes.item_rng(0, "test", 0)
   with pytest.raises(ValueError, match="attribute 'shade'"):
-    demo_data.perturb_scene(scene, rng, "shade")
-  doc = demo_data.make_document(demo_data.item_rng(0, "document", 0))
+    scenes.perturb_scene(scene, rng, "shade")
+  doc = documents.make_document(scenes.item_rng(0, "document", 0))
   with pytest.raises(ValueError, match="field 'width' is not an identity field"):
-    demo_data.perturb_document(doc, rng, "width")
+    documents.perturb_document(doc, rng, "width")
   with pytest.raises(ValueError, match=r"shapes\[0\] has unknown colour"):
-    demo_data.render_scene({**scene, "shapes": [{**scene["shapes"][0], "colour": "teal"}]})
+    scenes.render_scene({**scene, "shapes": [{**scene["shapes"][0], "colour": "teal"}]})
   with pytest.raises(ValueError, match="num_scenes=-1"):
-    demo_data.write_demo_dataset("/nonexistent", num_scenes=-1)
+    records.write_demo_dataset("/nonexistent", num_scenes=-1)
   with pytest.raises(ValueError, match="num_negatives=3"):
-    demo_data.pair_records(num_scenes=1, num_negatives=3)
+    records.pair_records(num_scenes=1, num_negatives=3)
 
 
 def test_demo_tokenizer_knows_the_scene_words(tokenizer):
-  words = list(demo_data.COLOURS) + list(demo_data.KINDS) + list(demo_data.SIZES) + ["above", "below"]
+  words = list(scenes.COLOURS) + list(scenes.KINDS) + list(scenes.SIZES) + ["above", "below"]
   split = [w for w in words if len(tokenizer.encode(f" {w}", add_special_tokens=False)) > 1]
   assert not split, split

@@ -3,7 +3,8 @@ import collections
 import json
 import os
 
-from mmembed_jax.data import demo_eval_data, mmeb
+from mmembed_jax.data import mmeb
+from mmembed_jax.demo import eval_sets
 
 
 def _rows(path):
@@ -11,8 +12,8 @@ def _rows(path):
 
 
 def test_mmeb_sample_set(tmp_path):
-  paths = demo_eval_data.write_demo_mmeb(str(tmp_path / "a"), rows_per_dataset=6)
-  again = demo_eval_data.write_demo_mmeb(str(tmp_path / "b"), rows_per_dataset=6)
+  paths = eval_sets.write_demo_mmeb(str(tmp_path / "a"), rows_per_dataset=6)
+  again = eval_sets.write_demo_mmeb(str(tmp_path / "b"), rows_per_dataset=6)
   meta_tasks = json.loads((tmp_path / "a" / "meta_tasks.json").read_text())
   assert set(meta_tasks) == set(paths) and set(meta_tasks.values()) == set(mmeb.META_TASKS)
   for name, path in paths.items():
@@ -28,12 +29,12 @@ def test_mmeb_sample_set(tmp_path):
   for row in _rows(paths["caption_retrieval"]):  # the truth is the scene the caption was drawn from
     assert row["tgt_img_path"][0].endswith(".png") and "_neg" not in row["tgt_img_path"][0]
   mtime = os.path.getmtime(paths["document_vqa"])
-  assert demo_eval_data.write_demo_mmeb(str(tmp_path / "a"), rows_per_dataset=6) == paths
+  assert eval_sets.write_demo_mmeb(str(tmp_path / "a"), rows_per_dataset=6) == paths
   assert os.path.getmtime(paths["document_vqa"]) == mtime  # reused, not rewritten
 
 
 def test_vidore_sample_set(tmp_path):
-  root = demo_eval_data.write_demo_vidore(str(tmp_path), num_pages=9)["document_pages"]
+  root = eval_sets.write_demo_vidore(str(tmp_path), num_pages=9)["document_pages"]
   corpus = {r["corpus-id"]: r["image"] for r in _rows(os.path.join(root, "corpus.jsonl"))}
   queries = {r["query-id"] for r in _rows(os.path.join(root, "queries.jsonl"))}
   qrels = _rows(os.path.join(root, "qrels.jsonl"))

@@ -37,7 +37,7 @@ import os
 import shutil
 from typing import Any, Dict, List
 
-from mmembed_jax.data import demo_data as demo
+from mmembed_jax.demo import documents, records, scenes
 
 MMEB_MARKER = "DEMO_MMEB_COMPLETE"
 VIDORE_MARKER = "DEMO_VIDORE_COMPLETE"
@@ -81,7 +81,7 @@ def _scenes(seed: int, count: int, shapes: tuple) -> List[dict]:
   """The first `count` scenes of the seed whose number of shapes is in `shapes`."""
   out, index = [], 0
   while len(out) < count:
-    scene = demo.make_scene(demo.item_rng(seed, "eval-scene", index))
+    scene = scenes.make_scene(scenes.item_rng(seed, "eval-scene", index))
     index += 1
     if len(scene["shapes"]) in shapes:
       out.append(scene)
@@ -99,9 +99,9 @@ def _cell_crop(image: Any, position: List[int]) -> Any:
 def _classification(directory: str, seed: int, rows: int) -> List[dict]:
   out = []
   for i, scene in enumerate(_scenes(seed, rows, (1,))):
-    path = _save(demo.render_scene(scene), directory, f"images/classification/{i:04d}.png")
+    path = _save(scenes.render_scene(scene), directory, f"images/classification/{i:04d}.png")
     kind = scene["shapes"][0]["kind"]
-    labels = [kind] + [k for k in demo.KINDS if k != kind]
+    labels = [kind] + [k for k in scenes.KINDS if k != kind]
     if i == 0:
       labels.append(kind)  # a duplicate of the truth: scored as a tie, which counts as a hit
     out.append({"qry_text": "<|image_1|> Identify the object shown in the image",
@@ -110,13 +110,13 @@ def _classification(directory: str, seed: int, rows: int) -> List[dict]:
 
 
 def _vqa(directory: str, seed: int, rows: int, distractors: int = 5) -> List[dict]:
-  docs = [demo.make_document(demo.item_rng(seed, "eval-document", i)) for i in range(rows)]
-  answers = sorted({qa["answer"] for doc in docs for qa in demo.document_qa(doc)})
+  docs = [documents.make_document(scenes.item_rng(seed, "eval-document", i)) for i in range(rows)]
+  answers = sorted({qa["answer"] for doc in docs for qa in documents.document_qa(doc)})
   out = []
   for i, doc in enumerate(docs):
-    path = _save(demo.render_document(doc), directory, f"images/vqa/{i:04d}.png")
-    qa = demo.document_qa(doc)[0]
-    rng = demo.item_rng(seed, "eval-vqa-distractors", i)
+    path = _save(documents.render_document(doc), directory, f"images/vqa/{i:04d}.png")
+    qa = documents.document_qa(doc)[0]
+    rng = scenes.item_rng(seed, "eval-vqa-distractors", i)
     others = rng.sample([a for a in answers if a != qa["answer"]], distractors)
     out.append({"qry_text": "<|image_1|> Represent the given image with the following question: "
                             + qa["question"], "qry_img_path": path,
@@ -125,26 +125,26 @@ def _vqa(directory: str, seed: int, rows: int, distractors: int = 5) -> List[dic
 
 
 def _retrieval(directory: str, seed: int, rows: int, others: int = 3) -> List[dict]:
-  scenes = _scenes(seed + 1, rows, (1, 2, 3, 4))
-  paths = [_save(demo.render_scene(s), directory, f"images/retrieval/{i:04d}.png")
-           for i, s in enumerate(scenes)]
+  chosen = _scenes(seed + 1, rows, (1, 2, 3, 4))
+  paths = [_save(scenes.render_scene(s), directory, f"images/retrieval/{i:04d}.png")
+           for i, s in enumerate(chosen)]
   out = []
-  for i, scene in enumerate(scenes):
-    rng = demo.item_rng(seed, "eval-retrieval", i)
+  for i, scene in enumerate(chosen):
+    rng = scenes.item_rng(seed, "eval-retrieval", i)
     negatives = []
-    for k, attribute in enumerate(rng.sample(demo.SCENE_ATTRIBUTES, len(demo.SCENE_ATTRIBUTES))):
+    for k, attribute in enumerate(rng.sample(scenes.SCENE_ATTRIBUTES, len(scenes.SCENE_ATTRIBUTES))):
       if len(negatives) == 2:
         break
       try:
-        negative, _ = demo.perturb_scene(scene, rng, attribute)
+        negative, _ = scenes.perturb_scene(scene, rng, attribute)
       except ValueError:
         continue
-      negatives.append(_save(demo.render_scene(negative), directory,
+      negatives.append(_save(scenes.render_scene(negative), directory,
                              f"images/retrieval/{i:04d}_neg{k}.png"))
     shared = [paths[(i + j) % len(paths)] for j in range(1, others + 1)]  # overlap between rows
     images = [paths[i]] + negatives + shared
     out.append({"qry_text": "Find me an everyday image that matches the given caption: "
-                            + demo.scene_caption(scene), "qry_img_path": "",
+                            + scenes.scene_caption(scene), "qry_img_path": "",
                 "tgt_text": [IMAGE_TARGET] * len(images), "tgt_img_path": images})
   return out
 
@@ -152,7 +152,7 @@ def _retrieval(directory: str, seed: int, rows: int, others: int = 3) -> List[di
 def _grounding(directory: str, seed: int, rows: int) -> List[dict]:
   out = []
   for i, scene in enumerate(_scenes(seed + 2, rows, (2, 3, 4))):
-    image = demo.render_scene(scene)
+    image = scenes.render_scene(scene)
     path = _save(image, directory, f"images/grounding/{i:04d}.png")
     target = scene["shapes"][0]
     taken = [s["position"] for s in scene["shapes"]]
@@ -171,7 +171,7 @@ def _grounding(directory: str, seed: int, rows: int) -> List[dict]:
 def write_demo_mmeb(directory: str, rows_per_dataset: int = 16, seed: int = 2) -> Dict[str, str]:
   """Writes (or reuses) the sample MMEB set; returns {dataset: jsonl path}."""
   params = {"version": _VERSION, "rows_per_dataset": rows_per_dataset, "seed": seed}
-  done = demo.finished_build(directory, MMEB_MARKER, params)
+  done = records.finished_build(directory, MMEB_MARKER, params)
   if done:
     return {name: path for name, path in done.items() if name in META_TASKS}
   _start(directory, MMEB_MARKER)
@@ -188,7 +188,7 @@ def write_demo_mmeb(directory: str, rows_per_dataset: int = 16, seed: int = 2) -
 def write_demo_vidore(directory: str, num_pages: int = 24, seed: int = 3) -> Dict[str, str]:
   """Writes (or reuses) the sample ViDoRe set; returns {dataset: directory}."""
   params = {"version": _VERSION, "num_pages": num_pages, "seed": seed}
-  done = demo.finished_build(directory, VIDORE_MARKER, params)
+  done = records.finished_build(directory, VIDORE_MARKER, params)
   if done:
     return done
   _start(directory, VIDORE_MARKER)
@@ -197,15 +197,15 @@ def write_demo_vidore(directory: str, num_pages: int = 24, seed: int = 3) -> Dic
   _start(root, VIDORE_MARKER)
   corpus, queries, qrels = [], [], []
   for i in range(num_pages):
-    doc = demo.make_document(demo.item_rng(seed, "eval-page", i))
-    page = demo.render_document(doc)
+    doc = documents.make_document(scenes.item_rng(seed, "eval-page", i))
+    page = documents.render_document(doc)
     corpus.append({"corpus-id": f"page{i:03d}", "image": _save(page, root, f"images/{i:03d}.png")})
     if i % 3 == 0:  # a copy under another id: a second, lower-graded relevant page
       corpus.append({"corpus-id": f"page{i:03d}_copy",
                      "image": _save(page, root, f"images/{i:03d}_copy.png")})
     if i % 8 == 7:
       continue  # asked about by no query
-    for k, qa in enumerate(demo.document_qa(doc)):
+    for k, qa in enumerate(documents.document_qa(doc)):
       query_id = f"q{i:03d}_{k}"
       queries.append({"query-id": query_id, "query": qa["query"]})
       qrels.append({"query-id": query_id, "corpus-id": f"page{i:03d}", "score": 2})

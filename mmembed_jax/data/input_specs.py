@@ -1,0 +1,138 @@
+"""A config's `input` section, typed: one frozen dataclass per input pipeline.
+
+Each class's fields are the section's fields (checked by training/registry.py), and it makes
+this process's Grain dataset of batches (`dataset`) and one row of those batches without reading
+data (`batch_row`, for the compile proof). `sources` is a mapping of source specs, or "demo",
+which the run builder replaces with the demo's own files before `dataset` is called.
+"""
+import abc
+import dataclasses
+from typing import Any, ClassVar, Dict, Tuple
+
+from mmembed_jax.models.config import ModelConfig
+
+
+def source_specs(sources: Any, what: str) -> Dict[str, Dict[str, Any]]:
+  """{name: plain dict} of a config's sources; ValueError naming those without a path."""
+  if not hasattr(sources, "items"):
+    raise ValueError(f"{what}: expected a mapping {{name: dict(path=..., ...)}} or 'demo', found "
+                     f"{sources!r:.60}")
+  specs = {name: dict(source) for name, source in sources.items()}
+  unset = [name for name, source in specs.items() if not source.get("path")]
+  if unset:
+    raise ValueError(f"{what}: no path set for {unset}; set --config.input.sources.{unset[0]}"
+                     f".path=... (local or gs://) or remove the source")
+  return specs
+
+
+class InputSpec(abc.ABC):
+  """Base of every input (subclasses are frozen dataclasses, see the module docstring)."""
+  name: ClassVar[str]  # `input.name` in configs
+  needs_tokenizer: ClassVar[bool] = True
+
+  global_batch_size: int
+
+  @classmethod
+  def section_fields(cls) -> Dict[str, dataclasses.Field]:
+    """{name: field} of the config section."""
+    return {f.name: f for f in dataclasses.fields(cls)}
+
+  @property
+  def uses_demo_data(self) -> bool:
+    """Whether `sources` is "demo" (the run builder then supplies the demo's files)."""
+    return getattr(self, "sources", None) == "demo"
+
+  @abc.abstractmethod
+  def dataset(self, model_config: ModelConfig, seed: int, tokenizer_dir: str) -> Any:
+    """This process's endless Grain IterDataset of batches."""
+
+  @abc.abstractmethod
+  def batch_row(self, model_config: ModelConfig) -> Dict[str, Any]:
+    """One row of the batches (host arrays, no batch axis, host-only keys included), read from
+    no data."""
+
+
+@dataclasses.dataclass(frozen=True)
+class CptInput(InputSpec):
+  """MoCa stage 1: mixed records, encoded, masked and packed (data/cpt_pipeline.py)."""
+  name: ClassVar[str] = "moca_cpt"
+
+  sources: Any
+  global_batch_size: int
+  length: int
+  max_patches: int
+  max_images: int
+  min_pixels: int
+  max_pixels: int
+  text_mask_prob: float
+  image_mask_prob: float
+  num_workers: int = 0
+  max_segments: int = 64
+  packing_bins: int = 0  # 0: twice the rows per data shard
+  read_threads: int = 4
+  read_buffer: int = 16
+  worker_buffer: int = 2
+  extra_never_mask: Tuple[int, ...] = ()
+  data_shards: int = 0  # 0: one per process
+
+  def dataset(self, model_config, seed, tokenizer_dir):
+    from mmembed_jax.data.cpt_pipeline import cpt_dataset  # pylint: disable=g-import-not-at-top
+    fields = {k: v for k, v in dataclasses.asdict(self).items() if k != "sources"}
+    fields["packing_bins"] = fields["packing_bins"] or None
+    return cpt_dataset(source_specs(self.sources, "input.sources"), tokenizer_dir, seed=seed,
+                       **fields)
+
+  def batch_row(self, model_config):
+    from mmembed_jax.data.cpt_pipeline import batch_row  # pylint: disable=g-import-not-at-top
+    return batch_row(self.length, self.max_patches, self.max_images, self.max_segments)
+
+
+@dataclasses.dataclass(frozen=True)
+class PairInput(InputSpec):
+  """Contrastive pairs with hard negatives, task-aware batches (data/cl_pipeline.py)."""
+  name: ClassVar[str] = "contrastive_pairs"
+
+  sources: Any
+  global_batch_size: int
+  num_negatives: int
+  query_length: int
+  target_length: int
+  query_max_patches: int
+  target_max_patches: int
+  min_pixels: int
+  max_pixels: int
+  max_images: int = 1
+  task_batching: bool = True
+  num_workers: int = 0
+  read_threads: int = 4
+  read_buffer: int = 0  # 0: read_threads
+  worker_buffer: int = 2
+
+  def encoding(self) -> Dict[str, Any]:
+    """The fields that say how pairs are encoded; held-out evaluation encodes the same way."""
+    return dict(num_negatives=self.num_negatives, query_length=self.query_length,
+                target_length=self.target_length, query_max_patches=self.query_max_patches,
+                target_max_patches=self.target_max_patches, max_images=self.max_images,
+                min_pixels=self.min_pixels, max_pixels=self.max_pixels)
+
+  def dataset(self, model_config, seed, tokenizer_dir):
+    from mmembed_jax.data.cl_pipeline import cl_dataset  # pylint: disable=g-import-not-at-top
+    return cl_dataset(source_specs(self.sources, "input.sources"), tokenizer_dir,
+                      self.global_batch_size, seed, **self.encoding(),
+                      task_batching=self.task_batching, num_workers=self.num_workers,
+                      read_threads=self.read_threads, read_buffer=self.read_buffer or None,
+                      worker_buffer=self.worker_buffer)
+
+  def batch_row(self, model_config):
+    from mmembed_jax.data.cl_pipeline import batch_row  # pylint: disable=g-import-not-at-top
+    return batch_row(self.num_negatives, self.query_length, self.target_length,
+                     self.query_max_patches, self.target_max_patches, self.max_images)
+
+
+def eval_batches(spec: PairInput, sources: Any, tokenizer_dir: str,
+                 max_rows_per_dataset: int) -> Any:
+  """Held-out batches of `sources`, encoded as `spec` encodes training pairs."""
+  from mmembed_jax.data.cl_pipeline import cl_eval_batches  # pylint: disable=g-import-not-at-top
+  return cl_eval_batches(source_specs(sources, "eval.sources"), tokenizer_dir,
+                         spec.global_batch_size, max_rows_per_dataset=max_rows_per_dataset,
+                         **spec.encoding())
