@@ -34,6 +34,7 @@ from mmembed_jax.data.bad_records import printable
 from mmembed_jax.data import collate as collate_lib
 from mmembed_jax.data import images as images_lib
 from mmembed_jax.data import rows as rows_lib
+from mmembed_jax.data.sequences import SequenceEncoder
 from mmembed_jax.models import embedder as embedder_lib
 from mmembed_jax.models import inputs
 from mmembed_jax.models.config import ModelConfig
@@ -180,6 +181,7 @@ class JaxEmbedder:
     self.batch_size = _positive(batch_size, "batch_size")
     self.tokenizer = tokenizer
     self.image_config = image_config or images_lib.ImageProcessingConfig()
+    self.encoder = SequenceEncoder(tokenizer, self.image_config)  # shared with training
     self._check_compatible()
     pad_id = tokenizer.pad_token_id
     self.pad_id = int(pad_id if pad_id is not None else (tokenizer.eos_token_id or 0))
@@ -262,7 +264,7 @@ class JaxEmbedder:
 
   def _check_compatible(self) -> None:
     """Raises ValueError if tokenizer or image settings disagree with the model config."""
-    ids = rows_lib.vision_token_ids(self.tokenizer)
+    ids = self.encoder.vision_ids
     for field, token in (("image_token_id", rows_lib.IMAGE_PAD),
                          ("vision_start_token_id", rows_lib.VISION_START),
                          ("vision_end_token_id", rows_lib.VISION_END)):
@@ -354,7 +356,7 @@ class JaxEmbedder:
       batch = []
       for index, (where, row) in enumerate(items[start:start + rows_per_batch], start=start):
         try:
-          batch.append(rows_lib.encode_row(row, self.tokenizer, self.image_config,
+          batch.append(rows_lib.encode_row(row, self.encoder, self.image_config,
                                            self.max_length, base_dir, where))
         except Exception as e:  # pylint: disable=broad-except  # any failure names the row
           if errors is None:

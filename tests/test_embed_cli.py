@@ -99,7 +99,7 @@ BAD_INPUTS = {
     "over_long_row": ([{"text": "red"}, {"text": "A large blue square in the centre of the page."}],
                       ("--max_length=8",), ("row 2 (line 2)", "tokens, more than max_length 8")),
     "empty_row": ([{"text": "red"}, {"text": ""}], (),
-                  ("row 2 (line 2)", "is empty: no text and no image")),
+                  ("row 2 (line 2)", "empty: no text and no image")),
     "not_utf8": ([{"text": "red"}, b'{"text": "caf\xe9"}'], (),
                  ("rows.jsonl: line 2", "not UTF-8")),
     "lone_surrogate": ([{"text": "red"}, {"text": "a lone surrogate \ud800 here"}], (),

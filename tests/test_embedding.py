@@ -130,7 +130,7 @@ def test_errors_name_file_line_row_and_path(embedder, image_dir, tmp_path):
     embedder.embed_rows([{"text": "ok"}, {"text": "x", "image": "nope.png"}], base_dir=image_dir)
   embedder.max_length = 8
   try:
-    with pytest.raises(ValueError, match=r"row 1 has \d+ tokens, more than max_length 8"):
+    with pytest.raises(ValueError, match=r"row 1: has \d+ tokens, more than max_length 8"):
       embedder.embed_rows(ROWS[:1])
   finally:
     embedder.max_length = embedding.DEFAULT_MAX_LENGTH
@@ -180,9 +180,9 @@ def test_try_embed_rows_skips_and_names_rows_that_cannot_be_embedded(embedder, i
           {"text": "lone \ud800 surrogate"}, {"text": ""}, good[1]]
   vectors, errors = embedder.try_embed_rows(rows, base_dir=image_dir)
   assert sorted(errors) == [1, 2, 3]
-  assert errors[1].startswith("pages.jsonl:7: cannot load image 0") and "truncated.png" in errors[1]
+  assert errors[1].startswith("pages.jsonl:7: cannot read image 0") and "truncated.png" in errors[1]
   assert errors[2].startswith("row 3: the tokenizer rejects the text (TypeError")
-  assert errors[3].startswith("row 4 is empty")
+  assert errors[3].startswith("row 4: empty: no text and no image")
   assert np.isnan(vectors[[1, 2, 3]]).all()
   np.testing.assert_allclose(vectors[[0, 4]], embedder.embed_rows(good, base_dir=image_dir),
                              atol=1e-5, rtol=0)

@@ -16,6 +16,7 @@ import numpy as np
 
 from mmembed_jax.data import images as images_lib
 from mmembed_jax.data import rows as rows_lib
+from mmembed_jax.data.sequences import SequenceEncoder
 
 
 def _pool(hidden, valid, method: str):
@@ -68,12 +69,13 @@ class TorchEmbedder:
   def __init__(self, model: Any, tokenizer: Any, image_config: images_lib.ImageProcessingConfig,
                attention: str, pooling: str, max_length: int, batch_size: int):
     self.model, self.tokenizer, self.image_config = model, tokenizer, image_config
+    self.encoder = SequenceEncoder(tokenizer, image_config)  # the JAX side's encoder
     self.attention, self.pooling = attention, pooling
     self.max_length, self.batch_size = max_length, batch_size
 
   def __call__(self, rows: Sequence[dict], base_dir: Optional[str] = None) -> np.ndarray:
     """Embeds rows of the row convention; relative image paths resolve against base_dir."""
-    encoded = [rows_lib.encode_row(row, self.tokenizer, self.image_config, self.max_length,
+    encoded = [rows_lib.encode_row(row, self.encoder, self.image_config, self.max_length,
                                    base_dir, where=f"row {i + 1}") for i, row in enumerate(rows)]
     out = []
     for start in range(0, len(encoded), self.batch_size):

@@ -5,7 +5,8 @@
        this process's slice of every global batch)
     -> map PairEncoder (read the row; pick K hard negatives; encode every sequence like CPT:
        `<image>` -> `<|vision_start|>` + N x `<|image_pad|>` + `<|vision_end|>`, smart_resize,
-       M-RoPE positions, no special tokens; right pad each to its side's static shape)
+       M-RoPE positions, no special tokens: the one SequenceEncoder of data/sequences.py; right
+       pad each to its side's static shape)
     -> batch(local batch) -> to_iter_dataset (read threads, a batch each)
     -> mp_prefetch (worker processes, whole batches round robin) when num_workers > 0
 
@@ -57,7 +58,7 @@ from mmembed_jax.data import collate, cpt_pipeline, images as images_lib, mixtur
 from mmembed_jax.data import task_batching as task_batching_lib
 from mmembed_jax.data import bad_records
 from mmembed_jax.data.bad_records import BadRecord
-from mmembed_jax.data import rows as rows_lib
+from mmembed_jax.data.sequences import EncodedRow, SequenceEncoder, tokenizer_pad_id
 from mmembed_jax.models import inputs
 
 log = logging.getLogger(__name__)
@@ -74,9 +75,9 @@ class SideShape:
   max_images: int
 
 
-def _empty_sequence(where: str) -> rows_lib.EncodedRow:
+def _empty_sequence(where: str) -> EncodedRow:
   """A sequence with no token and no image: all padding once collated."""
-  return rows_lib.EncodedRow(input_ids=np.zeros((0,), np.int32),
+  return EncodedRow(input_ids=np.zeros((0,), np.int32),
                              patches=np.zeros((0, inputs.PATCH_DIM), np.float32),
                              grid_thw=np.zeros((0, 3), np.int32),
                              positions=np.zeros((3, 0), np.int32), source=where)
@@ -93,22 +94,19 @@ class PairEncoder:
     self.sources, self.query_shape, self.target_shape = list(sources), query_shape, target_shape
     self.num_negatives, self.seed, self.pad_id = int(num_negatives), int(seed), int(pad_id)
     self.sample_negatives = sample_negatives
-    self.sequences = cpt_pipeline.SequenceEncoder(tokenizer_dir, image_config)
+    self.sequences = SequenceEncoder(tokenizer_dir, image_config)
 
   def _encode(self, side: Mapping[str, Any], shape: SideShape, what: str,
-              where: str) -> rows_lib.EncodedRow:
-    """One side's sequence; BadRecord naming the side."""
+              where: str) -> EncodedRow:
+    """One side's sequence (text cut at its length, images never); BadRecord naming the side."""
     try:
-      example = self.sequences.encode_sequence(side["text"], side["images"], shape.length,
-                                               shape.max_patches, shape.max_images,
-                                               cut_images=False)
+      return self.sequences.encode(side["text"], side["images"], length=shape.length,
+                                   max_patches=shape.max_patches, max_images=shape.max_images,
+                                   cut_text=True, source=f"{where} {what}")
     except BadRecord as e:
       raise BadRecord(f"{what}: {e}") from e
-    return rows_lib.EncodedRow(input_ids=example["input_ids"], patches=example["pixel_patches"],
-                               grid_thw=example["image_grid_thw"], positions=example["positions"],
-                               source=f"{where} {what}")
 
-  def _collate(self, sequences: Sequence[rows_lib.EncodedRow], shape: SideShape) -> Dict[str, Any]:
+  def _collate(self, sequences: Sequence[EncodedRow], shape: SideShape) -> Dict[str, Any]:
     """The sequences right padded to the side's shape: [n, ...] arrays."""
     return collate.collate(sequences, self.pad_id, shape.length, shape.max_patches,
                            shape.max_images)
@@ -136,8 +134,8 @@ class PairEncoder:
     negatives += [_empty_sequence(where)] * (self.num_negatives - len(negatives))
     return query, positive, negatives, mask
 
-  def _row(self, query: rows_lib.EncodedRow, positive: rows_lib.EncodedRow,
-           negatives: Sequence[rows_lib.EncodedRow], negative_mask: np.ndarray, valid: int,
+  def _row(self, query: EncodedRow, positive: EncodedRow,
+           negatives: Sequence[EncodedRow], negative_mask: np.ndarray, valid: int,
            target_modal: int, dataset_index: int, example_id: int, bad: str) -> Dict[str, Any]:
     """The batch row of encoded sequences and bookkeeping (see the module docstring)."""
     row = {"query": {k: v[0] for k, v in self._collate([query], self.query_shape).items()},
@@ -237,7 +235,7 @@ def _encoder(sources: Sequence[pairs.PairSource], tokenizer_dir: str, seed: int,
   query_shape, target_shape = _shapes(query_length, target_length, query_max_patches,
                                       target_max_patches, max_images, num_negatives,
                                       image_config.merge_size**2)
-  pad_id = cpt_pipeline.tokenizer_pad_id(tokenizer_dir)
+  pad_id = tokenizer_pad_id(tokenizer_dir)
   return PairEncoder(sources, tokenizer_dir, image_config, query_shape, target_shape,
                      num_negatives, seed, pad_id, sample_negatives)
 

@@ -2,8 +2,8 @@
 
   mixture (sources.py, mixture.py: weighted, capped, shuffled, this process's slice)
     -> map CptEncoder (decode + smart_resize images, tokenize with `<image>` expansion,
-       truncate to `length` without cutting an image, M-RoPE positions: the SequenceEncoder
-       shared with cl_pipeline.py; then MoCa masks)
+       truncate to `length` without cutting an image, M-RoPE positions: the one
+       SequenceEncoder of data/sequences.py; then MoCa masks)
     -> to_iter_dataset (read threads) -> first-fit pack (packing.py) -> batch
     -> mp_prefetch (worker processes) when num_workers > 0
 
@@ -30,177 +30,48 @@ Resume: `iter(ds).get_state()` is a small JSON-able dict; `set_state` on a fresh
 the same dataset (same arguments, same num_workers) continues with exactly the batches an
 uninterrupted iterator would have produced. Changing num_workers changes the stream.
 """
-import json
-import os
-import threading
 from typing import Any, Dict, List, Mapping, Optional, Sequence
 
 import grain
 import numpy as np
 
 from mmembed_jax.data import images as images_lib
-from mmembed_jax.data import masking, mixture, mrope, packing, sources as sources_lib
+from mmembed_jax.data import masking, mixture, packing, sources as sources_lib
 from mmembed_jax.data.bad_records import BadRecord, describe
-from mmembed_jax.data.rows import IMAGE_MARKER, IMAGE_PAD, VIDEO_PAD, VISION_END, VISION_START
+from mmembed_jax.data.sequences import SequenceEncoder, tokenizer_pad_id
 
 SOURCE_FIELDS = {"name", "path", "kind", "weight", "cap", "options"}
 
 
-def _read_text(path: str) -> str:
-  """Reads a local or gs:// text file."""
-  from etils import epath  # pylint: disable=g-import-not-at-top
-  return epath.Path(path).read_text()
-
-
-class SequenceEncoder:
-  """Text with `<image>` markers + images -> token ids, patches, grids and M-RoPE positions."""
-  # Picklable and thread-safe: the tokenizer (the `tokenizers` library, from tokenizer.json) is
-  # loaded lazily once per process, so worker processes do not import transformers.
-
-  def __init__(self, tokenizer_dir: str, image_config: images_lib.ImageProcessingConfig):
-    self.tokenizer_dir, self.image_config = tokenizer_dir, image_config
-    self._lock = threading.Lock()
-    self._tokenizer = None
-
-  def __getstate__(self):
-    state = dict(self.__dict__, _tokenizer=None)
-    state.pop("_lock")
-    return state
-
-  def __setstate__(self, state):
-    self.__dict__.update(state)
-    self._lock = threading.Lock()
-
-  def _load_tokenizer(self):
-    """The tokenizer and its special ids, loaded once."""
-    with self._lock:
-      if self._tokenizer is None:
-        import tokenizers  # pylint: disable=g-import-not-at-top
-        tokenizer = tokenizers.Tokenizer.from_str(
-            _read_text(os.path.join(self.tokenizer_dir, "tokenizer.json")))
-        ids = {}
-        for token in (VISION_START, VISION_END, IMAGE_PAD, VIDEO_PAD):
-          ids[token] = tokenizer.token_to_id(token)
-          if ids[token] is None:
-            raise ValueError(f"{self.tokenizer_dir}/tokenizer.json has no token {token!r}; "
-                             f"expected a Qwen-VL tokenizer")
-        self.vision_ids = ids
-        self._loaded(tokenizer)
-        self._tokenizer = tokenizer  # last: other threads test it without the lock
-    return self._tokenizer
-
-  def _loaded(self, tokenizer: Any) -> None:
-    """Hook for subclasses: derive more ids from the freshly loaded tokenizer (under the lock)."""
-
-  def _encode_text(self, text: str) -> List[int]:
-    """Token ids of plain text; BadRecord if it spells a vision token literally."""
-    if not text:
-      return []
-    ids = self._tokenizer.encode(text, add_special_tokens=False).ids
-    reserved = set(ids) & set(self.vision_ids.values())
-    if reserved:
-      names = sorted(t for t, i in self.vision_ids.items() if i in reserved)
-      raise BadRecord(f"text contains the reserved token(s) {names}; expected plain text with "
-                      f"'{IMAGE_MARKER}' markers for images")
-    return ids
-
-  def _image(self, image: Any, k: int):
-    """(patches float32 [p, 1176], grid_thw int32 [3]) of image k (path, bytes or array)."""
-    name = _image_name(image)
-    try:
-      if isinstance(image, str):
-        image = images_lib.load_image(image)
-      elif isinstance(image, bytes):
-        image = images_lib.decode_image(image)
-      patches, grid = images_lib.preprocess_image(image, self.image_config)
-    except Exception as e:  # pylint: disable=broad-except  # decoders raise their own types
-      raise BadRecord(f"cannot read image {k} ({name}): {e}") from e
-    return patches, np.asarray(grid, np.int32).reshape(3)
-
-  def encode_sequence(self, text: str, record_images: Sequence[Any], length: int, max_patches: int,
-                      max_images: int, cut_images: bool = True) -> Dict[str, np.ndarray]:
-    """{input_ids [n], positions [3, n], pixel_patches [p, 1176], image_grid_thw [k, 3]}.
-
-    n <= length: text past `length` is cut. An image that does not fit what is left of the token,
-    patch or image budget raises BadRecord if it is the first image or cut_images is False;
-    otherwise the sequence is cut before its `<|vision_start|>` and later images are dropped.
-    """
-    if self._tokenizer is None:
-      self._load_tokenizer()
-    record_images = list(record_images)
-    pieces = text.split(IMAGE_MARKER)
-    if len(pieces) == 1 and record_images:
-      pieces = [""] * len(record_images) + [text]  # the prepend rule of rows.py
-    elif len(pieces) - 1 != len(record_images):
-      raise BadRecord(f"text has {len(pieces) - 1} '{IMAGE_MARKER}' markers but the record has "
-                      f"{len(record_images)} images; expected one per image (or none, to prepend)")
-    merge = self.image_config.merge_size
-    ids = self._encode_text(pieces[0])
-    patches: List[np.ndarray] = []
-    grids: List[np.ndarray] = []
-    num_patches = 0
-    for k, image in enumerate(record_images):
-      if k < max_images:
-        image_patches, grid = self._image(image, k)
-        image_tokens = int(np.prod(grid)) // merge**2
-        fits = (len(ids) + image_tokens + 2 <= length
-                and num_patches + image_patches.shape[0] <= max_patches)
-      else:
-        fits = False
-      if not fits:
-        if k == 0 or not cut_images:
-          detail = (f"{image_tokens} tokens and {image_patches.shape[0]} patches after "
-                    f"{len(ids)} text tokens and {num_patches} patches" if k < max_images
-                    else f"max_images is {max_images}")
-          raise BadRecord(f"image {k} ({_image_name(image)}) does not fit the budget (length "
-                          f"{length}, max_patches {max_patches}): it needs {detail}")
-        break  # cut before this image's vision start; later images are dropped too
-      ids += ([self.vision_ids[VISION_START]] + [self.vision_ids[IMAGE_PAD]] * image_tokens
-              + [self.vision_ids[VISION_END]])
-      patches.append(image_patches)
-      grids.append(grid)
-      num_patches += image_patches.shape[0]
-      ids += self._encode_text(pieces[k + 1])
-    input_ids = np.asarray(ids[:length], np.int32)  # [n]; cuts text only
-    if input_ids.shape[0] == 0:
-      raise BadRecord("empty: no text and no image")
-    grid_thw = np.stack(grids).astype(np.int32) if grids else np.zeros((0, 3), np.int32)  # [k, 3]
-    pixel_patches = (np.concatenate(patches).astype(np.float32, copy=False) if patches
-                     else np.zeros((0, self.image_config.patch_dim), np.float32))
-    positions = mrope.mrope_positions(input_ids, grid_thw, self.vision_ids[IMAGE_PAD], merge)
-    return {"input_ids": input_ids, "positions": positions, "pixel_patches": pixel_patches,
-            "image_grid_thw": grid_thw}
-
-
-class CptEncoder(SequenceEncoder):
+class CptEncoder:
   """Record -> encoded, truncated, masked example, or {"bad_record": "FILE:LINE: why"}; both
-  carry the record's "source" name."""
+  carry the record's "source" name. Picklable and thread-safe (the SequenceEncoder is)."""
 
   def __init__(self, tokenizer_dir: str, budget: packing.PackingBudget,
                image_config: images_lib.ImageProcessingConfig, text_mask_prob: float,
                image_mask_prob: float, mask_seed: int, extra_never_mask: Sequence[int] = ()):
-    super().__init__(tokenizer_dir, image_config)
+    self.sequences = SequenceEncoder(tokenizer_dir, image_config)
     self.budget = budget
     self.text_mask_prob, self.image_mask_prob = text_mask_prob, image_mask_prob
     self.mask_seed, self.extra_never_mask = int(mask_seed), tuple(extra_never_mask)
-
-  def _loaded(self, tokenizer: Any) -> None:
-    """Ids never masked: every added (special) token and extra_never_mask."""
-    self.never_mask = frozenset(tokenizer.get_added_tokens_decoder()) | set(self.extra_never_mask)
 
   def encode(self, record: Mapping[str, Any]) -> Dict[str, Any]:
     """The encoded example of a record; raises BadRecord (see the module docstring)."""
     if record.get("error"):
       raise BadRecord(record["error"])
-    budget, merge = self.budget, self.image_config.merge_size
-    example = self.encode_sequence(record["text"], record["images"], budget.length,
-                                   budget.max_patches, budget.max_images, cut_images=True)
+    budget = self.budget
+    row = self.sequences.encode(record["text"], record["images"], length=budget.length,
+                                max_patches=budget.max_patches, max_images=budget.max_images,
+                                cut_text=True, cut_images=True)
+    # Never masked: every added (special) token and extra_never_mask.
+    never_mask = set(self.sequences.added_token_ids()) | set(self.extra_never_mask)
     mlm_mask, mae_mask = masking.mask_example(
-        self.mask_seed, record["example_id"], example["input_ids"],
-        example["pixel_patches"].shape[0], self.never_mask, self.text_mask_prob,
-        self.image_mask_prob, merge**2)
-    return dict(example, mlm_mask=mlm_mask, mae_mask=mae_mask,
-                example_id=int(record["example_id"]), source=record.get("source", "?"))
+        self.mask_seed, record["example_id"], row.input_ids, row.num_patches, never_mask,
+        self.text_mask_prob, self.image_mask_prob, self.sequences.image_config.merge_size**2)
+    return {"input_ids": row.input_ids, "positions": row.positions,
+            "pixel_patches": row.patches, "image_grid_thw": row.grid_thw, "mlm_mask": mlm_mask,
+            "mae_mask": mae_mask, "example_id": int(record["example_id"]),
+            "source": record.get("source", "?")}
 
   def __call__(self, record: Mapping[str, Any]) -> Dict[str, Any]:
     try:
@@ -208,11 +79,6 @@ class CptEncoder(SequenceEncoder):
     except Exception as e:  # pylint: disable=broad-except  # any failure of one record skips it
       return {packing.BAD_RECORD: describe(record.get("where", "?"), e),
               "source": record.get("source", "?")}
-
-
-def _image_name(image: Any) -> str:
-  """How messages name an image: its path, or its type for bytes and arrays."""
-  return image if isinstance(image, str) else type(image).__name__
 
 
 def open_sources(sources: Any) -> List[mixture.MixtureEntry]:
@@ -267,7 +133,7 @@ def cpt_dataset(sources: Any, tokenizer_dir: str, global_batch_size: int,
   shard_batch = global_batch_size // data_shards
   per_process = data_shards // process_count
   image_config = images_lib.ImageProcessingConfig(min_pixels=min_pixels, max_pixels=max_pixels)
-  pad_id = tokenizer_pad_id(tokenizer_dir)
+  pad_id = tokenizer_pad_id(tokenizer_dir)  # data/sequences.py
   budget = packing.PackingBudget(length, max_patches, max_images, max_segments, pad_id,
                                  image_config.merge_size**2)
   encoder = CptEncoder(tokenizer_dir, budget, image_config, text_mask_prob, image_mask_prob,
@@ -300,24 +166,6 @@ def with_worker_processes(ds: grain.IterDataset, num_workers: int,
     flags.FLAGS.mark_as_parsed()
   return ds.mp_prefetch(grain.MultiprocessingOptions(num_workers=num_workers,
                                                      per_worker_buffer_size=worker_buffer))
-
-
-def tokenizer_pad_id(tokenizer_dir: str) -> int:
-  """Id of the tokenizer's pad token (tokenizer_config.json), else of `<|endoftext|>`."""
-  import tokenizers  # pylint: disable=g-import-not-at-top
-  tokenizer = tokenizers.Tokenizer.from_str(_read_text(os.path.join(tokenizer_dir, "tokenizer.json")))
-  pad = "<|endoftext|>"
-  config_path = os.path.join(tokenizer_dir, "tokenizer_config.json")
-  try:
-    pad_token = json.loads(_read_text(config_path)).get("pad_token")
-  except FileNotFoundError:
-    pad_token = None
-  if isinstance(pad_token, dict):
-    pad_token = pad_token.get("content")
-  pad_id = tokenizer.token_to_id(pad_token or pad)
-  if pad_id is None:
-    raise ValueError(f"{tokenizer_dir}: no pad token ({pad_token or pad!r} is not in tokenizer.json)")
-  return int(pad_id)
 
 
 def batch_row(length: int, max_patches: int, max_images: int, max_segments: int = 64,

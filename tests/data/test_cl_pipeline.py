@@ -186,8 +186,8 @@ def test_bad_rows_stay_in_the_batch_marked_and_named(demo, tokenizer_dir, tmp_pa
   assert [batch["valid"][by_line[line]] for line in range(1, 7)] == [1, 0, 0, 0, 0, 0]
   assert [batch["bad_records"][by_line[line]] for line in range(1, 7)] == [0, 1, 1, 1, 1, 1]
   assert batch["bad_messages"][by_line[1]] == ""
-  reasons = {2: "positive: cannot read image 0", 3: "malformed JSON",
-             4: "does not fit the budget (length 96", 5: "negative 0: cannot read image 0",
+  reasons = {2: "positive: image 0 file", 3: "malformed JSON",
+             4: "does not fit the budget (length 96", 5: "negative 0: image 0 file",
              6: "TypeError"}
   for line, reason in reasons.items():
     row = by_line[line]
@@ -214,7 +214,7 @@ def test_a_source_whose_every_row_is_bad_stops_the_run_naming_it(demo, tokenizer
       next(iterator)
   message = str(error.value)
   assert message.startswith("source 'broken': the last 12 records read from it were all bad")
-  assert f"{path}:" in message and "positive: cannot read image 0" in message
+  assert f"{path}:" in message and "positive: image 0 file" in message
 
 
 def test_resume_processes_and_workers_give_the_same_batches(demo, tokenizer_dir):

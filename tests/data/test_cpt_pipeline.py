@@ -202,8 +202,7 @@ def test_bad_records_are_skipped_counted_and_named(data, tokenizer_dir):
 def test_truncation_never_cuts_an_image(data, tokenizer_dir):
   encoder = _encoder(tokenizer_dir)
   img = os.path.join(data["root"], "img")
-  vision = {t: encoder._load_tokenizer().token_to_id(t)  # pylint: disable=protected-access
-            for t in (rows.VISION_START, rows.VISION_END, rows.IMAGE_PAD)}
+  vision = encoder.sequences.vision_ids
   # square (100 patches) fits, wide (96 more) would pass max_patches 160: cut before it.
   example = encoder(_record(f"a <image> {_text(0, 1)} <image> b <image> c",
                             [f"{img}/square.png", f"{img}/wide.png", f"{img}/small.png"]))
@@ -211,9 +210,9 @@ def test_truncation_never_cuts_an_image(data, tokenizer_dir):
   ids = example["input_ids"]
   assert (ids == vision[rows.VISION_START]).sum() == (ids == vision[rows.VISION_END]).sum() == 1
   assert (ids == vision[rows.IMAGE_PAD]).sum() == 25 and example["pixel_patches"].shape[0] == 100
-  text_ids = encoder._load_tokenizer().encode  # pylint: disable=protected-access
-  kept = (text_ids("a ").ids + [vision[rows.VISION_START]] + [vision[rows.IMAGE_PAD]] * 25
-          + [vision[rows.VISION_END]] + text_ids(f" {_text(0, 1)} ").ids)
+  text_ids = encoder.sequences.text_ids
+  kept = (text_ids("a ") + [vision[rows.VISION_START]] + [vision[rows.IMAGE_PAD]] * 25
+          + [vision[rows.VISION_END]] + text_ids(f" {_text(0, 1)} "))
   np.testing.assert_array_equal(ids, kept)  # the text before the cut image stays, the image goes
   # Text before the second image fills the row: the text is cut at `length`, the image dropped.
   example = encoder(_record(f"<image> {_text(0, 60)} <image>",
@@ -229,8 +228,8 @@ def test_truncation_never_cuts_an_image(data, tokenizer_dir):
 
 def test_packed_rows_hold_whole_images_only(mixed, tokenizer_dir):
   _, batches = take(iter(_dataset(mixed, tokenizer_dir)), 6)
-  vision = _encoder(tokenizer_dir)._load_tokenizer().token_to_id  # pylint: disable=protected-access
-  start, end, pad = (vision(t) for t in (rows.VISION_START, rows.VISION_END, rows.IMAGE_PAD))
+  vision = _encoder(tokenizer_dir).sequences.vision_ids
+  start, end, pad = (vision[t] for t in (rows.VISION_START, rows.VISION_END, rows.IMAGE_PAD))
   for batch in batches:
     for row in range(batch["input_ids"].shape[0]):
       ids, segments = batch["input_ids"][row], batch["segment_ids"][row]

@@ -5,7 +5,7 @@ import shutil
 import numpy as np
 import pytest
 
-from mmembed_jax.data import cpt_pipeline, images, pairs, rows
+from mmembed_jax.data import images, pairs, rows, sequences
 
 from pipeline_checks import write_jsonl
 
@@ -164,13 +164,13 @@ def test_settings_errors_name_the_source_and_field():
 
 def test_converted_placeholders_tokenize_as_vision_tokens(data, tokenizer_dir, tokenizer):
   record = _source(data["mmeb"])[0]
-  encoder = cpt_pipeline.SequenceEncoder(tokenizer_dir, IMAGE_CONFIG)
-  query = encoder.encode_sequence(record["query"]["text"], record["query"]["images"], 256, 256, 1,
-                                  cut_images=False)
+  encoder = sequences.SequenceEncoder(tokenizer_dir, IMAGE_CONFIG)
+  query = encoder.encode(record["query"]["text"], record["query"]["images"], length=256,
+                         max_patches=256, max_images=1).input_ids
   _, grid = images.preprocess_image(images.load_image(record["query"]["images"][0]), IMAGE_CONFIG)
   expected = rows.tokenize_with_images(record["query"]["text"], grid[None], tokenizer)
-  np.testing.assert_array_equal(query["input_ids"], expected)
+  np.testing.assert_array_equal(query, expected)  # tokenizers (training) = transformers (rows)
   pad = tokenizer.convert_tokens_to_ids(rows.IMAGE_PAD)
-  text = tokenizer.decode([i for i in query["input_ids"] if i != pad])
+  text = tokenizer.decode([i for i in query if i != pad])
   assert text == ("<|vision_start|><|vision_end|> Represent the given image with the following "
                   "question: what is drawn?")

@@ -141,10 +141,10 @@ def test_embed_and_evaluate_from_a_workdir_or_step(run_dir, sample_sets, tmp_pat
   pages = result["vidore"]["per_dataset"]["document_pages"]
   assert pages["bad_rows"] == 1 and pages["queries"] == 43
   skipped = [line for line in done.stderr.splitlines() if "skipped" in line]
-  for where, why in ((f"{mmeb_dir}/document_vqa.jsonl:1: cannot load image 0", "truncated"),
+  for where, why in ((f"{mmeb_dir}/document_vqa.jsonl:1: cannot read image 0", "truncated"),
                      (f"{mmeb_dir}/shape_classification.jsonl:17: ", "not UTF-8"),
                      (f"{mmeb_dir}/broken.parquet: ", "cannot read the Parquet file"),
-                     (f"{vidore_dir}/document_pages/corpus.jsonl:1: ", "cannot load image 0")):
+                     (f"{vidore_dir}/document_pages/corpus.jsonl:1: ", "cannot read image 0")):
     assert [line for line in skipped if where in line and why in line], (where, skipped)
   print(done.stdout)
 

@@ -1,0 +1,278 @@
+"""The one sequence encoder: text with media markers and its images -> token ids, patches, grids
+and M-RoPE positions (an `EncodedRow`).
+
+Inference rows (rows.py: embed.py, evaluation, torch_embed), MoCa stage-1 records
+(cpt_pipeline.py) and contrastive pair sides (cl_pipeline.py) are all encoded here:
+
+  encoder = SequenceEncoder(tokenizer_dir, image_config)   # or an HF tokenizer object
+  row = encoder.encode("<image> a red circle", ["circle.png"], length=512)
+
+Each `<image>` marker stands for the next image and becomes `<|vision_start|>` + N x
+`<|image_pad|>` + `<|vision_end|>`, N = t*h*w / merge_size**2 merged tokens of the image after
+preprocessing (`images.preprocess_image`). Text with images and no marker gets one marker per
+image prepended (the prepend rule); otherwise markers and images must be equal in number. Text is
+tokenised piece by piece between markers, without special tokens, and may not spell a vision
+token itself.
+
+Budgets and what happens beyond them: `length` tokens (text past it is cut with `cut_text`, else
+the sequence is refused: inference never truncates silently), `max_patches` and `max_images`
+(None: no limit). An image that does not fit what is left is refused, or with `cut_images`
+(stage 1) the sequence is cut before its `<|vision_start|>` with every later image; a first
+image that does not fit is always refused.
+
+Errors are `BadRecord`s (ValueErrors) saying why, without naming the row: callers add "FILE:LINE"
+or "row R (line L) of FILE". The encoder is picklable and thread-safe: a tokenizer directory's
+tokenizer.json is loaded with the `tokenizers` library once per process (worker processes never
+import transformers).
+"""
+import dataclasses
+import json
+import os
+import threading
+from typing import Any, Dict, List, Optional, Sequence, Tuple, Union
+
+import numpy as np
+
+from mmembed_jax.data import images as images_lib
+from mmembed_jax.data import mrope
+from mmembed_jax.data.bad_records import BadRecord
+from mmembed_jax.models import inputs
+
+IMAGE_MARKER = "<image>"
+VISION_START = "<|vision_start|>"
+VISION_END = "<|vision_end|>"
+IMAGE_PAD = "<|image_pad|>"
+VIDEO_PAD = "<|video_pad|>"
+VISION_TOKENS = (VISION_START, VISION_END, IMAGE_PAD, VIDEO_PAD)
+
+
+@dataclasses.dataclass(frozen=True)
+class EncodedRow:
+  """One encoded sequence: token ids, its images' patches and grids, and M-RoPE positions."""
+  input_ids: np.ndarray  # int32 [n]
+  patches: np.ndarray  # float32 [p, 1176]; p = sum of t*h*w over the row's images
+  grid_thw: np.ndarray  # int32 [num_images, 3]
+  positions: np.ndarray  # int32 [3, n]
+  source: str = "row"  # names the row in error messages, e.g. "row 7 (line 7) of data.jsonl"
+
+  @property
+  def num_tokens(self) -> int:
+    """Returns n, the number of tokens."""
+    return int(self.input_ids.shape[0])
+
+  @property
+  def num_patches(self) -> int:
+    """Returns p, the number of (unmerged) patches."""
+    return int(self.patches.shape[0])
+
+  @property
+  def num_images(self) -> int:
+    """Returns the number of images."""
+    return int(self.grid_thw.shape[0])
+
+
+def _image_name(image: Any) -> str:
+  """How messages name an image: its path, or its type for bytes and arrays."""
+  return image if isinstance(image, str) else type(image).__name__
+
+
+def _read_text(path: str) -> str:
+  """Reads a local or gs:// text file."""
+  from etils import epath  # pylint: disable=g-import-not-at-top
+  return epath.Path(path).read_text()
+
+
+class SequenceEncoder:
+  """Text with `<image>` markers + images -> EncodedRow (see the module docstring)."""
+
+  def __init__(self, tokenizer: Union[str, Any],
+               image_config: Optional[images_lib.ImageProcessingConfig] = None):
+    """tokenizer: a tokenizer directory (its tokenizer.json, local or gs://) or a loaded
+    transformers tokenizer; image_config: the image preprocessing (default: Qwen2-VL's)."""
+    self.tokenizer_dir = tokenizer if isinstance(tokenizer, str) else None
+    self.image_config = image_config or images_lib.ImageProcessingConfig()
+    self._hf_tokenizer = None if isinstance(tokenizer, str) else tokenizer
+    self._tokenizer = None  # the `tokenizers` Tokenizer, loaded lazily
+    self._vision_ids: Optional[Dict[str, int]] = None
+    self._lock = threading.Lock()
+
+  def __getstate__(self):
+    state = dict(self.__dict__, _tokenizer=None, _vision_ids=None)
+    state.pop("_lock")
+    return state
+
+  def __setstate__(self, state):
+    self.__dict__.update(state)
+    self._lock = threading.Lock()
+
+  def _load(self) -> None:
+    """Loads the tokenizer and the vision token ids once (thread-safe)."""
+    with self._lock:
+      if self._vision_ids is not None:
+        return
+      if self._hf_tokenizer is not None:
+        lookup = self._hf_tokenizer.convert_tokens_to_ids
+        ids = {token: lookup(token) for token in VISION_TOKENS}
+        ids = {t: i if self._hf_tokenizer.convert_ids_to_tokens(i) == t else None
+               for t, i in ids.items()}
+        where = "the tokenizer"
+      else:
+        import tokenizers  # pylint: disable=g-import-not-at-top
+        path = os.path.join(self.tokenizer_dir, "tokenizer.json")
+        self._tokenizer = tokenizers.Tokenizer.from_str(_read_text(path))
+        ids = {token: self._tokenizer.token_to_id(token) for token in VISION_TOKENS}
+        where = path
+      missing = [token for token, i in ids.items() if i is None]
+      if missing:
+        raise ValueError(f"{where} has no token {missing[0]!r}; expected a Qwen-VL tokenizer "
+                         f"(e.g. mmembed_jax.demo.tokenizer.build_tokenizer)")
+      self._vision_ids = {token: int(i) for token, i in ids.items()}  # last: tested without lock
+
+  @property
+  def vision_ids(self) -> Dict[str, int]:
+    """{vision token: id} of the tokenizer."""
+    if self._vision_ids is None:
+      self._load()
+    return self._vision_ids
+
+  def added_token_ids(self) -> List[int]:
+    """Ids of every added (special) token of the tokenizer: vision, chat, padding, `<|mask|>`."""
+    self._load()
+    if self._hf_tokenizer is not None:
+      return sorted(self._hf_tokenizer.added_tokens_decoder)
+    return sorted(self._tokenizer.get_added_tokens_decoder())
+
+  def text_ids(self, text: str) -> List[int]:
+    """Token ids of plain text (no special tokens added); BadRecord if the tokenizer rejects it
+    (a lone surrogate, say) or it spells a vision token literally."""
+    if not text:
+      return []
+    vision = self.vision_ids
+    try:
+      if self._hf_tokenizer is not None:
+        ids = list(self._hf_tokenizer.encode(text, add_special_tokens=False))
+      else:
+        ids = self._tokenizer.encode(text, add_special_tokens=False).ids
+    except Exception as e:  # pylint: disable=broad-except  # e.g. TypeError for "\ud800"
+      raise BadRecord(f"the tokenizer rejects the text ({type(e).__name__}: {e}); expected valid "
+                      f"Unicode text") from None
+    reserved = set(ids) & set(vision.values())
+    if reserved:
+      names = sorted(t for t, i in vision.items() if i in reserved)
+      raise BadRecord(f"text contains the reserved token(s) {names}; expected plain text with "
+                      f"'{IMAGE_MARKER}' markers for images")
+    return ids
+
+  def image(self, image: Any, k: int) -> Tuple[np.ndarray, np.ndarray]:
+    """(patches float32 [p, 1176], grid_thw int32 [3]) of image k: a path (local or gs://),
+    encoded bytes or an array; BadRecord naming it if it cannot be read."""
+    name = _image_name(image)
+    if isinstance(image, str) and "://" not in image and not os.path.isfile(image):
+      raise BadRecord(f"image {k} file {image!r} does not exist")
+    try:
+      if isinstance(image, str):
+        image = images_lib.load_image(image)
+      elif isinstance(image, bytes):
+        image = images_lib.decode_image(image)
+      patches, grid = images_lib.preprocess_image(image, self.image_config)
+    except Exception as e:  # pylint: disable=broad-except  # decoders raise their own types
+      cause = e.__cause__ if isinstance(e, ValueError) and e.__cause__ is not None else e
+      raise BadRecord(f"cannot read image {k} ({name}): {type(cause).__name__}: {cause}") from None
+    return (np.asarray(patches, np.float32),
+            np.asarray(grid, np.int32).reshape(3))
+
+  def _pieces(self, text: str, num_images: int) -> List[str]:
+    """The text between markers (num_images + 1 pieces); the prepend rule; BadRecord on a count
+    that does not match."""
+    pieces = text.split(IMAGE_MARKER)
+    if len(pieces) == 1 and num_images:
+      return [""] * num_images + [text]
+    if len(pieces) - 1 != num_images:
+      raise BadRecord(f"text has {len(pieces) - 1} '{IMAGE_MARKER}' markers but the row has "
+                      f"{num_images} images; expected one marker per image (or none, to prepend "
+                      f"them)")
+    return pieces
+
+  def _vision_span(self, grid: np.ndarray) -> List[int]:
+    """`<|vision_start|>` + N x `<|image_pad|>` + `<|vision_end|>` of an image of this grid."""
+    merge = self.image_config.merge_size
+    t, h, w = (int(x) for x in grid)
+    if t * h * w % (merge * merge):
+      raise BadRecord(f"an image of grid_thw {[t, h, w]} has {t * h * w} patches, which do not "
+                      f"split into merged tokens of merge_size**2 = {merge**2}")
+    ids = self.vision_ids
+    return [ids[VISION_START]] + [ids[IMAGE_PAD]] * (t * h * w // merge**2) + [ids[VISION_END]]
+
+  def ids_for_grids(self, text: str, grid_thw: Any) -> np.ndarray:
+    """int32 [n]: the token ids of `text` whose images have these grids [k, 3] (not loaded)."""
+    grids = np.asarray(grid_thw, np.int64).reshape(-1, 3)
+    pieces = self._pieces(text, len(grids))
+    ids = self.text_ids(pieces[0])
+    for grid, piece in zip(grids, pieces[1:]):
+      ids += self._vision_span(grid) + self.text_ids(piece)
+    return np.asarray(ids, np.int32).reshape(-1)
+
+  def encode(self, text: str, images: Sequence[Any], *, length: int,
+             max_patches: Optional[int] = None, max_images: Optional[int] = None,
+             cut_text: bool = False, cut_images: bool = False, source: str = "row") -> EncodedRow:
+    """The EncodedRow of `text` and its `images` within the budgets (see the module docstring)."""
+    images = list(images)
+    pieces = self._pieces(text, len(images))
+    ids = self.text_ids(pieces[0])
+    patches: List[np.ndarray] = []
+    grids: List[np.ndarray] = []
+    num_patches = 0
+    for k, image in enumerate(images):
+      if max_images is not None and k >= max_images:
+        detail = f"max_images is {max_images}"
+      else:
+        image_patches, grid = self.image(image, k)
+        span = self._vision_span(grid)
+        detail = ""
+        if cut_text and len(ids) + len(span) > length or (
+            max_patches is not None and num_patches + image_patches.shape[0] > max_patches):
+          detail = (f"{len(span) - 2} tokens and {image_patches.shape[0]} patches after "
+                    f"{len(ids)} tokens and {num_patches} patches")
+      if detail:
+        if cut_images and k > 0:
+          break  # cut before this image's vision start; later images are dropped too
+        raise BadRecord(f"image {k} ({_image_name(image)}) does not fit the budget (length "
+                        f"{length}, max_patches {max_patches}): it needs {detail}")
+      ids += span
+      patches.append(image_patches)
+      grids.append(grid)
+      num_patches += image_patches.shape[0]
+      ids += self.text_ids(pieces[k + 1])
+    if len(ids) > length:
+      if not cut_text:
+        image_tokens = sum(len(self._vision_span(g)) - 2 for g in grids)
+        detail = f" ({image_tokens} of them image tokens)" if grids else ""
+        raise BadRecord(f"has {len(ids)} tokens{detail}, more than max_length {length}")
+      ids = ids[:length]  # cuts text only: every kept image fits
+    if not ids:
+      raise BadRecord("empty: no text and no image")
+    input_ids = np.asarray(ids, np.int32)  # [n]
+    grid_thw = np.stack(grids).astype(np.int32) if grids else np.zeros((0, 3), np.int32)  # [k, 3]
+    pixel_patches = (np.concatenate(patches) if patches
+                     else np.zeros((0, inputs.PATCH_DIM), np.float32))  # [p, 1176]
+    positions = mrope.mrope_positions(input_ids, grid_thw, self.vision_ids[IMAGE_PAD],
+                                      self.image_config.merge_size)
+    return EncodedRow(input_ids, pixel_patches, grid_thw, positions, source)
+
+
+def tokenizer_pad_id(tokenizer_dir: str) -> int:
+  """Id of the tokenizer's pad token (tokenizer_config.json), else of `<|endoftext|>`."""
+  import tokenizers  # pylint: disable=g-import-not-at-top
+  tokenizer = tokenizers.Tokenizer.from_str(_read_text(os.path.join(tokenizer_dir, "tokenizer.json")))
+  pad = "<|endoftext|>"
+  config_path = os.path.join(tokenizer_dir, "tokenizer_config.json")
+  try:
+    pad_token = json.loads(_read_text(config_path)).get("pad_token")
+  except FileNotFoundError:
+    pad_token = None
+  if isinstance(pad_token, dict):
+    pad_token = pad_token.get("content")
+  pad_id = tokenizer.token_to_id(pad_token or pad)
+  if pad_id is None:
+    raise ValueError(f"{tokenizer_dir}: no pad token ({pad_token or pad!r} is not in tokenizer.json)")
+  return int(pad_id)
