@@ -1,8 +1,9 @@
 """Train with a recipe config: on a TPU pod with a real config, on any laptop with a demo one.
 
-  python launch/tpu_train.py --config configs/mlm_demo.py --workdir runs/demo [--config.total_steps=50]
+  python launch/tpu_train.py --config configs/moca.py --workdir runs/demo [--config.total_steps=50]
 
-Rerunning the same command resumes from the workdir's latest checkpoint.
+Rerunning the same command resumes from the workdir's latest checkpoint. At the end it prints
+what the run did (losses first -> last), where its checkpoints and logs are, and what to run next.
 """
 import logging
 import os
@@ -69,6 +70,7 @@ def main(argv):
     distributed = bool(os.environ.get("TPU_WORKER_HOSTNAMES", "").count(","))
   if distributed:
     jax.distributed.initialize(_COORDINATOR.value, _NUM_PROCESSES.value, _PROCESS_ID.value)
+  from mmembed_jax.training.summary import run_summary  # pylint: disable=g-import-not-at-top
   from mmembed_jax.training.trainer import NonFiniteLossError, train  # pylint: disable=g-import-not-at-top
   try:
     train(_CONFIG.value, _WORKDIR.value)
@@ -78,6 +80,8 @@ def main(argv):
   except NonFiniteLossError as e:  # diverged: the last good checkpoint is kept
     print(f"error: {printable(e)}", file=sys.stderr)
     sys.exit(3)
+  if jax.process_index() == 0:
+    print(run_summary(_WORKDIR.value, config_flags.get_config_filename(flags.FLAGS["config"])))
 
 
 if __name__ == "__main__":

@@ -31,7 +31,8 @@ class MetricWriter:
     self.jsonl.flush()
     for key, value in clean.items():
       self.tensorboard.add_scalar(key, value, step)
-    shown = {k: f"{clean[k]:.4g}" for k in ("loss", "learning_rate") if k in clean}
+    shown = {k: f"{clean[k]:.4g}" for k in ("loss", "mlm_loss", "mae_loss", "learning_rate")
+             if k in clean}
     self.bar.set_postfix(shown, refresh=False)
 
   def advance(self, steps: int = 1) -> None:

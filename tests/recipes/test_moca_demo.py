@@ -29,6 +29,20 @@ def test_moca_demo_losses_fall_and_rerun_resumes(tmp_path):
   assert end["bad_records"] == 0
   assert any(name.startswith("events") for name in os.listdir(workdir / "tensorboard"))
   assert "80" in os.listdir(workdir / "checkpoints")
+  # What a newcomer sees: MLM and MAE losses on the progress bar, then a summary with the next
+  # commands; the lineage resolved at the start is recorded for embedding and export.
+  assert "mlm_loss=" in first.stderr and "mae_loss=" in first.stderr
+  summary = first.stdout[first.stdout.index("Done: step 80"):]
+  assert f"mlm_loss {start['mlm_loss']:.4g} -> {end['mlm_loss']:.4g}" in summary
+  assert f"mae_loss {start['mae_loss']:.4g} -> {end['mae_loss']:.4g}" in summary
+  for line in (f"{workdir}/checkpoints (latest: step 80)", f"{workdir}/metrics.jsonl",
+               f"tensorboard --logdir {workdir}/tensorboard",
+               f"--config configs/moca.py:stage=cl --workdir {workdir}_cl --config.init_from={workdir}",
+               f"launch/evaluate.py --model {workdir}", f"--checkpoint {workdir} --out {workdir}_hf"):
+    assert line in summary, (line, summary)
+  resolved = json.loads((workdir / "config.json").read_text())["resolved"]
+  assert resolved == {"source_hf_dir": "", "init_from_chain": [],
+                      "tokenizer_dir": str(cache / "tokenizer")}
 
   again = _train(workdir, cache, 90)  # same workdir: resumes at 80, trains 10 more
   assert again.returncode == 0, again.stderr[-3000:]
