@@ -67,3 +67,47 @@ def test_build_run_names_a_missing_tokenizer():
   config = moca.get_config("size=3b")
   with pytest.raises(ValueError, match="no tokenizer: set tokenizer_dir"):
     run_lib.build_run(config, jax.devices())
+
+
+def test_a_new_objective_plugs_in_with_its_class_and_one_registry_line(monkeypatch):
+  """README's example: an Objective subclass and its registry entry train through the run
+  builder (typed field, FLOP count without the LM head) with nothing else changed."""
+  import dataclasses
+  from typing import ClassVar, Tuple
+
+  import jax.numpy as jnp
+
+  from mmembed_jax.models.config import ModelConfig
+  from mmembed_jax.models.vlm import VisionLanguageModel
+  from mmembed_jax.objectives.base import Objective
+  from mmembed_jax.training import registry
+  from mmembed_jax.training.config import default_config
+  from mmembed_jax.training.run import HOST_ONLY
+
+  @dataclasses.dataclass(frozen=True)
+  class MeanSquaredNorm(Objective):
+    name: ClassVar[str] = "mean_squared_norm"
+    inputs: ClassVar[Tuple[str, ...]] = ("moca_cpt", "synthetic_tokens")
+    uses_lm_head: ClassVar[bool] = False
+    config: ModelConfig
+    weight: float = 1.0
+
+    def __call__(self, params, batch, rng):
+      hidden = VisionLanguageModel(self.config).apply({"params": params}, batch)
+      loss = self.weight * jnp.mean(jnp.square(hidden))
+      return loss, {"hidden_energy": loss}
+
+  monkeypatch.setitem(registry.OBJECTIVES, MeanSquaredNorm.name, MeanSquaredNorm)
+  config = default_config()
+  config.objective = dict(name="mean_squared_norm", weight=0.5)
+  config.mesh.num_devices = 1
+  run = run_lib.build_run(config, jax.devices())
+  assert run.objective == MeanSquaredNorm(run.model_config, weight=0.5)
+  batch = {k: v for k, v in next(iter(run.dataset())).items() if k not in HOST_ONLY}
+  state, metrics = run.jit_step(batch)(run.initial_state(), batch)
+  assert int(state.step) == 1 and float(metrics["hidden_energy"]) > 0
+  assert run.step_flops(batch) < dataclasses.replace(run, objective=registry.MaskedLm(
+      run.model_config)).step_flops(batch)  # no LM head in its count
+  config.objective = dict(name="mean_squared_norm", weight="heavy")
+  with pytest.raises(ValueError, match="field weight='heavy' should be of type float"):
+    run_lib.build_run(config, jax.devices())
