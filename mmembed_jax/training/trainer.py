@@ -1,4 +1,5 @@
-"""The trainer, top to bottom: config, mesh, model, input, sharded state, checkpoints, update, loop.
+"""The trainer, top to bottom: the run (training/run.py: config, lineage, mesh, model, objective,
+input, sharded state), the workdir lock, checkpoints, the update, held-out evaluation, the loop.
 
 The same code runs on one CPU and on a multi-slice TPU pod; only the config's mesh changes.
 Rerunning the same command with the same workdir resumes from its latest checkpoint.
