@@ -2,19 +2,8 @@ r"""Wall time and peak host memory of launch/export_to_pytorch.py on a random ru
 
   python launch/benchmark_export.py --preset qwen2_vl_2b [--workdir /tmp/bench_run] [--keep]
 
-Builds (or reuses) a training-run workdir holding random parameters of the preset in bfloat16,
-initialised sharded over all devices and saved with Orbax as the trainer saves them, then runs
-the export CLI in a fresh subprocess and reports its wall time and peak RSS next to the bytes of
-the parameters: an export that held the model twice would peak above twice that.
+What is measured and how: mmembed_jax/training/export_benchmark.py.
 """
-import json
-import os
-import shutil
-import subprocess
-import sys
-import tempfile
-import time
-
 from absl import app
 from absl import flags
 
@@ -25,91 +14,13 @@ _KEEP = flags.DEFINE_bool("keep", False, "Keep the run and the export afterwards
 _DTYPE = flags.DEFINE_enum("dtype", "bfloat16", ["bfloat16", "float32"],
                            "Parameter dtype of the random run.")
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-
-
-def build_run(workdir: str, preset: str, dtype: str) -> int:
-  """Writes config.json and a step-1 checkpoint of random params; returns the parameter bytes."""
-  import flax.linen as nn  # pylint: disable=g-import-not-at-top
-  import jax  # pylint: disable=g-import-not-at-top
-  import orbax.checkpoint as ocp  # pylint: disable=g-import-not-at-top
-  from mmembed_jax.models.embedder import boxed_param_shapes  # pylint: disable=g-import-not-at-top
-  from mmembed_jax.parallel import sharding as sharding_lib  # pylint: disable=g-import-not-at-top
-  from mmembed_jax import demo  # pylint: disable=g-import-not-at-top
-  from mmembed_jax.training import lineage, trained_model  # pylint: disable=g-import-not-at-top
-  from mmembed_jax.training import run as run_lib  # pylint: disable=g-import-not-at-top
-  from mmembed_jax.training.config import default_config  # pylint: disable=g-import-not-at-top
-  config = default_config()
-  config.objective = dict(name="contrastive", pooling="last")
-  config.model.update(preset=preset, param_dtype=dtype, dtype=dtype)
-  resolved = lineage.Resolved(tokenizer_dir=demo.tokenizer_dir())
-  os.makedirs(workdir, exist_ok=True)
-  with open(os.path.join(workdir, "config.json"), "w") as f:
-    json.dump(dict(json.loads(config.to_json_best_effort()),
-                   **{lineage.RESOLVED: resolved.to_json()}), f, indent=2)
-  model_config = run_lib.model_config(config, resolved)
-  mesh = trained_model.export_mesh()
-  boxed = boxed_param_shapes(model_config)
-  shardings = sharding_lib.logical_shardings(boxed, mesh, sharding_lib.DEFAULT_RULES)
-  abstract = nn.meta.unbox(boxed)
-  # One tensor at a time, each created on its shards (a whole-model init would need several
-  # times the model in temporaries); the values only need to be random, not a trained model's.
-  makers = {}
-
-  def random_leaf(index, leaf, sharding):
-    key = (leaf.shape, leaf.dtype, sharding)
-    if key not in makers:
-      makers[key] = jax.jit(lambda k: (0.02 * jax.random.normal(k, leaf.shape)).astype(leaf.dtype),
-                            out_shardings=sharding)
-    return makers[key](jax.random.fold_in(jax.random.key(0), index))
-
-  leaves, treedef = jax.tree.flatten(abstract)
-  params = jax.tree.unflatten(treedef, [
-      random_leaf(i, leaf, sharding)
-      for i, (leaf, sharding) in enumerate(zip(leaves, treedef.flatten_up_to(shardings)))])
-  with ocp.CheckpointManager(os.path.join(workdir, trained_model.CHECKPOINTS)) as manager:
-    manager.save(1, args=ocp.args.Composite(params=ocp.args.StandardSave(params)))
-    manager.wait_until_finished()
-  return sum(x.nbytes for x in jax.tree.leaves(params))
-
 
 def main(argv):
-  """Builds the run (in a child process), exports it (in another), prints the figures."""
+  """Runs the benchmark; returns the exit status."""
   if len(argv) > 1:
     raise app.UsageError(f"unexpected arguments: {argv[1:]}")
-  workdir = _WORKDIR.value or tempfile.mkdtemp(prefix="mmembed_bench_export_")
-  record = os.path.join(workdir, "benchmark_build.json")
-  if not os.path.exists(record):
-    start = time.perf_counter()
-    code = (f"import json, sys; sys.path.insert(0, {os.path.dirname(os.path.abspath(__file__))!r}); "
-            f"import benchmark_export as b; n = b.build_run({workdir!r}, {_PRESET.value!r}, "
-            f"{_DTYPE.value!r}); print(json.dumps(n))")
-    done = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True)
-    if done.returncode:
-      print(done.stderr[-3000:], file=sys.stderr)
-      return 1
-    with open(record, "w") as f:
-      json.dump({"param_bytes": json.loads(done.stdout.strip().splitlines()[-1]),
-                 "build_seconds": time.perf_counter() - start}, f)
-  with open(record) as f:
-    built = json.load(f)
-  out = os.path.join(workdir, "exported")
-  start = time.perf_counter()
-  done = subprocess.run([sys.executable, "launch/export_to_pytorch.py", f"--checkpoint={workdir}",
-                         f"--out={out}"], cwd=ROOT, capture_output=True, text=True)
-  seconds = time.perf_counter() - start
-  if done.returncode:
-    print(done.stderr[-3000:], file=sys.stderr)
-    return 1
-  print(done.stdout.strip())
-  written = sum(os.path.getsize(os.path.join(out, f)) for f in os.listdir(out)
-                if f.endswith(".safetensors"))
-  print(json.dumps({"preset": _PRESET.value, "dtype": _DTYPE.value,
-                    "param_gb": built["param_bytes"] / 1e9, "safetensors_gb": written / 1e9,
-                    "export_seconds_with_startup": seconds}))
-  if not _KEEP.value:
-    shutil.rmtree(workdir, ignore_errors=True)
-  return 0
+  from mmembed_jax.training import export_benchmark  # pylint: disable=g-import-not-at-top
+  return export_benchmark.run(_PRESET.value, _WORKDIR.value, _KEEP.value, _DTYPE.value)
 
 
 if __name__ == "__main__":

@@ -10,7 +10,6 @@ devices. Prints a table per benchmark; --out writes the JSON ({"overall", "per_t
 """
 import logging
 import sys
-import time
 
 from absl import app
 from absl import flags
@@ -50,45 +49,19 @@ def main(argv):
   logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(message)s")
   absl_logging.set_verbosity(absl_logging.WARNING)
   from mmembed_jax.data.bad_records import printable  # pylint: disable=g-import-not-at-top
-  from mmembed_jax.embedding import JaxEmbedder  # pylint: disable=g-import-not-at-top
-  from mmembed_jax.evaluation import mmeb, vidore  # pylint: disable=g-import-not-at-top
-  from mmembed_jax.training.trained_model import export_mesh  # pylint: disable=g-import-not-at-top
-  mesh = export_mesh()
+  from mmembed_jax.embedding import save_json  # pylint: disable=g-import-not-at-top
+  from mmembed_jax.evaluation.evaluate import evaluate  # pylint: disable=g-import-not-at-top
   try:
-    embedder = JaxEmbedder.load(_MODEL.value, dtype=_DTYPE.value, batch_size=_BATCH_SIZE.value,
-                                max_length=_MAX_LENGTH.value, mesh=mesh)
-    counts = {"rows": 0, "seconds": 0.0}
-
-    def embed(rows):
-      start = time.perf_counter()
-      out = embedder.try_embed_rows(rows)  # rows that fail are skipped and named, not raised
-      counts["rows"] += len(rows)
-      counts["seconds"] += time.perf_counter() - start
-      return out
-
-    result = {"model": _MODEL.value}
-    if _MMEB.value:
-      result.update(mmeb.evaluate_mmeb(embed, _MMEB.value, _DATASETS.value, _IMAGE_ROOT.value,
-                                       _MAX_ROWS.value))
-      print(mmeb.format_table(result))
-    if _VIDORE.value:
-      templates = {k: v for k, v in (("query_template", _QUERY_TEMPLATE.value),
-                                     ("document_template", _DOCUMENT_TEMPLATE.value)) if v}
-      result["vidore"] = vidore.evaluate_vidore(embed, _VIDORE.value, mesh,
-                                                _VIDORE_DATASETS.value, **templates)
-      print(vidore.format_table(result["vidore"]))
+    result, tables = evaluate(
+        _MODEL.value, mmeb=_MMEB.value, datasets=_DATASETS.value, image_root=_IMAGE_ROOT.value,
+        max_rows=_MAX_ROWS.value, vidore=_VIDORE.value, vidore_datasets=_VIDORE_DATASETS.value,
+        query_template=_QUERY_TEMPLATE.value, document_template=_DOCUMENT_TEMPLATE.value,
+        batch_size=_BATCH_SIZE.value, max_length=_MAX_LENGTH.value, dtype=_DTYPE.value)
   except (ValueError, FileNotFoundError) as e:
     print(f"error: {printable(e)}", file=sys.stderr)
     return 2
-  result["throughput"] = {
-      "rows_embedded": counts["rows"], "embed_seconds": counts["seconds"],
-      "rows_per_second": counts["rows"] / max(counts["seconds"], 1e-9),
-      "compiled_batch_shapes": len(embedder.batch_shapes), "devices": mesh.size}
-  print(f"{counts['rows']} rows embedded in {counts['seconds']:.1f}s "
-        f"({result['throughput']['rows_per_second']:.1f} rows/s) with "
-        f"{len(embedder.batch_shapes)} compiled batch shape(s) on {mesh.size} device(s)")
+  print("\n".join(tables))
   if _OUT.value:
-    from mmembed_jax.embedding import save_json  # pylint: disable=g-import-not-at-top
     save_json(_OUT.value, result)
     print(f"wrote {_OUT.value}")
   return 0
