@@ -40,7 +40,7 @@ class InputSpec(abc.ABC):
   @property
   def uses_demo_data(self) -> bool:
     """Whether `sources` is "demo" (the run builder then supplies the demo's files)."""
-    return getattr(self, "sources", None) == "demo"
+    return "sources" in self.section_fields() and self.sources == "demo"
 
   @abc.abstractmethod
   def dataset(self, model_config: ModelConfig, seed: int, tokenizer_dir: str) -> Any:

@@ -105,7 +105,7 @@ def bench_torch(objective: MocaCpt, params: Any, batch: Dict[str, np.ndarray],
     if opt.max_grad_norm:
       torch.nn.utils.clip_grad_norm_(module.parameters(), opt.max_grad_norm)
     optimizer.step()
-    return float(loss)
+    return float(loss.detach())
 
   start = time.perf_counter()
   first_loss = one_step()

@@ -60,10 +60,11 @@ def section_values(kind: str, cls: type, section: Mapping[str, Any]) -> Dict[str
   missing = sorted(name for name, field in fields.items() if name not in values
                    and field.default is dataclasses.MISSING
                    and field.default_factory is dataclasses.MISSING)
-  if unknown or missing:
-    problem = (f"unknown field(s) {unknown}" if unknown else "") + (
-        "; " if unknown and missing else "") + (f"missing field(s) {missing}" if missing else "")
-    raise ValueError(f"{kind} '{cls.name}': {problem}; its fields are {sorted(fields)}")
+  problems = ([f"unknown field(s) {unknown}"] if unknown else []) + (
+      [f"missing field(s) {missing}"] if missing else [])
+  if problems:
+    raise ValueError(f"{kind} '{cls.name}': {'; '.join(problems)}; its fields are "
+                     f"{sorted(fields)}")
   for name, value in values.items():
     if not _type_ok(value, hints.get(name)):
       raise ValueError(f"{kind} '{cls.name}': field {name}={value!r} should be of type "
