@@ -14,7 +14,9 @@ Argument (comma-separated): `size=demo|3b|7b` (default demo), `stage=cpt|cl` (de
 Stage 1 (cpt), paper values for 3b/7b (../shared/METHODS.md §1): AdamW lr 2e-6, 10% warm-up,
 linear decay, max grad norm 5, sequence 2048, text/image mask probability 0.4/0.5 (3b) and
 0.6/0.6 (7b), MAE weight w = 0.5 (released code: 0.1), labels shifted (released code: not),
-images of 256-1024 merged tokens, 500K samples per source. The paper's token-budget batch
+images of 256-1024 merged tokens, 500K samples per source. The MAE head's Linear(d, 4 x 1176)
+output is read as the released code reads it (value d of patch p at d * 4 + p:
+`mae_head_layout="interleaved"`), so its heads load here unchanged. The paper's token-budget batch
 (12,800 cost units per device, cost = text tokens + 4 x image tokens + 2 x images) becomes
 static TPU shapes: packed rows of 2048 tokens with a per-row patch budget, 4 rows per chip.
 The demo trains a tiny model from scratch on the package's synthetic data in minutes.
@@ -79,7 +81,7 @@ def get_config(arg: str = "") -> ml_collections.ConfigDict:
   config.model.attention = "bidirectional"
   config.optimizer.update(decay="linear", warmup_ratio=0.1, end_lr_ratio=0.0, weight_decay=0.0)
   config.objective = dict(name="moca_cpt", mae_weight=0.5, mlm_shift_labels=True, noise="shared",
-                          logits_chunk=512)
+                          logits_chunk=512, mae_head_layout="interleaved")
   if size == "demo":
     return _demo(config)
   preset, text_mask, image_mask = _SIZES[size]

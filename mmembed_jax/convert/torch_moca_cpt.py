@@ -89,7 +89,11 @@ class TorchMocaCpt(torch.nn.Module):
       index = batch["token_of_slot"][..., None].expand(-1, -1, decoded.shape[-1])
       prediction = self.head(torch.gather(decoded, 1, index))  # [batch, slots, 4 * patch_dim]
       unit, patch_dim = config.vision.spatial_merge_size**2, config.vision.patch_dim
-      prediction = prediction.view(prediction.shape[0], -1, unit, patch_dim).float()
+      if objective.mae_head_layout == "blocked":
+        prediction = prediction.view(prediction.shape[0], -1, unit, patch_dim).float()
+      else:  # MoCa's released code: rearrange(pred, "b (d p) -> (b p) d", p=4)
+        prediction = prediction.view(prediction.shape[0], -1, patch_dim, unit).transpose(
+            -1, -2).float()
       target = patches.view(prediction.shape)
       patch_weights = mae_mask.view(prediction.shape[:3]).float()
       squared = (prediction - target).square().sum(-1)

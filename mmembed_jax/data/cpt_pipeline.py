@@ -39,6 +39,7 @@ from mmembed_jax.data import images as images_lib
 from mmembed_jax.data import masking, mixture, packing, sources as sources_lib
 from mmembed_jax.data.bad_records import BadRecord, describe
 from mmembed_jax.data.sequences import SequenceEncoder, tokenizer_pad_id
+from mmembed_jax.data.special_tokens import MASK_TOKEN
 
 SOURCE_FIELDS = {"name", "path", "kind", "weight", "cap", "options"}
 
@@ -50,7 +51,8 @@ class CptEncoder:
   def __init__(self, tokenizer_dir: str, budget: packing.PackingBudget,
                image_config: images_lib.ImageProcessingConfig, text_mask_prob: float,
                image_mask_prob: float, mask_seed: int, extra_never_mask: Sequence[int] = ()):
-    self.sequences = SequenceEncoder(tokenizer_dir, image_config)
+    # <|mask|> is added as the objective adds it, so its id is never chosen for masking.
+    self.sequences = SequenceEncoder(tokenizer_dir, image_config, (MASK_TOKEN,))
     self.budget = budget
     self.text_mask_prob, self.image_mask_prob = text_mask_prob, image_mask_prob
     self.mask_seed, self.extra_never_mask = int(mask_seed), tuple(extra_never_mask)

@@ -86,11 +86,15 @@ class SequenceEncoder:
   """Text with `<image>` markers + images -> EncodedRow (see the module docstring)."""
 
   def __init__(self, tokenizer: Union[str, Any],
-               image_config: Optional[images_lib.ImageProcessingConfig] = None):
+               image_config: Optional[images_lib.ImageProcessingConfig] = None,
+               extra_special_tokens: Sequence[str] = ()):
     """tokenizer: a tokenizer directory (its tokenizer.json, local or gs://) or a loaded
-    transformers tokenizer; image_config: the image preprocessing (default: Qwen2-VL's)."""
+    transformers tokenizer; image_config: the image preprocessing (default: Qwen2-VL's);
+    extra_special_tokens: added to the tokenizer when absent, as `data/special_tokens.py` adds
+    them to the objective's (`<|mask|>`: the same ids on both sides)."""
     self.tokenizer_dir = tokenizer if isinstance(tokenizer, str) else None
     self.image_config = image_config or images_lib.ImageProcessingConfig()
+    self.extra_special_tokens = tuple(extra_special_tokens)
     self._hf_tokenizer = None if isinstance(tokenizer, str) else tokenizer
     self._tokenizer = None  # the `tokenizers` Tokenizer, loaded lazily
     self._vision_ids: Optional[Dict[str, int]] = None
@@ -111,6 +115,9 @@ class SequenceEncoder:
       if self._vision_ids is not None:
         return
       if self._hf_tokenizer is not None:
+        missing = [t for t in self.extra_special_tokens if t not in self._hf_tokenizer.get_vocab()]
+        if missing:
+          self._hf_tokenizer.add_tokens(missing, special_tokens=True)
         lookup = self._hf_tokenizer.convert_tokens_to_ids
         ids = {token: lookup(token) for token in VISION_TOKENS}
         ids = {t: i if self._hf_tokenizer.convert_ids_to_tokens(i) == t else None
@@ -120,6 +127,9 @@ class SequenceEncoder:
         import tokenizers  # pylint: disable=g-import-not-at-top
         path = os.path.join(self.tokenizer_dir, "tokenizer.json")
         self._tokenizer = tokenizers.Tokenizer.from_str(_read_text(path))
+        self._tokenizer.add_special_tokens([
+            tokenizers.AddedToken(t, special=True) for t in self.extra_special_tokens
+            if self._tokenizer.token_to_id(t) is None])
         ids = {token: self._tokenizer.token_to_id(token) for token in VISION_TOKENS}
         where = path
       missing = [token for token, i in ids.items() if i is None]
@@ -135,8 +145,16 @@ class SequenceEncoder:
       self._load()
     return self._vision_ids
 
+  def token_id(self, token: str) -> Optional[int]:
+    """The id of a token (None if the tokenizer has none)."""
+    self._load()
+    if self._hf_tokenizer is not None:
+      return self._hf_tokenizer.get_vocab().get(token)
+    return self._tokenizer.token_to_id(token)
+
   def added_token_ids(self) -> List[int]:
-    """Ids of every added (special) token of the tokenizer: vision, chat, padding, `<|mask|>`."""
+    """Ids of every added (special) token of the tokenizer: vision, chat, padding, and the
+    `extra_special_tokens` (`<|mask|>`)."""
     self._load()
     if self._hf_tokenizer is not None:
       return sorted(self._hf_tokenizer.added_tokens_decoder)

@@ -25,11 +25,9 @@ _LOCATIONS = (("the top left corner", "the top middle", "the top right corner"),
               ("the bottom left corner", "the bottom middle", "the bottom right corner"))
 
 
-
 def item_rng(seed: int, source: str, index: int) -> random.Random:
   """Returns the generator of item `index` of `source`: the same on every platform and run."""
   return random.Random(f"mmembed-demo/{seed}/{source}/{index}")
-
 
 
 def _describe(shape: Dict[str, Any]) -> str:

@@ -28,9 +28,19 @@ from mmembed_jax.objectives.base import Objective
 MAE_DECODER = "mae_decoder"  # top-level key of the decoder's params, beside the backbone's
 
 
+MAE_HEAD_LAYOUTS = ("interleaved", "blocked")
+
+
 class MaeDecoder(nn.Module):
-  """One bidirectional decoder layer + Linear(d, merge**2 * patch_dim) at merged visual tokens."""
+  """One bidirectional decoder layer + Linear(d, merge**2 * patch_dim) at merged visual tokens.
+
+  `layout` says how the head's merge**2 * patch_dim outputs are read as patches: "interleaved"
+  (MoCa's released code: value d of patch p at d * merge**2 + p, its
+  `rearrange("b (d p) -> (b p) d")`), or "blocked" (p * patch_dim + d), so a head trained by
+  either codebase loads into the other unchanged.
+  """
   config: ModelConfig
+  layout: str = "interleaved"
 
   @nn.compact
   def __call__(self, hidden, segment_ids, positions, token_of_slot):
@@ -43,7 +53,9 @@ class MaeDecoder(nn.Module):
     unit = config.vision.spatial_merge_size**2
     out = Linear((unit * config.vision.patch_dim,), ("embed", "mlp"), dtype=dtype_of(config.dtype),
                  param_dtype=dtype_of(config.param_dtype), name="head")(slots)
-    return out.reshape(out.shape[:2] + (unit, config.vision.patch_dim))
+    if self.layout == "blocked":
+      return out.reshape(out.shape[:2] + (unit, config.vision.patch_dim))
+    return jnp.swapaxes(out.reshape(out.shape[:2] + (config.vision.patch_dim, unit)), -1, -2)
 
 
 def token_of_slot(input_ids: jax.Array, image_token_id: int, num_slots: int) -> jax.Array:
@@ -97,6 +109,7 @@ class MocaCpt(Objective):
   mlm_shift_labels: bool = True  # paper: predict token i from position i-1
   noise: str = "shared"  # "shared" (released code: one N(0,1) vector) or "per_patch"
   logits_chunk: int = 512
+  mae_head_layout: str = "interleaved"  # the head's output layout (MaeDecoder); released code's
 
   @classmethod
   def from_config(cls, model_config: ModelConfig, fields: Mapping[str, Any],
@@ -110,6 +123,9 @@ class MocaCpt(Objective):
   def __post_init__(self):
     if self.noise not in ("shared", "per_patch"):
       raise ValueError(f"objective.noise must be 'shared' or 'per_patch', got '{self.noise}'")
+    if self.mae_head_layout not in MAE_HEAD_LAYOUTS:
+      raise ValueError(f"objective.mae_head_layout must be one of {MAE_HEAD_LAYOUTS}, got "
+                       f"'{self.mae_head_layout}'")
     if not 0 <= self.mask_token_id < self.config.text.vocab_size:
       raise ValueError(f"mask_token_id {self.mask_token_id} is outside the vocabulary "
                        f"(size {self.config.text.vocab_size}): the embedding is never resized")
@@ -177,7 +193,7 @@ class MocaCpt(Objective):
     if patches.shape[1] > 0:
       unit = config.vision.spatial_merge_size**2
       slots = patches.shape[1] // unit
-      prediction = MaeDecoder(config).apply(
+      prediction = MaeDecoder(config, self.mae_head_layout).apply(
           {"params": params[MAE_DECODER]}, hidden, segment_ids, batch["positions"],
           token_of_slot(input_ids, config.image_token_id, slots))  # [batch, slots, 4, 1176]
       target = patches.reshape(prediction.shape).astype(jnp.float32)

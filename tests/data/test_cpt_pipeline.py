@@ -294,3 +294,17 @@ def test_throughput_and_packing_efficiency(mixed, tokenizer_dir):
     print(f"cpt pipeline, {num_workers} workers: {rate:.0f} examples/s, token fill {token_fill:.2f}, "
           f"patch fill {patch_fill:.2f}, {per_row:.1f} examples per row")
   assert report[0][1] > 0.5
+
+
+def test_mask_token_has_the_objectives_id_and_is_never_masked(tokenizer_dir):
+  """`<|mask|>` is added to the pipeline's tokenizer as the objective adds it to its own (the
+  same id), so a literal `<|mask|>` in a record is that token and never chosen for masking."""
+  import transformers
+  from mmembed_jax.data.special_tokens import MASK_TOKEN, mask_token_id
+  encoder = _encoder(tokenizer_dir)
+  expected = mask_token_id(transformers.AutoTokenizer.from_pretrained(tokenizer_dir), 576)
+  assert encoder.sequences.token_id(MASK_TOKEN) == expected
+  example = encoder(_record(f"one {MASK_TOKEN} two " * 20, []))
+  at_mask = example["input_ids"] == expected
+  assert at_mask.sum() == 20
+  assert example["mlm_mask"].sum() > 0 and not example["mlm_mask"][at_mask].any()

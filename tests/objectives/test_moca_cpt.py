@@ -82,7 +82,11 @@ def _reference(objective, params, batch, rng):
   for b in range(ids.shape[0]):
     image_positions = np.flatnonzero(ids[b] == config.image_token_id)
     for k, position in enumerate(image_positions):
-      prediction = (decoded[b, position] @ kernel + bias).reshape(4, -1)
+      output = decoded[b, position] @ kernel + bias  # [4 * 1176]
+      if objective.mae_head_layout == "blocked":
+        prediction = output.reshape(4, -1)  # patch p's value d at p * 1176 + d
+      else:  # MoCa's released code: rearrange("b (d p) -> (b p) d", p=4): at d * 4 + p
+        prediction = np.stack([output[p::4] for p in range(4)])
       for j in range(4):
         if mae_mask[b, 4 * k + j]:
           errors.append(np.mean((prediction[j] - patches[b, 4 * k + j]) ** 2))
@@ -90,12 +94,16 @@ def _reference(objective, params, batch, rng):
   return mlm + objective.mae_weight * mae, mlm, mae
 
 
-@pytest.mark.parametrize("shift", [True, False])
-@pytest.mark.parametrize("noise", ["shared", "per_patch"])
-def test_loss_equals_plain_reference(setup, shift, noise):
+@pytest.mark.parametrize("shift,noise,layout", [(True, "shared", "interleaved"),
+                                                 (False, "per_patch", "interleaved"),
+                                                 (True, "per_patch", "blocked"),
+                                                 (False, "shared", "blocked")])
+def test_loss_equals_plain_reference(setup, shift, noise, layout):
+  """Both MAE head layouts: MoCa's released one (interleaved, the default) and blocked."""
   config, params, batch = setup
   objective = MocaCpt(config, mask_token_id=config.text.vocab_size - 1, mae_weight=0.5,
-                      mlm_shift_labels=shift, noise=noise, logits_chunk=16)
+                      mlm_shift_labels=shift, noise=noise, logits_chunk=16,
+                      mae_head_layout=layout)
   params = dict(params, **objective.init_extra(jax.random.key(1), params))
   rng = jax.random.key(7)
   loss, metrics = jax.jit(objective)(params, batch, rng)
