@@ -37,7 +37,8 @@ def default_config() -> ml_collections.ConfigDict:
   c.sharding = dict(rules=[list(rule) for rule in DEFAULT_RULES], max_replicated_share=0.6,
                     min_replicated_size=2**20)
   c.optimizer = dict(lr=1e-4, warmup_ratio=0.1, decay="linear", end_lr_ratio=0.0, b1=0.9, b2=0.999,
-                     eps=1e-8, weight_decay=0.01, max_grad_norm=1.0, freeze="")
+                     eps=1e-8, weight_decay=0.01, max_grad_norm=1.0, freeze="",
+                     lr_multipliers=[])  # [[regex, factor], ...]: the first match scales its lr
   c.grad_accum_steps = 1
   # Held-out retrieval Precision@1 every `every` steps (0 = off), contrastive runs only.
   c.eval = dict(every=0, sources="demo", max_rows_per_dataset=64)
@@ -116,6 +117,15 @@ def _check_ranges(config: ml_collections.ConfigDict) -> None:
   except re.error as e:
     raise ValueError(f"optimizer.freeze={config.optimizer.freeze!r} is not a valid regular "
                      f"expression ({e})") from None
+  for entry in config.optimizer.lr_multipliers:
+    try:
+      regex, factor = entry
+      re.compile(regex)
+      valid = _is_number(factor) and factor >= 0
+    except (re.error, TypeError, ValueError):
+      valid = False
+    if not valid:
+      raise ValueError(f"optimizer.lr_multipliers entry {entry!r}: expected [regex, factor >= 0]")
 
 
 def validate(config: ml_collections.ConfigDict, devices: list) -> None:

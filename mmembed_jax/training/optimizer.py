@@ -41,26 +41,45 @@ def weight_decay_mask(params: Any) -> Any:
   return jax.tree_util.tree_map_with_path(decays, params)
 
 
-def frozen_labels(params: Any, freeze: str) -> Any:
-  """'frozen' for parameters whose path matches the regex `freeze` ('' freezes nothing), else 'train'."""
-  pattern = re.compile(freeze) if freeze else None
+def param_labels(params: Any, freeze: str, lr_multipliers: Any) -> Any:
+  """Each parameter's optimiser group: 'frozen' (matches `freeze`), 'lr_i' (the first of the
+  `lr_multipliers` [regex, factor] pairs whose regex it matches), else 'train'."""
+  frozen = re.compile(freeze) if freeze else None
+  patterns = [re.compile(regex) for regex, _ in lr_multipliers]
+
   def label(path, _):
-    return "frozen" if pattern is not None and pattern.search(path_name(path)) else "train"
+    name = path_name(path)
+    if frozen is not None and frozen.search(name):
+      return "frozen"
+    return next((f"lr_{i}" for i, p in enumerate(patterns) if p.search(name)), "train")
   return jax.tree_util.tree_map_with_path(label, params)
 
 
 def make_optimizer(opt: ml_collections.ConfigDict, total_steps: int, params: Any
                    ) -> tuple[optax.GradientTransformation, optax.Schedule]:
-  """(optimizer, schedule) for `params` (concrete or abstract): clip -> AdamW, frozen params untouched."""
+  """(optimizer, schedule) for `params` (concrete or abstract): clip -> AdamW, frozen params
+  untouched, parameter groups at `lr_multipliers` times the learning rate."""
   schedule = learning_rate_schedule(opt, total_steps)
-  train = optax.chain(
-      optax.clip_by_global_norm(opt.max_grad_norm) if opt.max_grad_norm else optax.identity(),
-      optax.adamw(schedule, b1=opt.b1, b2=opt.b2, eps=opt.eps, weight_decay=opt.weight_decay,
-                  mask=weight_decay_mask),
-  )
-  if not opt.freeze:
-    return train, schedule
-  labels = frozen_labels(params, opt.freeze)
-  if "train" not in jax.tree.leaves(labels):
+  clip = optax.clip_by_global_norm(opt.max_grad_norm) if opt.max_grad_norm else optax.identity()
+
+  def adamw(learning_rate):
+    return optax.adamw(learning_rate, b1=opt.b1, b2=opt.b2, eps=opt.eps,
+                       weight_decay=opt.weight_decay, mask=weight_decay_mask)
+
+  multipliers = [(regex, float(factor)) for regex, factor in opt.get("lr_multipliers", ())]
+  if not opt.freeze and not multipliers:
+    return optax.chain(clip, adamw(schedule)), schedule
+  labels = param_labels(params, opt.freeze, multipliers)
+  if set(jax.tree.leaves(labels)) == {"frozen"}:
     raise ValueError(f"optimizer.freeze='{opt.freeze}' freezes every parameter")
-  return optax.multi_transform({"train": train, "frozen": optax.set_to_zero()}, labels), schedule
+  if not multipliers:
+    return optax.multi_transform({"train": optax.chain(clip, adamw(schedule)),
+                                  "frozen": optax.set_to_zero()}, labels), schedule
+  groups = {"train": adamw(schedule), "frozen": optax.set_to_zero()}
+  for i, (_, factor) in enumerate(multipliers):
+    groups[f"lr_{i}"] = adamw(lambda step, factor=factor: factor * schedule(step))
+  # Frozen gradients are zeroed first, so the global-norm clip counts the trained ones only.
+  zero_frozen = optax.multi_transform(
+      {"frozen": optax.set_to_zero(), "trained": optax.identity()},
+      jax.tree.map(lambda label: "frozen" if label == "frozen" else "trained", labels))
+  return optax.chain(zero_frozen, clip, optax.multi_transform(groups, labels)), schedule

@@ -13,7 +13,7 @@ from mmembed_jax.parallel import sharding as sharding_lib
 from mmembed_jax.parallel.mesh import make_mesh
 from mmembed_jax.training import lineage, registry
 from mmembed_jax.training import run as run_lib
-from mmembed_jax.training.config import default_config
+from mmembed_jax.training.config import default_config, validate
 from mmembed_jax.training.optimizer import (learning_rate_schedule, make_optimizer,
                                             weight_decay_mask)
 from mmembed_jax.training.train_step import create_state, make_update_fn
@@ -174,3 +174,24 @@ def test_trainer_refuses_replicating_rules_before_compiling(tmp_path):
   with pytest.raises(ValueError, match="add logical axis rules that shard them"):
     train(config, str(tmp_path))
   assert not (tmp_path / "checkpoints").exists()
+
+
+def test_lr_multipliers_scale_their_groups_learning_rate(params):
+  """A group at 10x the learning rate moves 10x as far on the first Adam step (whose update is
+  lr * sign(g) up to eps), the other parameters as with no multipliers; bad entries are one
+  config error line."""
+  grads = jax.tree.map(jnp.ones_like, params)
+  plain = _optimizer(lr=1e-3, warmup_ratio=0.0, decay="constant", weight_decay=0.0)
+  scaled = _optimizer(lr=1e-3, warmup_ratio=0.0, decay="constant", weight_decay=0.0,
+                      lr_multipliers=[[r"^visual/", 10.0]])
+  updates = {}
+  for name, opt in (("plain", plain), ("scaled", scaled)):
+    tx, _ = make_optimizer(opt, 10, params)
+    updates[name] = flat(tx.update(grads, tx.init(params), params)[0])
+  for key, value in updates["plain"].items():
+    factor = 10.0 if key.startswith("visual/") else 1.0
+    np.testing.assert_allclose(updates["scaled"][key], factor * value, rtol=1e-6, err_msg=key)
+  config = default_config()
+  config.optimizer.lr_multipliers = [["(", 2.0]]
+  with pytest.raises(ValueError, match=r"lr_multipliers entry .*expected \[regex, factor >= 0\]"):
+    validate(config, jax.devices())
