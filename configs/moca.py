@@ -30,7 +30,7 @@ of 4 rows per chip), lr 1e-5 (paper) / 2e-5 (code), 5% warm-up, linear decay, on
 about 2M pairs (<= 50K per dataset), length 1280. Prompts live in the data rows and in each
 source's `query_template` / `target_template`. The demo fine-tunes on the synthetic pairs
 (caption <-> scene, question -> document page, question -> passage) and reports held-out
-Precision@1 before training and every 50 steps.
+Precision@1 before training and every 100 steps.
 """
 import os
 import sys

@@ -17,6 +17,13 @@ from tiny_models import FAMILIES, build_tiny_hf_model  # noqa: E402  pylint: dis
 
 
 @pytest.fixture(scope="session")
+def demo_cache(tmp_path_factory):
+  """One demo cache (MMEMBED_DEMO_CACHE: data and tokenizer, built by the first run that needs
+  them) shared by the tests that run the demos in subprocesses."""
+  return tmp_path_factory.mktemp("demo_cache")
+
+
+@pytest.fixture(scope="session")
 def tokenizer_dir(tmp_path_factory):
   """The demo tokenizer (vocab <= 512), trained once per session."""
   from mmembed_jax.demo import tokenizer as tokenizer_lib

@@ -18,9 +18,14 @@ from mmembed_jax.demo.synthetic_tokens import SyntheticTokens
 from mmembed_jax.demo.tiny_model import PRESETS, preset_config
 
 INPUTS = {SyntheticTokens.name: SyntheticTokens}
-# The synthetic pairs: a training split and a held-out one (another seed).
-TRAIN_PAIRS = dict(num_scenes=192, num_documents=64, num_passages=192, seed=0, name="pairs")
-HELD_OUT_PAIRS = dict(num_scenes=48, num_documents=16, num_passages=48, seed=1, name="pairs_eval")
+# The synthetic pairs: a training split and a held-out one (another seed). Enough scenes that
+# a tiny model cannot learn the training images by heart in a demo's few hundred steps.
+TRAIN_PAIRS = dict(num_scenes=768, num_documents=256, num_passages=384, seed=0, name="pairs")
+HELD_OUT_PAIRS = dict(num_scenes=64, num_documents=32, num_passages=64, seed=1, name="pairs_eval")
+# Share of training batches per dataset: the image sets learn from pixels through a vision tower
+# trained from scratch and need more steps than the text set, which learns from shared words.
+PAIR_WEIGHTS = {"caption_scene": 3.0, "scene_caption": 3.0, "query_document": 2.0,
+                "question_passage": 1.0}
 
 
 def cache_dir() -> str:
@@ -50,7 +55,8 @@ def sources(kind: str) -> Dict[str, Dict[str, Any]]:
   if kind in ("contrastive_pairs", "held_out_pairs"):
     files = records.write_demo_pairs(data, **(TRAIN_PAIRS if kind == "contrastive_pairs"
                                               else HELD_OUT_PAIRS))
-    return {name: dict(path=path, kind="jsonl", format="mmeb") for name, path in files.items()}
+    return {name: dict(path=path, kind="jsonl", format="mmeb", weight=PAIR_WEIGHTS[name])
+            for name, path in files.items()}
   raise ValueError(f"the demo has no sources for '{kind}'")
 
 

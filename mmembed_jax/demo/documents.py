@@ -1,8 +1,9 @@
 """Synthetic document pages (receipts, reports, tables) and passages (a shop, a town, a person).
 
 Each item is a JSON-able metadata dict, a function of its random generator only. Pages have
-lines of text (`document_text`), a rendering (`render_document`) and questions with answers
-(`document_qa`: "What is the total?" -> "42.50"); passages have a few sentences (`passage_text`)
+lines of text (`document_text`), a rendering (`render_document`: a banner in the colour of the
+store or town that the page's questions name, above black text on white) and questions with
+answers (`document_qa`: "What is the total?" -> "42.50"); passages have a few sentences (`passage_text`)
 and questions (`passage_qa`). `perturb_document` / `perturb_passage` change exactly one field that
 the questions name, for hard negatives.
 """
@@ -30,6 +31,14 @@ _RIVERS = ("Ash", "Bell", "Crane", "Dove", "Elm", "Fern")
 _KNOWN_FOR = ("apples", "blue pottery", "old bridge", "cheese", "summer market", "paper mill")
 _FILLERS = ("It is busy on Saturday mornings.", "The streets nearby are quiet at night.",
             "Many visitors come by train.", "The local paper wrote about it last year.", "")
+# Each store's and town's colour, printed as the banner of its pages: at the demo's image sizes
+# (about 30 merged tokens a page) the text is illegible, and the banner is what a tiny vision tower
+# can match to the store or town a question names.
+STORE_COLOURS = {"Green Market": "green", "Corner Bakery": "orange", "Blue Fish Cafe": "blue",
+                 "Oak Hardware": "brown", "Sun Pharmacy": "yellow", "City Books": "purple",
+                 "Red Door Deli": "red", "Hill Farm Shop": "pink"}
+TOWN_COLOURS = dict(zip(TOWNS, ("blue", "brown", "purple", "red", "yellow", "green", "pink", "orange")))
+BANNER_HEIGHT = 72  # px above the page's text
 # Fields a document's or passage's queries name, so changing one makes a hard negative.
 IDENTITY_FIELDS = {"receipt": ("store", "date"), "report": ("town", "month"), "table": ("store", "year"),
                    "store": ("name", "town"), "town": ("name", "region"), "person": ("name", "job")}
@@ -72,20 +81,20 @@ def make_document(rng: random.Random) -> Dict[str, Any]:
   """Returns a random document page: a receipt, report or table, and the keys of its 1-3 questions."""
   kind = rng.choice(("receipt", "report", "table"))
   if kind == "receipt":
-    width, height = rng.choice(((224, 308), (196, 336), (252, 336)))
+    width, height = rng.choice(((224, 380), (196, 408), (252, 408)))
     items = [[name, rng.randint(1, 4), rng.randint(50, 1500)] for name in rng.sample(ITEMS, rng.randint(2, 6))]
     fields = {"store": rng.choice(STORES), "date": _random_date(rng), "number": rng.randint(1000, 9999),
               "items": items, "tax_percent": rng.choice((5, 8, 10))}
     keys = ["total", "tax", "count"] + [f"item:{i}" for i in range(len(items))]
   elif kind == "report":
-    width, height = rng.choice(((224, 308), (252, 336)))
+    width, height = rng.choice(((224, 380), (252, 408)))
     weeks = [rng.randint(10, 400) for _ in range(4)]
     fields = {"town": rng.choice(TOWNS), "month": rng.choice(MONTHS), "topic": rng.choice(sorted(_TOPICS)),
               "author": rng.choice(PEOPLE), "weeks": weeks}
     keys = ["total", "author"] + [f"week:{k}" for k in range(4)]
     keys += ["best"] if _unique_max(weeks) is not None else []
   else:
-    width, height = rng.choice(((308, 224), (336, 252), (280, 224)))
+    width, height = rng.choice(((308, 296), (336, 324), (280, 296)))
     columns = ["Q1", "Q2", "Q3", "Q4"][:rng.randint(3, 4)]
     rows = [[name] + [rng.randint(0, 60) for _ in columns] for name in rng.sample(ITEMS, rng.randint(3, 5))]
     fields = {"store": rng.choice(STORES), "year": rng.randint(2019, 2025), "columns": columns, "rows": rows}
@@ -171,15 +180,25 @@ def document_qa(doc: Dict[str, Any]) -> List[Dict[str, str]]:
   return out
 
 
+def brand(doc: Dict[str, Any]) -> Tuple[str, str]:
+  """Returns (name, colour) of the store (receipts, tables) or town (reports) a page belongs to."""
+  f = doc["fields"]
+  return (f["town"], TOWN_COLOURS[f["town"]]) if doc["type"] == "report" else (f["store"], STORE_COLOURS[f["store"]])
+
+
 def render_document(doc: Dict[str, Any]) -> Any:
-  """Returns the page drawn as an RGB PIL image: black text on white, long lines wrapped."""
+  """Returns the page drawn as an RGB PIL image: a banner in its store's or town's colour, then
+  black text on white, long lines wrapped."""
   from PIL import Image, ImageDraw, ImageFont  # pylint: disable=g-import-not-at-top
   width, height, margin = doc["width"], doc["height"], 12
   fonts = {"title": ImageFont.load_default(size=14), "text": ImageFont.load_default(size=10)}
   fonts["header"] = fonts["text"]
   image = Image.new("RGB", (width, height), (255, 255, 255))
   draw = ImageDraw.Draw(image)
-  y = margin
+  name, colour = brand(doc)
+  draw.rectangle([0, 0, width, BANNER_HEIGHT], fill=COLOURS[colour])
+  draw.text((margin, BANNER_HEIGHT // 2 - 8), name, font=fonts["title"], fill=(255, 255, 255))
+  y = BANNER_HEIGHT + margin
   for style, cells in document_lines(doc):
     if style == "rule":
       draw.line([(margin, y + 2), (width - margin, y + 2)], fill=(120, 120, 120))

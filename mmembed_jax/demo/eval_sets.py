@@ -41,7 +41,7 @@ from mmembed_jax.demo import documents, records, scenes
 
 MMEB_MARKER = "DEMO_MMEB_COMPLETE"
 VIDORE_MARKER = "DEMO_VIDORE_COMPLETE"
-_VERSION = 1
+_VERSION = 2
 META_TASKS = {"shape_classification": "classification", "document_vqa": "vqa",
               "caption_retrieval": "retrieval", "shape_grounding": "grounding"}
 IMAGE_TARGET = "<|image_1|>\nRepresent the given image."

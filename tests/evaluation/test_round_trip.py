@@ -37,13 +37,13 @@ def _run(script, *args, devices=8, cache=None):
 
 
 @pytest.fixture(scope="module")
-def run_dir(tmp_path_factory):
+def run_dir(tmp_path_factory, demo_cache):
   """A 2-step MoCa stage-2 demo run (bidirectional, mean pooling), checkpoints at steps 1 and 2.
-  Its config.json records the demo tokenizer it resolved (in its own demo cache), so this
+  Its config.json records the demo tokenizer it resolved (in the shared demo cache), so this
   process finds it without setting MMEMBED_DEMO_CACHE."""
   root = tmp_path_factory.mktemp("round_trip")
   workdir = root / "run"
-  cache = root / "cache"
+  cache = demo_cache
   done = _run("tpu_train.py", "--config=configs/moca.py:stage=cl", f"--workdir={workdir}",
               "--config.total_steps=2", "--config.eval.every=0", "--config.checkpoint.every=1",
               "--config.input.global_batch_size=8", devices=1, cache=cache)

@@ -25,13 +25,13 @@ def _metrics(workdir):
   return ([x for x in lines if "loss" in x], [x for x in lines if "eval_precision_at_1" in x])
 
 
-def test_moca_stage2_demo_lifts_held_out_precision(tmp_path):
+def test_moca_stage2_demo_lifts_held_out_precision(tmp_path, demo_cache):
   """From scratch, 100 steps. Held-out P@1 per dataset: candidates are all distinct held-out
   positives of the dataset plus the query's 2 hard negatives (chance about 1/50). In this budget
   the tiny model learns the text retrieval set (question -> passage) far above chance; the image
   sets stay near chance (see README), so the mean is held to a lower bar."""
   workdir = tmp_path / "run"
-  run = _train("configs/moca.py:stage=cl", workdir, tmp_path / "cache",
+  run = _train("configs/moca.py:stage=cl", workdir, demo_cache,
                "--config.total_steps=100", "--config.eval.every=100")
   assert run.returncode == 0, run.stderr[-3000:]
   train, held_out = _metrics(workdir)
@@ -47,10 +47,10 @@ def test_moca_stage2_demo_lifts_held_out_precision(tmp_path):
   assert all(x["bad_records"] == 0 and x["valid_pairs"] == 32 for x in train)
 
 
-def test_vlm2vec_and_unite_demos_train_and_chain(tmp_path):
+def test_vlm2vec_and_unite_demos_train_and_chain(tmp_path, demo_cache):
   """VLM2Vec's demo (GradCache, last-token, no negatives) and UNITE's two stages (symmetric loss,
   then MAMCL from the stage-1 run) each train a few steps with finite losses and held-out P@1."""
-  cache = tmp_path / "cache"
+  cache = demo_cache
   runs = {"vlm2vec": ("configs/vlm2vec.py", ()),
           "unite1": ("configs/unite.py:stage=1", ()),
           "unite2": ("configs/unite.py:stage=2", (f"--config.init_from={tmp_path / 'unite1'}",))}

@@ -17,8 +17,8 @@ def _train(workdir, cache, steps):
       cwd=ROOT, env=env, capture_output=True, text=True, timeout=900)
 
 
-def test_moca_demo_losses_fall_and_rerun_resumes(tmp_path):
-  workdir, cache = tmp_path / "run", tmp_path / "cache"
+def test_moca_demo_losses_fall_and_rerun_resumes(tmp_path, demo_cache):
+  workdir, cache = tmp_path / "run", demo_cache
   first = _train(workdir, cache, 80)
   assert first.returncode == 0, first.stderr[-3000:]
   lines = [json.loads(line) for line in open(workdir / "metrics.jsonl")]
