@@ -7,6 +7,7 @@
   tiny_model.py             tiny and small Qwen2(.5)-VL architectures (`model.preset`)
   synthetic_tokens.py       `input.name = "synthetic_tokens"`, the engine's test input
   build.py                  launch/demo.py: a random tiny model embedding a few rows
+  ablation.py               launch/ablate.py: MoCa's ablation on the demo, over seeds
 
 The package reaches this one only through `training/demo_entry.py`, when a config asks for the
 demo: `sources="demo"`, a demo input or a demo preset. Deleting demo/ loses the demo only.
