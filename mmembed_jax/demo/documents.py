@@ -81,26 +81,27 @@ def make_document(rng: random.Random) -> Dict[str, Any]:
   """Returns a random document page: a receipt, report or table, and the keys of its 1-3 questions."""
   kind = rng.choice(("receipt", "report", "table"))
   if kind == "receipt":
-    width, height = rng.choice(((224, 380), (196, 408), (252, 408)))
+    width, height = rng.choice(((224, 308), (196, 336), (252, 336)))
     items = [[name, rng.randint(1, 4), rng.randint(50, 1500)] for name in rng.sample(ITEMS, rng.randint(2, 6))]
     fields = {"store": rng.choice(STORES), "date": _random_date(rng), "number": rng.randint(1000, 9999),
               "items": items, "tax_percent": rng.choice((5, 8, 10))}
     keys = ["total", "tax", "count"] + [f"item:{i}" for i in range(len(items))]
   elif kind == "report":
-    width, height = rng.choice(((224, 380), (252, 408)))
+    width, height = rng.choice(((224, 308), (252, 336)))
     weeks = [rng.randint(10, 400) for _ in range(4)]
     fields = {"town": rng.choice(TOWNS), "month": rng.choice(MONTHS), "topic": rng.choice(sorted(_TOPICS)),
               "author": rng.choice(PEOPLE), "weeks": weeks}
     keys = ["total", "author"] + [f"week:{k}" for k in range(4)]
     keys += ["best"] if _unique_max(weeks) is not None else []
   else:
-    width, height = rng.choice(((308, 296), (336, 324), (280, 296)))
+    width, height = rng.choice(((308, 224), (336, 252), (280, 224)))
     columns = ["Q1", "Q2", "Q3", "Q4"][:rng.randint(3, 4)]
     rows = [[name] + [rng.randint(0, 60) for _ in columns] for name in rng.sample(ITEMS, rng.randint(3, 5))]
     fields = {"store": rng.choice(STORES), "year": rng.randint(2019, 2025), "columns": columns, "rows": rows}
     keys = [f"sum:{c}" for c in range(len(columns))]
     keys += [f"cell:{r}:{c}" for r in range(len(rows)) for c in range(len(columns))]
     keys += [f"max:{c}" for c in range(len(columns)) if _unique_max([row[c + 1] for row in rows]) is not None]
+  height += BANNER_HEIGHT  # the sizes above are the text's
   return {"type": kind, "width": width, "height": height, "fields": fields,
           "qa": rng.sample(keys, rng.randint(1, 3))}
 
