@@ -32,6 +32,7 @@ setup(
         "torch": TORCH,
         "tpu": ["libtpu"],
         "tfds": ["tensorflow-datasets"],
-        "test": TORCH + ["pytest", "pytest-timeout", "libtpu"],  # libtpu: TPU compile proofs on CPU
+        "test": TORCH + ["pytest", "pytest-timeout", "libtpu",  # libtpu: TPU compile proofs on CPU
+                         "peft==0.21.2"],  # the adapter oracle (models/adapters.py matches it)
     },
 )

@@ -37,10 +37,11 @@ def _pool(hidden, valid, method: str):
 
 def forward_hidden(model: Any, input_ids: np.ndarray, valid: np.ndarray, positions: np.ndarray,
                    pixel_values: Optional[np.ndarray], image_grid_thw: Optional[np.ndarray],
-                   attention: str):
+                   attention: str, grad: bool = False):
   """transformers' final hidden states [batch, length, embed] for one padded batch.
 
-  input_ids, valid [batch, length]; positions [batch, 3, length]; pixel_values [patches, 1176].
+  input_ids, valid [batch, length]; positions [batch, 3, length]; pixel_values [patches, 1176];
+  grad: keep the autograd graph (tests compare gradients).
   """
   import torch  # pylint: disable=g-import-not-at-top
   valid_t = torch.as_tensor(valid).bool()
@@ -57,7 +58,7 @@ def forward_hidden(model: Any, input_ids: np.ndarray, valid: np.ndarray, positio
   if pixel_values is not None and len(pixel_values):
     kwargs = dict(pixel_values=torch.as_tensor(pixel_values),
                   image_grid_thw=torch.as_tensor(image_grid_thw))
-  with torch.no_grad():
+  with torch.set_grad_enabled(grad):
     out = model.model(input_ids=torch.as_tensor(input_ids).long(), attention_mask=mask,
                       position_ids=torch.as_tensor(positions).long().permute(1, 0, 2), **kwargs)
   return out.last_hidden_state

@@ -2,6 +2,8 @@
 import dataclasses
 from typing import Any, Literal, Optional
 
+from mmembed_jax.models.adapters import AdapterSpec
+
 FAMILIES = ("qwen2_5_vl", "qwen2_vl")
 ARCHITECTURES = {
     "qwen2_5_vl": "Qwen2_5_VLForConditionalGeneration",
@@ -86,6 +88,8 @@ class ModelConfig:
   # LLM attention: 'auto' (the splash kernel on TPU, XLA elsewhere), 'xla', 'splash', or
   # 'splash_interpret' (the kernel run by the Pallas interpreter, to check it on CPU).
   attention_impl: str = "auto"
+  # LoRA / DoRA adapters on the linear layers it targets (models/adapters.py); None = none.
+  adapter: Optional[AdapterSpec] = None
 
   def __post_init__(self):
     if self.family not in FAMILIES:

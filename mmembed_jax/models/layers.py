@@ -11,6 +11,8 @@ import jax.numpy as jnp
 import numpy as np
 from jax.ad_checkpoint import checkpoint_name
 
+from mmembed_jax.models import adapters
+
 Dtype = Any
 INIT_STD = 0.02  # HF initializer_range
 NEG_INF = -0.7 * float(np.finfo(np.float32).max)  # finite, so fully masked rows never give NaN
@@ -22,12 +24,14 @@ def dtype_of(name: str) -> Dtype:
 
 
 class Linear(nn.Module):
-  """y = x @ kernel (+ bias); kernel [in, *out_shape] with logical axes `kernel_axes`."""
+  """y = x @ kernel (+ bias); kernel [in, *out_shape] with logical axes `kernel_axes`; a LoRA or
+  DoRA adapter on top when `adapter` targets this module's path (models/adapters.py)."""
   out_shape: Sequence[int]
   kernel_axes: tuple[Optional[str], ...]
   use_bias: bool = True
   dtype: Dtype = jnp.float32
   param_dtype: Dtype = jnp.float32
+  adapter: Optional[adapters.AdapterSpec] = None
 
   @nn.compact
   def __call__(self, x: jax.Array) -> jax.Array:
@@ -36,8 +40,15 @@ class Linear(nn.Module):
         "kernel",
         nn.with_logical_partitioning(nn.initializers.normal(INIT_STD), self.kernel_axes),
         (x.shape[-1],) + out_shape, self.param_dtype)
-    y = jnp.einsum("...i,i" + "jklm"[:len(out_shape)] + "->..." + "jklm"[:len(out_shape)],
-                   x.astype(self.dtype), kernel.astype(self.dtype))
+    out_dims = "jklm"[:len(out_shape)]
+
+    def contract(x, kernel):  # [..., in] x [in, *out] -> [..., *out]
+      return jnp.einsum(f"...i,i{out_dims}->...{out_dims}", x, kernel)
+
+    y = contract(x.astype(self.dtype), kernel.astype(self.dtype))
+    if self.adapter is not None and self.adapter.targets_path(self.path):
+      y = adapters.adapt(self, self.adapter, x, kernel, y, contract, self.kernel_axes, self.dtype,
+                         self.param_dtype)
     if self.use_bias:
       bias = self.param("bias", nn.with_logical_partitioning(nn.initializers.zeros, self.kernel_axes[1:]),
                         out_shape, self.param_dtype)

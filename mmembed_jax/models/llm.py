@@ -50,7 +50,8 @@ class Attention(nn.Module):
   @nn.compact
   def __call__(self, x, cos, sin, mask, segment_ids):
     text = self.config.text
-    kw = dict(dtype=dtype_of(self.config.dtype), param_dtype=dtype_of(self.config.param_dtype))
+    kw = dict(dtype=dtype_of(self.config.dtype), param_dtype=dtype_of(self.config.param_dtype),
+              adapter=self.config.adapter)
     batch, length, _ = x.shape
     query = Linear((text.num_heads * text.head_dim,), ("embed", "heads"), name="q_proj", **kw)(x)
     key = Linear((text.num_kv_heads * text.head_dim,), ("embed", "kv_heads"), name="k_proj", **kw)(x)
@@ -75,7 +76,7 @@ class MLP(nn.Module):
   def __call__(self, x):
     text = self.config.text
     kw = dict(dtype=dtype_of(self.config.dtype), param_dtype=dtype_of(self.config.param_dtype),
-              use_bias=False)
+              use_bias=False, adapter=self.config.adapter)
     gate = Linear((text.intermediate_size,), ("embed", "mlp"), name="gate_proj", **kw)(x)
     up = Linear((text.intermediate_size,), ("embed", "mlp"), name="up_proj", **kw)(x)
     hidden = nn.with_logical_constraint(activation(text.hidden_act, gate) * up,
@@ -110,8 +111,9 @@ class TextDecoder(nn.Module):
     layer = remat.wrap(DecoderLayer, config.remat_policy, config.scan_layers)
     x = inputs_embeds
     if config.scan_layers:
-      stack = nn.scan(layer, variable_axes={"params": 0}, split_rngs={"params": True},
-                      in_axes=(nn.broadcast,) * 4, length=config.text.num_layers,
+      stack = nn.scan(layer, variable_axes={"params": 0},
+                      split_rngs={"params": True, "dropout": True}, in_axes=(nn.broadcast,) * 4,
+                      length=config.text.num_layers,
                       metadata_params={nn.PARTITION_NAME: "layers"})
       x, _ = stack(config, name="layers")(x, cos, sin, mask, segment_ids)
     else:

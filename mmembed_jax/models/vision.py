@@ -97,19 +97,19 @@ class VisionAttention(nn.Module):
 
   @nn.compact
   def __call__(self, x, cos, sin, mask, segments):
-    vision, dtype, param_dtype = self.config.vision, dtype_of(self.config.dtype), dtype_of(
-        self.config.param_dtype)
+    vision = self.config.vision
+    kw = dict(dtype=dtype_of(self.config.dtype), param_dtype=dtype_of(self.config.param_dtype),
+              adapter=self.config.adapter)
     batch, patches, _ = x.shape
-    qkv = Linear((3, vision.hidden_size), ("embed", None, "heads"), dtype=dtype,
-                 param_dtype=param_dtype, name="qkv")(x)  # [batch, patches, 3, width]
+    qkv = Linear((3, vision.hidden_size), ("embed", None, "heads"), name="qkv",
+                 **kw)(x)  # [batch, patches, 3, width]
     qkv = qkv.reshape(batch, patches, 3, vision.num_heads, vision.head_dim)
     query, key, value = qkv[:, :, 0], qkv[:, :, 1], qkv[:, :, 2]
     query, key = apply_rotary(query, cos, sin), apply_rotary(key, cos, sin)
-    out = splash.attend(query, key, value, mask, segments, False, dtype,
+    out = splash.attend(query, key, value, mask, segments, False, kw["dtype"],
                         self.config.attention_impl)
     out = out.reshape(batch, patches, vision.hidden_size)
-    return Linear((vision.hidden_size,), ("heads", "embed"), dtype=dtype, param_dtype=param_dtype,
-                  name="proj")(out)
+    return Linear((vision.hidden_size,), ("heads", "embed"), name="proj", **kw)(out)
 
 
 class VisionMLP(nn.Module):
@@ -119,7 +119,8 @@ class VisionMLP(nn.Module):
   @nn.compact
   def __call__(self, x):
     vision = self.config.vision
-    kw = dict(dtype=dtype_of(self.config.dtype), param_dtype=dtype_of(self.config.param_dtype))
+    kw = dict(dtype=dtype_of(self.config.dtype), param_dtype=dtype_of(self.config.param_dtype),
+              adapter=self.config.adapter)
     if self.config.family == "qwen2_5_vl":
       gate = Linear((vision.intermediate_size,), ("embed", "mlp"), name="gate_proj", **kw)(x)
       up = Linear((vision.intermediate_size,), ("embed", "mlp"), name="up_proj", **kw)(x)
@@ -161,7 +162,8 @@ class PatchMerger(nn.Module):
   @nn.compact
   def __call__(self, x):
     vision = self.config.vision
-    kw = dict(dtype=dtype_of(self.config.dtype), param_dtype=dtype_of(self.config.param_dtype))
+    kw = dict(dtype=dtype_of(self.config.dtype), param_dtype=dtype_of(self.config.param_dtype),
+              adapter=self.config.adapter)
     batch, patches, width = x.shape
     unit = vision.spatial_merge_size**2
     x = _norm(self.config, "ln_q")(x).reshape(batch, patches // unit, unit * width)
@@ -181,7 +183,8 @@ class VisionTower(nn.Module):
     if patches % (vision.spatial_merge_size**2):
       raise ValueError(f"pixel_patches holds {patches} patches per row, not a multiple of "
                        f"{vision.spatial_merge_size**2}")
-    kw = dict(dtype=dtype_of(config.dtype), param_dtype=dtype_of(config.param_dtype))
+    kw = dict(dtype=dtype_of(config.dtype), param_dtype=dtype_of(config.param_dtype),
+              adapter=config.adapter)
     layout = patch_layout(patch_image_ids, image_grid_thw, vision)
     mask_mode = splash.resolve(config.attention_impl, patches) == "xla"
     if mask_mode:
@@ -197,8 +200,9 @@ class VisionTower(nn.Module):
     use_full = [not windowed or i in vision.fullatt_block_indexes for i in range(vision.depth)]
     block = remat.wrap(VisionBlock, config.remat_policy, config.scan_layers)
     if config.scan_layers:
-      stack = nn.scan(block, variable_axes={"params": 0}, split_rngs={"params": True},
-                      in_axes=(nn.broadcast,) * 4 + (0,), length=vision.depth,
+      stack = nn.scan(block, variable_axes={"params": 0},
+                      split_rngs={"params": True, "dropout": True}, in_axes=(nn.broadcast,) * 4 + (0,),
+                      length=vision.depth,
                       metadata_params={nn.PARTITION_NAME: "layers"})
       x, _ = stack(config, mask_mode, name="blocks")(x, cos, sin, full, window,
                                                      jnp.asarray(use_full))

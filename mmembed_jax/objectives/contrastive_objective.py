@@ -21,7 +21,7 @@ identical (the encoder draws no random numbers).
 """
 import dataclasses
 import math
-from typing import Any, ClassVar, Mapping, Tuple
+from typing import Any, ClassVar, Mapping, Optional, Tuple
 
 import jax
 import jax.numpy as jnp
@@ -97,12 +97,16 @@ class Contrastive(Objective):
       return {}
     return {LOGIT_SCALE: jnp.asarray(math.log(1.0 / self.temperature), jnp.float32)}
 
-  def embed(self, params: Any, sequences: Mapping[str, jax.Array]) -> jax.Array:
-    """Sequences [n, ...] -> L2-normalised embeddings [n, embed], in chunks under GradCache."""
+  def embed(self, params: Any, sequences: Mapping[str, jax.Array],
+            dropout_rng: Optional[jax.Array] = None) -> jax.Array:
+    """Sequences [n, ...] -> L2-normalised embeddings [n, embed], in chunks under GradCache;
+    adapter dropout (training) when `dropout_rng` is given."""
     model = VisionLanguageModel(self.config)
 
-    def encode(sub):
-      return pool(model.apply({"params": params}, sub), sub["segment_ids"], self.pooling)
+    def encode(sub, index=0):
+      rngs = {} if dropout_rng is None else {"dropout": jax.random.fold_in(dropout_rng, index)}
+      return pool(model.apply({"params": params}, sub, rngs=rngs), sub["segment_ids"],
+                  self.pooling)
 
     n = sequences["input_ids"].shape[0]
     per_step = self.grad_cache_chunk * _batch_parallelism()
@@ -114,7 +118,8 @@ class Contrastive(Objective):
                        f"{per_step // self.grad_cache_chunk} data-parallel devices")
     steps = n // per_step
     chunks = jax.tree.map(lambda x: split_rows(x, steps), dict(sequences))
-    _, out = jax.lax.scan(lambda carry, sub: (carry, jax.checkpoint(encode)(sub)), None, chunks)
+    _, out = jax.lax.scan(lambda carry, xs: (carry, jax.checkpoint(encode)(*xs)), None,
+                          (chunks, jnp.arange(steps)))
     return merge_rows(out)  # [n, embed]
 
   def current_temperature(self, params: Mapping[str, Any]) -> jax.Array:
@@ -123,14 +128,15 @@ class Contrastive(Objective):
       return jnp.asarray(self.temperature, jnp.float32)
     return jnp.exp(-jnp.minimum(params[LOGIT_SCALE], MAX_LOGIT_SCALE))
 
-  def embed_targets(self, params: Any, batch: Mapping[str, Any]) -> tuple[jax.Array, Any]:
+  def embed_targets(self, params: Any, batch: Mapping[str, Any],
+                    dropout_rng: Optional[jax.Array] = None) -> tuple[jax.Array, Any]:
     """(positive [n, embed], negative [n, K, embed] or None) from one encoder call.
 
     Each device's positives and its queries' negatives are concatenated on that device, so
     the target side is a single [n * (1 + K), Lt] batch without moving rows between devices.
     """
     if "negative" not in batch:
-      return self.embed(params, batch["positive"]), None
+      return self.embed(params, batch["positive"], dropout_rng), None
     n, k = batch["negative_mask"].shape
     shards = _batch_parallelism()
 
@@ -141,12 +147,13 @@ class Contrastive(Objective):
       return jnp.concatenate(per_shard, axis=2).reshape((n * (1 + k),) + rest)
 
     targets = jax.tree.map(join, dict(batch["positive"]), dict(batch["negative"]))
-    out = self.embed(params, targets).reshape(shards, n // shards, 1 + k, -1)
+    out = self.embed(params, targets, dropout_rng).reshape(shards, n // shards, 1 + k, -1)
     return out[:, :, 0].reshape(n, -1), out[:, :, 1:].reshape(n, k, -1)
 
-  def __call__(self, params, batch, rng):  # pylint: disable=unused-argument
-    query = self.embed(params, batch["query"])  # [n, embed]
-    positive, negative = self.embed_targets(params, batch)  # [n, embed], [n, K, embed]
+  def __call__(self, params, batch, rng):
+    query_rng, target_rng = jax.random.split(rng)  # adapter dropout
+    query = self.embed(params, batch["query"], query_rng)  # [n, embed]
+    positive, negative = self.embed_targets(params, batch, target_rng)  # [n, embed], [n, K, embed]
     negative_mask = batch.get("negative_mask")
     temperature = self.current_temperature(params)
     loss, metrics = sharded_info_nce(

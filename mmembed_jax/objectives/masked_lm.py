@@ -28,7 +28,7 @@ class MaskedLm(Objective):
     input_ids = batch["input_ids"]  # [batch, length]
     masked = jax.random.bernoulli(rng, self.mask_prob, input_ids.shape) & (batch["segment_ids"] > 0)
     hidden = model.apply({"params": params}, dict(batch, input_ids=jnp.where(
-        masked, mask_token_id, input_ids)))
+        masked, mask_token_id, input_ids)), rngs={"dropout": jax.random.fold_in(rng, 1)})
     logits = model.apply({"params": params}, hidden, method=VisionLanguageModel.lm_logits)
     losses = optax.softmax_cross_entropy_with_integer_labels(logits.astype(jnp.float32), input_ids)
     weights = masked.astype(jnp.float32)

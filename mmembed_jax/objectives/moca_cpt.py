@@ -45,7 +45,7 @@ class MaeDecoder(nn.Module):
   @nn.compact
   def __call__(self, hidden, segment_ids, positions, token_of_slot):
     """hidden [batch, length, embed]; token_of_slot [batch, merged] -> [batch, merged, 4, 1176]."""
-    config = self.config.replace(attention="bidirectional")
+    config = self.config.replace(attention="bidirectional", adapter=None)  # trained in full
     cos, sin = mrope_tables(positions, config)
     hidden, _ = DecoderLayer(config, name="layer")(hidden, cos, sin,
                                                     layer_mask(segment_ids, config), segment_ids)
@@ -169,7 +169,8 @@ class MocaCpt(Objective):
     noise = jax.random.normal(rng, noise_shape, jnp.float32).astype(patches.dtype)
     masked_batch = dict(batch, input_ids=jnp.where(mlm_mask, self.mask_token_id, input_ids),
                         pixel_patches=jnp.where(mae_mask[..., None], noise, patches))
-    hidden = model.apply({"params": params}, masked_batch)  # [batch, length, embed]
+    hidden = model.apply({"params": params}, masked_batch,  # [batch, length, embed]
+                         rngs={"dropout": jax.random.fold_in(rng, 1)})  # adapter dropout
 
     # MLM over masked text positions.
     if self.mlm_shift_labels:

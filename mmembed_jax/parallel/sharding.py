@@ -25,6 +25,7 @@ DEFAULT_RULES: tuple[tuple[str, Any], ...] = (
     ("layers", None),
     ("norm", None),
     ("head_dim", None),
+    ("adapter_rank", None),  # LoRA / DoRA rank: small, replicated (A and B shard like the kernel)
     ("act_embed", None),
     ("act_mlp", "tensor"),
     ("act_heads", "tensor"),

@@ -6,10 +6,11 @@ Recipes (configs/*.py) start from `default_config()` and override fields. The `o
 """
 import math
 import re
-from typing import Any
+from typing import Any, Optional
 
 import ml_collections
 
+from mmembed_jax.models.adapters import AdapterSpec
 from mmembed_jax.parallel.mesh import MESH_AXES, resolve_axis_sizes, num_slices
 from mmembed_jax.parallel.sharding import DEFAULT_RULES
 from mmembed_jax.training import registry
@@ -39,6 +40,12 @@ def default_config() -> ml_collections.ConfigDict:
   c.optimizer = dict(lr=1e-4, warmup_ratio=0.1, decay="linear", end_lr_ratio=0.0, b1=0.9, b2=0.999,
                      eps=1e-8, weight_decay=0.01, max_grad_norm=1.0, freeze="",
                      lr_multipliers=[])  # [[regex, factor], ...]: the first match scales its lr
+  # LoRA / DoRA adapters (models/adapters.py, PEFT's semantics); kind "none" trains every
+  # parameter. targets: regex searched in each linear layer's module path, e.g.
+  # 'language_model/layers_0/self_attn/q_proj'; trainable_extra: regex of base parameter paths
+  # that train in full beside the adapters (e.g. '^embed_tokens/').
+  c.adapters = dict(kind="none", rank=8, alpha=16.0, dropout=0.0, targets="", init="kaiming",
+                    trainable_extra="")
   c.grad_accum_steps = 1
   # Held-out retrieval Precision@1 every `every` steps (0 = off), contrastive runs only.
   c.eval = dict(every=0, sources="demo", max_rows_per_dataset=64)
@@ -117,6 +124,12 @@ def _check_ranges(config: ml_collections.ConfigDict) -> None:
   except re.error as e:
     raise ValueError(f"optimizer.freeze={config.optimizer.freeze!r} is not a valid regular "
                      f"expression ({e})") from None
+  adapter_spec(config)  # kind, rank, alpha, dropout, targets, init
+  try:
+    re.compile(config.adapters.trainable_extra)
+  except re.error as e:
+    raise ValueError(f"adapters.trainable_extra={config.adapters.trainable_extra!r} is not a valid "
+                     f"regular expression ({e})") from None
   for entry in config.optimizer.lr_multipliers:
     try:
       regex, factor = entry
@@ -126,6 +139,21 @@ def _check_ranges(config: ml_collections.ConfigDict) -> None:
       valid = False
     if not valid:
       raise ValueError(f"optimizer.lr_multipliers entry {entry!r}: expected [regex, factor >= 0]")
+
+
+def adapter_spec(config: ml_collections.ConfigDict) -> Optional[AdapterSpec]:
+  """The run's adapters (config section `adapters`), None for kind 'none'; ValueError naming a
+  field out of range."""
+  section = config.get("adapters") or {"kind": "none"}
+  if section["kind"] == "none":
+    return None
+  if not section.get("targets"):
+    raise ValueError(f"adapters.kind={section['kind']!r} needs adapters.targets, a regex over "
+                     f"linear-layer paths such as 'language_model/layers_0/self_attn/q_proj'")
+  alpha = section["alpha"]
+  return AdapterSpec(kind=section["kind"], rank=section["rank"],
+                     alpha=float(alpha) if _is_number(alpha) else alpha,
+                     dropout=section["dropout"], targets=section["targets"], init=section["init"])
 
 
 def validate(config: ml_collections.ConfigDict, devices: list) -> None:

@@ -1,4 +1,4 @@
-"""Optax AdamW with warm-up + linear/cosine decay, clipping, a weight-decay mask and frozen params."""
+"""Optax AdamW with warm-up + linear/cosine decay, clipping, a weight-decay mask, per-group rates."""
 import re
 from typing import Any
 
@@ -41,24 +41,22 @@ def weight_decay_mask(params: Any) -> Any:
   return jax.tree_util.tree_map_with_path(decays, params)
 
 
-def param_labels(params: Any, freeze: str, lr_multipliers: Any) -> Any:
-  """Each parameter's optimiser group: 'frozen' (matches `freeze`), 'lr_i' (the first of the
-  `lr_multipliers` [regex, factor] pairs whose regex it matches), else 'train'."""
-  frozen = re.compile(freeze) if freeze else None
+def param_labels(params: Any, lr_multipliers: Any) -> Any:
+  """Each parameter's optimiser group: 'lr_i' (the first of the `lr_multipliers` [regex, factor]
+  pairs whose regex it matches), else 'train'."""
   patterns = [re.compile(regex) for regex, _ in lr_multipliers]
 
   def label(path, _):
     name = path_name(path)
-    if frozen is not None and frozen.search(name):
-      return "frozen"
     return next((f"lr_{i}" for i, p in enumerate(patterns) if p.search(name)), "train")
   return jax.tree_util.tree_map_with_path(label, params)
 
 
 def make_optimizer(opt: ml_collections.ConfigDict, total_steps: int, params: Any
                    ) -> tuple[optax.GradientTransformation, optax.Schedule]:
-  """(optimizer, schedule) for `params` (concrete or abstract): clip -> AdamW, frozen params
-  untouched, parameter groups at `lr_multipliers` times the learning rate."""
+  """(optimizer, schedule) for the trainable `params` (concrete or abstract; training/trainable.py
+  leaves the frozen ones out): clip -> AdamW, parameter groups at `lr_multipliers` times the
+  learning rate."""
   schedule = learning_rate_schedule(opt, total_steps)
   clip = optax.clip_by_global_norm(opt.max_grad_norm) if opt.max_grad_norm else optax.identity()
 
@@ -67,19 +65,9 @@ def make_optimizer(opt: ml_collections.ConfigDict, total_steps: int, params: Any
                        weight_decay=opt.weight_decay, mask=weight_decay_mask)
 
   multipliers = [(regex, float(factor)) for regex, factor in opt.get("lr_multipliers", ())]
-  if not opt.freeze and not multipliers:
-    return optax.chain(clip, adamw(schedule)), schedule
-  labels = param_labels(params, opt.freeze, multipliers)
-  if set(jax.tree.leaves(labels)) == {"frozen"}:
-    raise ValueError(f"optimizer.freeze='{opt.freeze}' freezes every parameter")
   if not multipliers:
-    return optax.multi_transform({"train": optax.chain(clip, adamw(schedule)),
-                                  "frozen": optax.set_to_zero()}, labels), schedule
-  groups = {"train": adamw(schedule), "frozen": optax.set_to_zero()}
+    return optax.chain(clip, adamw(schedule)), schedule
+  groups = {"train": adamw(schedule)}
   for i, (_, factor) in enumerate(multipliers):
     groups[f"lr_{i}"] = adamw(lambda step, factor=factor: factor * schedule(step))
-  # Frozen gradients are zeroed first, so the global-norm clip counts the trained ones only.
-  zero_frozen = optax.multi_transform(
-      {"frozen": optax.set_to_zero(), "trained": optax.identity()},
-      jax.tree.map(lambda label: "frozen" if label == "frozen" else "trained", labels))
-  return optax.chain(zero_frozen, clip, optax.multi_transform(groups, labels)), schedule
+  return optax.chain(clip, optax.multi_transform(groups, param_labels(params, multipliers))), schedule

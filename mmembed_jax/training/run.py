@@ -21,6 +21,7 @@ import ml_collections
 import numpy as np
 
 from mmembed_jax.data.input_specs import InputSpec, PairInput, eval_batches
+from mmembed_jax.models import adapters
 from mmembed_jax.models.config import ModelConfig
 from mmembed_jax.models.embedder import dummy_batch
 from mmembed_jax.models.presets import PRESETS, preset_config
@@ -29,8 +30,8 @@ from mmembed_jax.objectives.base import Objective
 from mmembed_jax.parallel import sharding as sharding_lib
 from mmembed_jax.parallel.mesh import make_mesh
 from mmembed_jax.training import checkpoint, demo_entry, flops, lineage, registry
-from mmembed_jax.training.config import mesh_devices, validate
-from mmembed_jax.training.sharded_state import StateLayout, state_layout
+from mmembed_jax.training.config import adapter_spec, mesh_devices, validate
+from mmembed_jax.training.sharded_state import StateLayout, abstract_params, state_layout
 from mmembed_jax.training.train_step import TrainState, create_state, make_update_fn
 
 # Keys the input adds for the host only; the trainer drops them before the step.
@@ -43,7 +44,7 @@ def model_config(config: ml_collections.ConfigDict, resolved: lineage.Resolved) 
   options = dict(attention=config.model.attention, dtype=config.model.dtype,
                  param_dtype=config.model.param_dtype, scan_layers=config.model.scan_layers,
                  remat_policy=config.model.remat_policy,
-                 attention_impl=config.model.attention_impl)
+                 attention_impl=config.model.attention_impl, adapter=adapter_spec(config))
   if resolved.source_hf_dir:
     from mmembed_jax.convert.hf_import import model_config as hf_model_config  # pylint: disable=g-import-not-at-top
     return hf_model_config(resolved.source_hf_dir, **options)
@@ -107,7 +108,7 @@ class RunSetup:
   def update_fn(self) -> Callable:
     """update(state, batch) -> (state, metrics), unjitted."""
     return make_update_fn(self.objective, self.layout.tx, self.layout.schedule,
-                          self.config.grad_accum_steps)
+                          self.config.grad_accum_steps, self.layout.trainable)
 
   def jit_step(self, batch: Any) -> Callable:
     """The update jitted with the layout's shardings for batches shaped like `batch`."""
@@ -137,20 +138,24 @@ class RunSetup:
 
   def initial_state(self) -> TrainState:
     """State at step 0 (random, from an HF directory or from another run), created sharded:
-    parameters never sit whole on one host."""
+    parameters never sit whole on one host. A source run's adapters are merged into its
+    weights first; this run's adapters are then added fresh (DoRA's magnitudes from the
+    weights they adapt)."""
     config, layout, objective = self.config, self.layout, self.objective
     # Objective-owned parameters (MoCa's MAE decoder) are made from the backbone's, unless the
     # source (another run of the same objective) already has them.
     extra_keys = list(objective.extra_param_shapes())
     extra_key = jax.random.fold_in(jax.random.key(config.seed), 1)
+    adapter_key = jax.random.fold_in(jax.random.key(config.seed), 2)
 
-    def with_extra(params):
-      if all(k in params for k in extra_keys):
-        return params
-      return dict(objective.init_extra(extra_key, params), **params)
+    def complete(params):
+      if self.model_config.adapter is not None and not adapters.has_adapters(params):
+        params = self._add_adapters(adapter_key, params, extra_keys)
+      if not all(k in params for k in extra_keys):
+        params = dict(objective.init_extra(extra_key, params), **params)
+      return create_state(params, layout.tx, config.seed, layout.trainable)
 
-    make = jax.jit(lambda params: create_state(with_extra(params), layout.tx, config.seed),
-                   out_shardings=layout.state_shardings)
+    make = jax.jit(complete, out_shardings=layout.state_shardings)
     if lineage.is_hf_dir(config.init_from):
       from mmembed_jax.convert.hf_import import import_hf  # pylint: disable=g-import-not-at-top
       backbone = {k: v for k, v in layout.param_shardings.items() if k not in extra_keys}
@@ -160,23 +165,44 @@ class RunSetup:
       with layout.context():
         return make(params)
     if config.init_from:
-      params = checkpoint.restore_params(
-          os.path.abspath(checkpoint.checkpoint_dir(config.init_from)),
-          layout.abstract_state.params)
-      missing = sorted(set(layout.abstract_state.params) - set(params) - set(extra_keys))
-      if missing:
-        raise ValueError(f"init_from={config.init_from}: its checkpoint has no {missing}; "
-                         f"expected a run of the same model")
       with layout.context():
-        return make(params)
+        return make(self._restore_source(extra_keys))
 
     def init(key):
       params = nn.meta.unbox(VisionLanguageModel(self.model_config).init(
           key, dummy_batch(self.model_config))["params"])
-      return create_state(with_extra(params), layout.tx, config.seed)
+      return complete(params)
 
     with layout.context():
       return jax.jit(init, out_shardings=layout.state_shardings)(jax.random.key(config.seed))
+
+  def _restore_source(self, extra_keys: Sequence[str]) -> Any:
+    """The `init_from` run's parameters on this run's mesh, its adapters merged."""
+    config = self.config
+    source_adapter = adapter_spec(ml_collections.ConfigDict(
+        lineage.run_record(config.init_from) or {}))
+    source_config = self.model_config.replace(adapter=source_adapter)
+    abstract, shardings = abstract_params(source_config, self.objective, self.mesh,
+                                          self.layout.rules)
+    abstract = jax.tree.map(lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s),
+                            abstract, shardings)
+    params = checkpoint.restore_params(
+        os.path.abspath(checkpoint.checkpoint_dir(config.init_from)), abstract)
+    missing = sorted(set(abstract) - set(params) - set(extra_keys))
+    if missing:
+      raise ValueError(f"init_from={config.init_from}: its checkpoint has no {missing}; "
+                       f"expected a run of the same model")
+    if source_adapter is not None:
+      params = jax.jit(lambda p: adapters.merge(p, source_adapter))(params)
+    return params
+
+  def _add_adapters(self, key: jax.Array, params: Any, extra_keys: Sequence[str]) -> Any:
+    """`params` with this run's adapters added (lora_b zero: the model is unchanged)."""
+    backbone = {k: v for k, v in params.items() if k not in extra_keys}
+    _, variables = VisionLanguageModel(self.model_config).apply(
+        {"params": backbone}, dummy_batch(self.model_config), rngs={"params": key},
+        mutable=["params"])
+    return dict(params, **nn.meta.unbox(variables["params"]))
 
 
 def build_run(config: ml_collections.ConfigDict, devices: Sequence[Any], *,

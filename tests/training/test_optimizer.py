@@ -17,6 +17,7 @@ from mmembed_jax.training.config import default_config, validate
 from mmembed_jax.training.optimizer import (learning_rate_schedule, make_optimizer,
                                             weight_decay_mask)
 from mmembed_jax.training.train_step import create_state, make_update_fn
+from mmembed_jax.training.trainable import select, trainable_mask
 from mmembed_jax.training.trainer import train
 
 
@@ -89,10 +90,11 @@ def _sum_of_sines(params, batch, rng):  # pylint: disable=unused-argument
 
 
 def test_frozen_parameters_stay_bit_identical_while_the_others_train(params):
-  opt = _optimizer(lr=1e-2, warmup_ratio=0.0, decay="constant", freeze=r"^visual/|^embed_tokens/")
-  tx, schedule = make_optimizer(opt, 10, params)
-  update = jax.jit(make_update_fn(_sum_of_sines, tx, schedule))
-  state = create_state(params, tx, seed=0)
+  opt = _optimizer(lr=1e-2, warmup_ratio=0.0, decay="constant")
+  mask = trainable_mask(params, freeze=r"^visual/|^embed_tokens/")
+  tx, schedule = make_optimizer(opt, 10, select(params, mask))
+  update = jax.jit(make_update_fn(_sum_of_sines, tx, schedule, trainable=mask))
+  state = create_state(params, tx, seed=0, trainable=mask)
   for _ in range(2):
     state, _ = update(state, {})
   before, after = flat(params), flat(state.params)
@@ -103,8 +105,12 @@ def test_frozen_parameters_stay_bit_identical_while_the_others_train(params):
       assert np.array_equal(after[name], before[name]), name
     else:
       assert np.all(np.asarray(after[name]) != np.asarray(before[name])), name
+  # The optimiser state holds the trainable parameters only.
+  state_names = [name for name, leaf in flat(state.opt_state).items() if np.ndim(leaf)]
+  assert len(state_names) == 2 * (len(before) - len(frozen))  # Adam's mu and nu
+  assert not any(name.endswith("/" + f) for name in state_names for f in frozen)
   with pytest.raises(ValueError, match="freezes every parameter"):
-    make_optimizer(_optimizer(freeze="."), 10, params)
+    trainable_mask(params, freeze=".")
 
 
 def _gradient_keeper() -> optax.GradientTransformation:

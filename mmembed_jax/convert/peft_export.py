@@ -1,0 +1,127 @@
+"""A run's LoRA / DoRA adapters as a PEFT adapter directory that peft loads onto its base model.
+
+  base = transformers.Qwen2_5_VLForConditionalGeneration.from_pretrained(BASE_DIR)
+  model = peft.PeftModel.from_pretrained(base, ADAPTER_DIR)
+
+The directory holds `adapter_config.json` (peft_type LORA, r, lora_alpha, lora_dropout,
+use_dora, init_lora_weights, target_modules) and `adapter_model.safetensors` with the tensors
+named as peft 0.21.2 saves them for a `Qwen2(_5)VLForConditionalGeneration` (the class
+transformers builds from our exports): `base_model.model.<module>.lora_A.weight` [rank, in],
+`.lora_B.weight` [out, rank] and, for DoRA, `.lora_magnitude_vector` [out], in float32.
+"""
+import json
+from typing import Any, Iterator, Mapping, Optional
+
+import numpy as np
+from etils import epath
+
+from mmembed_jax.convert import hf_export
+from mmembed_jax.convert.mapping import TensorMap, tensor_maps
+from mmembed_jax.models.adapters import AdapterSpec
+from mmembed_jax.models.config import ModelConfig
+
+PEFT_VERSION = "0.21.2"  # the version whose layout and semantics we match
+ADAPTER_CONFIG = "adapter_config.json"
+ADAPTER_WEIGHTS = "adapter_model.safetensors"
+PREFIX = "base_model.model."
+# Our leaf -> peft's tensor suffix.
+SUFFIXES = {"lora_a": "lora_A.weight", "lora_b": "lora_B.weight",
+            "lora_magnitude": "lora_magnitude_vector"}
+
+
+def adapted_modules(config: ModelConfig, params: Mapping) -> Iterator[tuple[str, TensorMap]]:
+  """(HF module name, its kernel's TensorMap) of every linear layer that holds an adapter."""
+  for m in tensor_maps(config):
+    if m.path[-1] != "kernel":
+      continue
+    module = hf_export._get(params, m.path[:-1])  # pylint: disable=protected-access
+    if "lora_a" not in module:
+      continue
+    if m.kind != "linear":
+      raise ValueError(f"{'/'.join(m.path[:-1])}: peft has no adapter for a {m.kind} layer; "
+                       f"leave it out of adapters.targets")
+    yield m.hf_name[:-len(".weight")], m
+
+
+def to_peft(leaf: str, array: np.ndarray) -> np.ndarray:
+  """One layer's adapter array in our layout -> peft's tensor (A [in, r] -> [r, in];
+  B [r, *out] -> [out, r]; magnitude [*out] -> [out])."""
+  if leaf == "lora_a":
+    return np.ascontiguousarray(array.T)
+  if leaf == "lora_b":
+    return np.ascontiguousarray(array.reshape(array.shape[0], -1).T)
+  return array.reshape(-1)
+
+
+def from_peft(leaf: str, tensor: np.ndarray, kernel_shape: tuple[int, ...]) -> np.ndarray:
+  """Inverse of `to_peft` for a layer whose kernel is [in, *out]."""
+  if leaf == "lora_a":
+    return np.ascontiguousarray(tensor.T)
+  if leaf == "lora_b":
+    return np.ascontiguousarray(tensor.T).reshape((tensor.shape[1],) + tuple(kernel_shape[1:]))
+  return tensor.reshape(kernel_shape[1:])
+
+
+def peft_tensors(config: ModelConfig, params: Mapping) -> dict[str, np.ndarray]:
+  """{peft tensor name: float32 array} of every adapter in `params` (gathered to the host)."""
+  out = {}
+  for module, m in adapted_modules(config, params):
+    layer = hf_export._get(params, m.path[:-1])  # pylint: disable=protected-access
+    for leaf, suffix in SUFFIXES.items():
+      if leaf in layer:
+        host = hf_export._to_host(layer[leaf], m.layer)  # pylint: disable=protected-access
+        out[f"{PREFIX}{module}.{suffix}"] = to_peft(leaf, host.astype(np.float32))
+  return out
+
+
+def adapter_config(spec: AdapterSpec, modules: list[str], base_model: Optional[str]) -> dict:
+  """adapter_config.json: the fields peft reads, for exactly the adapted modules."""
+  return {
+      "peft_type": "LORA", "peft_version": PEFT_VERSION, "task_type": None,
+      "base_model_name_or_path": base_model or None,
+      "r": spec.rank, "lora_alpha": spec.alpha, "lora_dropout": spec.dropout,
+      "use_dora": spec.kind == "dora", "use_rslora": False,
+      "init_lora_weights": "gaussian" if spec.init == "gaussian" else True,
+      # Module names without the leading "model.", matched by suffix: the same file serves
+      # Qwen2(_5)VLForConditionalGeneration and Qwen2(_5)VLModel module trees.
+      "target_modules": sorted(name.removeprefix("model.") for name in modules),
+      "bias": "none", "lora_bias": False, "fan_in_fan_out": False, "modules_to_save": None,
+      "inference_mode": True, "rank_pattern": {}, "alpha_pattern": {},
+  }
+
+
+def export_peft(config: ModelConfig, params: Mapping, spec: AdapterSpec, out_dir: str, *,
+                base_model: Optional[str] = None, overwrite: bool = False) -> epath.Path:
+  """Writes `params`' adapters as a peft adapter directory (all processes gather, process 0
+  writes; the directory is staged and renamed into place like an HF export)."""
+  import jax  # pylint: disable=g-import-not-at-top
+  from safetensors.numpy import save_file  # pylint: disable=g-import-not-at-top
+  hf_export.check_target(out_dir, overwrite)
+  modules = [module for module, _ in adapted_modules(config, params)]
+  if not modules:
+    raise ValueError("the run has no adapters to export (adapters.kind is 'none')")
+  tensors = peft_tensors(config, params)
+  target = epath.Path(out_dir)
+  if jax.process_index():
+    return target
+  target.parent.mkdir(parents=True, exist_ok=True)
+  staging = target.parent / f".{target.name}.tmp-peft"
+  if staging.exists():
+    hf_export._remove(staging)  # pylint: disable=protected-access
+  staging.mkdir()
+  save_file(tensors, str(staging / ADAPTER_WEIGHTS), metadata={"format": "pt"})
+  (staging / ADAPTER_CONFIG).write_text(
+      json.dumps(adapter_config(spec, modules, base_model), indent=2))
+  hf_export._swap_in(staging, target)  # pylint: disable=protected-access
+  return target
+
+
+def is_adapter_dir(path: str) -> bool:
+  """Whether `path` is a peft adapter directory (adapter_config.json, no config.json)."""
+  root = epath.Path(path)
+  return (root / ADAPTER_CONFIG).exists() and not (root / "config.json").exists()
+
+
+def read_adapter_config(path: str) -> dict[str, Any]:
+  """A peft adapter directory's adapter_config.json."""
+  return json.loads((epath.Path(path) / ADAPTER_CONFIG).read_text())
