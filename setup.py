@@ -2,6 +2,7 @@
 from setuptools import find_packages, setup
 
 TORCH = ["torch==2.13.0"]  # the CPU wheel; a looser pin pulls a multi-GB CUDA build
+PEFT = ["peft==0.21.2"]  # loads exported adapters; the oracle models/adapters.py matches
 
 setup(
     name="mmembed_jax",
@@ -29,10 +30,9 @@ setup(
         "tensorboardX",
     ],
     extras_require={
-        "torch": TORCH,
+        "torch": TORCH + PEFT,
         "tpu": ["libtpu"],
         "tfds": ["tensorflow-datasets"],
-        "test": TORCH + ["pytest", "pytest-timeout", "libtpu",  # libtpu: TPU compile proofs on CPU
-                         "peft==0.21.2"],  # the adapter oracle (models/adapters.py matches it)
+        "test": TORCH + PEFT + ["pytest", "pytest-timeout", "libtpu"],  # libtpu: TPU proofs on CPU
     },
 )

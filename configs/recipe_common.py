@@ -87,3 +87,14 @@ def demo_contrastive(config: ml_collections.ConfigDict, preset: str) -> ml_colle
   config.eval.update(every=100, sources="demo", max_rows_per_dataset=64)
   config.checkpoint.update(every=100, keep=2)
   return config
+
+
+# The adapters of the released code (METHODS.md §7), as `adapters` config sections.
+# VLM2Vec: PEFT target list qkv_proj,o_proj,gate_up_proj,down_proj,k_proj,q_proj,out_proj,v_proj
+# matched by suffix: the LLM's q/k/v/o_proj and down_proj, and on Qwen2.5-VL the vision MLP's
+# down_proj (qkv_proj, gate_up_proj and out_proj name no Qwen module).
+ADAPTERS = {
+    "vlm2vec": dict(kind="dora", rank=16, alpha=64.0, dropout=0.1, init="gaussian",
+                    targets=r"/(q|k|v|o|down)_proj$", trainable_extra=""),
+}
+

@@ -1,11 +1,13 @@
 r"""Exports a training run's model as a Hugging Face directory that transformers loads.
 
   python launch/export_to_pytorch.py --checkpoint runs/moca_cl --out exported/ [--dtype bfloat16] \
-      [--overwrite]
+      [--overwrite] [--adapters_only]
 
 --checkpoint is a workdir (its latest checkpoint) or WORKDIR/checkpoints/STEP. The directory
 holds safetensors, config.json, the run's tokenizer and image preprocessor, and mmembed.json
-(attention, pooling), so `mmembed_jax.torch_embed.load(OUT)` embeds as the JAX model does. On a
+(attention, pooling), so `mmembed_jax.torch_embed.load(OUT)` embeds as the JAX model does; a
+run's LoRA / DoRA adapters are merged into it, or, with --adapters_only, written alone as a peft
+adapter directory for the HF directory the run started from. On a
 pod, run it on every host: the checkpoint is read sharded and gathered one tensor at a time.
 """
 import resource
@@ -25,6 +27,9 @@ _DTYPE = flags.DEFINE_enum("dtype", None, ["bfloat16", "float32"],
                            "Dtype of the written tensors; default: the run's parameter dtype.")
 _OVERWRITE = flags.DEFINE_bool("overwrite", False, "Replace --out if it is not empty (the new "
                                "export is written aside and swapped in whole).")
+_ADAPTERS_ONLY = flags.DEFINE_bool("adapters_only", False, "Write the run's adapters as a peft "
+                                   "adapter directory (peft.PeftModel.from_pretrained) instead of "
+                                   "the merged model.")
 _DISTRIBUTED = flags.DEFINE_bool("distributed", False,
                                  "Call jax.distributed.initialize() (multi-host pods).")
 _COORDINATOR = flags.DEFINE_string("coordinator_address", None, "host:port of process 0, for "
@@ -46,7 +51,8 @@ def main(argv):
   start = time.perf_counter()
   try:
     model = trained_model.export_trained(_CHECKPOINT.value, _OUT.value, dtype=_DTYPE.value,
-                                         overwrite=_OVERWRITE.value)
+                                         overwrite=_OVERWRITE.value,
+                                         adapters_only=_ADAPTERS_ONLY.value)
   except (ValueError, FileNotFoundError) as e:
     print(f"error: {printable(e)}", file=sys.stderr)
     return 2

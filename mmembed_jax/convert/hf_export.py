@@ -199,6 +199,15 @@ def _write_files(config: ModelConfig, params: Mapping, out: Optional[epath.Path]
   saved_dtype = str(out_dtype or jnp.dtype(next(iter(leaves.values())).dtype))
   hf_config = to_hf_config_dict(config, dtype=saved_dtype)
   (out / "config.json").write_text(json.dumps(hf_config, indent=2))
+  write_side_files(out, config, source_dir=source_dir, embedding=embedding,
+                   preprocessor=preprocessor)
+
+
+def write_side_files(out: epath.Path, config: ModelConfig, *, source_dir: Optional[str],
+                     embedding: Optional[Mapping[str, Any]],
+                     preprocessor: Optional[Mapping[str, Any]]) -> None:
+  """The files beside the weights: the source's tokenizer and processor files, the
+  preprocessor_config.json given, and mmembed.json (how to embed)."""
   if source_dir is not None:
     for filename in CARRIED_FILES:
       source = epath.Path(source_dir) / filename

@@ -91,9 +91,12 @@ def adapter_config(spec: AdapterSpec, modules: list[str], base_model: Optional[s
 
 
 def export_peft(config: ModelConfig, params: Mapping, spec: AdapterSpec, out_dir: str, *,
-                base_model: Optional[str] = None, overwrite: bool = False) -> epath.Path:
+                base_model: Optional[str] = None, overwrite: bool = False,
+                **side_files: Any) -> epath.Path:
   """Writes `params`' adapters as a peft adapter directory (all processes gather, process 0
-  writes; the directory is staged and renamed into place like an HF export)."""
+  writes; the directory is staged and renamed into place like an HF export). `side_files`:
+  source_dir, embedding, preprocessor, written as `hf_export.write_side_files` does, so
+  `torch_embed.load` embeds with the directory alone."""
   import jax  # pylint: disable=g-import-not-at-top
   from safetensors.numpy import save_file  # pylint: disable=g-import-not-at-top
   hf_export.check_target(out_dir, overwrite)
@@ -112,6 +115,8 @@ def export_peft(config: ModelConfig, params: Mapping, spec: AdapterSpec, out_dir
   save_file(tensors, str(staging / ADAPTER_WEIGHTS), metadata={"format": "pt"})
   (staging / ADAPTER_CONFIG).write_text(
       json.dumps(adapter_config(spec, modules, base_model), indent=2))
+  hf_export.write_side_files(staging, config, **{
+      k: side_files.get(k) for k in ("source_dir", "embedding", "preprocessor")})
   hf_export._swap_in(staging, target)  # pylint: disable=protected-access
   return target
 

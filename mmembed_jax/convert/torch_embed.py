@@ -101,13 +101,21 @@ class TorchEmbedder:
 
 def load(export_dir: str, *, attention: Optional[str] = None, pooling: Optional[str] = None,
          dtype: str = "float32", max_length: int = 8192, batch_size: int = 8) -> Callable:
-  """Loads an exported directory with transformers; options default to its mmembed.json."""
+  """Loads an exported directory with transformers (or a peft adapter directory with peft, on
+  the base model its adapter_config.json names); options default to its mmembed.json."""
   import torch  # pylint: disable=g-import-not-at-top
   import transformers  # pylint: disable=g-import-not-at-top
+  from mmembed_jax.convert import peft_export  # pylint: disable=g-import-not-at-top
   from mmembed_jax.convert.hf_import import safetensors_files  # pylint: disable=g-import-not-at-top
+  adapter_dir = None
+  if peft_export.is_adapter_dir(export_dir):
+    adapter_dir = export_dir
+    export_dir = peft_export.read_adapter_config(adapter_dir).get("base_model_name_or_path") or ""
+    if not export_dir:
+      raise ValueError(f"{adapter_dir}/adapter_config.json names no base_model_name_or_path")
   safetensors_files(export_dir)  # refuses a directory mixing two exports, as the JAX loader does
   record = {}
-  record_path = os.path.join(export_dir, "mmembed.json")
+  record_path = os.path.join(adapter_dir or export_dir, "mmembed.json")
   if os.path.exists(record_path):
     with open(record_path) as f:
       record = json.load(f)
@@ -118,6 +126,10 @@ def load(export_dir: str, *, attention: Optional[str] = None, pooling: Optional[
     raise ValueError(f"{export_dir}/config.json: model_type '{config.model_type}' is not Qwen2(.5)-VL")
   model = classes[config.model_type].from_pretrained(
       export_dir, dtype=getattr(torch, dtype), attn_implementation="eager").eval()
+  if adapter_dir is not None:
+    import peft  # pylint: disable=g-import-not-at-top
+    model = peft.PeftModel.from_pretrained(model, adapter_dir).merge_and_unload().eval()
+    export_dir = adapter_dir  # its tokenizer, preprocessor and mmembed.json are the run's
   tokenizer = transformers.AutoTokenizer.from_pretrained(export_dir)
   preprocessor = os.path.join(export_dir, "preprocessor_config.json")
   image_config = (images_lib.ImageProcessingConfig.from_preprocessor_config(preprocessor)

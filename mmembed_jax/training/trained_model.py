@@ -20,6 +20,7 @@ import ml_collections
 from etils import epath
 
 from mmembed_jax.data import images as images_lib
+from mmembed_jax.models import adapters
 from mmembed_jax.models.config import ModelConfig
 from mmembed_jax.models.embedder import boxed_param_shapes
 from mmembed_jax.parallel import sharding as sharding_lib
@@ -108,10 +109,13 @@ def export_mesh() -> Any:
   return make_mesh({"data": 1, "fsdp": -1, "tensor": 1})
 
 
-def load_trained(path: str, *, dtype: Optional[str] = None, mesh: Any = None) -> TrainedModel:
+def load_trained(path: str, *, dtype: Optional[str] = None, mesh: Any = None,
+                 merge_adapters: bool = True) -> TrainedModel:
   """Reads a run's backbone (latest or given step) sharded over `mesh` (default: all devices).
 
   dtype: compute and parameter dtype (e.g. 'bfloat16'); default, the run's own.
+  merge_adapters: fold a run's LoRA / DoRA adapters into its weights (the model is then a plain
+  backbone); False keeps them beside the weights, `config.adapter` naming them.
   """
   workdir, step = locate(path)
   config, resolved = run_config(workdir)
@@ -135,6 +139,11 @@ def load_trained(path: str, *, dtype: Optional[str] = None, mesh: Any = None) ->
   if not resolved.tokenizer_dir:
     raise ValueError(f"{workdir}/config.json: the run names no tokenizer (tokenizer_dir or an HF "
                      f"init_from)")
+  if merge_adapters and model_config.adapter is not None:
+    spec, model_config = model_config.adapter, model_config.replace(adapter=None)
+    base_shardings = sharding_lib.logical_shardings(boxed_param_shapes(model_config), mesh,
+                                                    sharding_lib.config_rules(config.sharding.rules))
+    params = jax.jit(lambda p: adapters.merge(p, spec), out_shardings=base_shardings)(params)
   return TrainedModel(config=model_config, params=params, mesh=mesh,
                       tokenizer_dir=resolved.tokenizer_dir,
                       image_config=image_config(config, resolved),
@@ -142,15 +151,42 @@ def load_trained(path: str, *, dtype: Optional[str] = None, mesh: Any = None) ->
 
 
 def export_trained(path: str, out_dir: str, *, dtype: Optional[str] = None,
-                   max_shard_bytes: int = 2 * 1024**3, overwrite: bool = False) -> TrainedModel:
+                   max_shard_bytes: int = 2 * 1024**3, overwrite: bool = False,
+                   adapters_only: bool = False) -> TrainedModel:
   """Writes a run's backbone as a Hugging Face directory (safetensors, config.json, tokenizer,
-  preprocessor_config.json, mmembed.json); dtype casts on write (default: the run's);
-  overwrite replaces a non-empty `out_dir` (checked before the checkpoint is read)."""
+  preprocessor_config.json, mmembed.json), adapters merged; dtype casts on write (default: the
+  run's); overwrite replaces a non-empty `out_dir` (checked before the checkpoint is read).
+  adapters_only: write the run's adapters as a peft adapter directory instead, for the HF
+  directory the run started from (convert/peft_export.py)."""
   from mmembed_jax.convert import hf_export  # pylint: disable=g-import-not-at-top
   hf_export.check_target(out_dir, overwrite)
+  if adapters_only:
+    return _export_adapters(path, out_dir, overwrite)
   model = load_trained(path)
   hf_export.export_hf(model.config, model.params, out_dir, source_dir=model.tokenizer_dir,
                       embedding=dict(model.embedding, source_run=model.workdir, step=model.step),
                       dtype=dtype, preprocessor=model.image_config.to_preprocessor_config(),
                       max_shard_bytes=max_shard_bytes, overwrite=overwrite)
+  return model
+
+
+def _export_adapters(path: str, out_dir: str, overwrite: bool) -> TrainedModel:
+  """The peft adapter directory of a run whose other weights are its source HF directory's."""
+  from mmembed_jax.convert import peft_export  # pylint: disable=g-import-not-at-top
+  workdir, _ = locate(path)
+  config, resolved = run_config(workdir)
+  if config.get("adapters", {}).get("kind", "none") == "none":
+    raise ValueError(f"{workdir}: the run trained no adapters (adapters.kind 'none'); export the "
+                     f"whole model without --adapters_only")
+  if not lineage.is_hf_dir(config.init_from) or config.adapters.trainable_extra:
+    raise ValueError(f"{workdir}: --adapters_only needs a run whose weights outside the adapters "
+                     f"are those of the HF directory it started from (init_from an HF "
+                     f"directory, no adapters.trainable_extra); export the merged model instead")
+  model = load_trained(path, merge_adapters=False)
+  base = config.init_from if "://" in config.init_from else os.path.abspath(config.init_from)
+  peft_export.export_peft(model.config, model.params, model.config.adapter, out_dir,
+                          base_model=base, overwrite=overwrite, source_dir=model.tokenizer_dir,
+                          embedding=dict(model.embedding, source_run=model.workdir,
+                                         step=model.step),
+                          preprocessor=model.image_config.to_preprocessor_config())
   return model
