@@ -165,8 +165,9 @@ class RunSetup:
       with layout.context():
         return make(params)
     if config.init_from:
+      params = self._restore_source(extra_keys)
       with layout.context():
-        return make(self._restore_source(extra_keys))
+        return make(params)
 
     def init(key):
       params = nn.meta.unbox(VisionLanguageModel(self.model_config).init(

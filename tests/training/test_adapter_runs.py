@@ -3,6 +3,7 @@ demo recipe with its released adapters on a tiny Qwen2.5-VL HF directory; SIGKIL
 merged and peft-format exports embedded by PyTorch equal to the JAX model."""
 import json
 import os
+import runpy
 import signal
 import sys
 
@@ -10,7 +11,7 @@ import numpy as np
 import orbax.checkpoint as ocp
 from etils import epath
 
-from engine_runs import (Run, checkpoint_steps, flat, read_metrics, restore_saved_params,
+from engine_runs import (REPO, Run, checkpoint_steps, flat, read_metrics, restore_saved_params,
                          wait_until)
 from mmembed_jax.convert.hf_import import import_hf
 from mmembed_jax.models.adapters import LEAVES
@@ -86,3 +87,24 @@ def test_dora_run_trains_only_adapters_resumes_bit_identically_and_exports(
   for out in (merged, adapter):
     np.testing.assert_allclose(torch_embed.load(out)(rows), jax_vectors, atol=1e-4, rtol=0)
   assert os.path.exists(os.path.join(adapter, "adapter_model.safetensors"))
+
+  # Chaining: a run started from this one merges its adapters into the weights, then adds fresh
+  # ones (B zero, DoRA's magnitude the merged kernel's norm).
+  import jax  # pylint: disable=g-import-not-at-top
+  from mmembed_jax.models.adapters import weight_norm  # pylint: disable=g-import-not-at-top
+  from mmembed_jax.training import trained_model  # pylint: disable=g-import-not-at-top
+  from mmembed_jax.training.run import build_run  # pylint: disable=g-import-not-at-top
+  config = runpy.run_path(os.path.join(REPO, "configs", "vlm2vec.py"))["get_config"](
+      "adapters=dora")
+  config.update(init_from=workdir, total_steps=1)
+  config.mesh.num_devices, config.eval.every = 1, 0
+  chained = flat(jax.device_get(build_run(config, jax.devices()).initial_state().params))
+  merged_weights = flat(jax.device_get(trained_model.load_trained(workdir).params))
+  for name, value in merged_weights.items():  # merged on 1 device here, on 8 there: fp32 rounding
+    np.testing.assert_allclose(chained[name], value, rtol=1e-6, atol=1e-7, err_msg=name)
+  q_proj = "language_model/layers_0/self_attn/q_proj/"
+  assert not np.array_equal(merged_weights[q_proj + "kernel"], base[q_proj + "kernel"])
+  assert not np.any(chained[q_proj + "lora_b"])
+  np.testing.assert_allclose(chained[q_proj + "lora_magnitude"],
+                             weight_norm(chained[q_proj + "kernel"], chained[q_proj + "lora_a"],
+                                         chained[q_proj + "lora_b"], 4.0), rtol=1e-6)

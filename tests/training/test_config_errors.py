@@ -58,6 +58,11 @@ CLI_CASES = {
                              ("lies under", "a_file, which is a file")),
     "workdir_read_only": (None, ("--workdir={root}/read_only/run",),
                           ("read_only/run", "read-only file system")),
+    "adapter_targets_match_nothing": (None, ("--config.adapters.kind=dora",
+                                             "--config.adapters.targets=no_such_layer"),
+                                      ("adapters.targets='no_such_layer' matches no linear layer",)),
+    "adapter_kind_unknown": (None, ("--config.adapters.kind=qlora", "--config.adapters.targets=q"),
+                             ("adapters.kind='qlora'", "lora", "dora")),
     # Before: a SafetensorError traceback.
     "init_from_truncated_safetensors": (None, ("--config.init_from={root}/truncated_model",),
                                         ("truncated_model/model", "cannot read it as safetensors")),
