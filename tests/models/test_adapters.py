@@ -107,3 +107,44 @@ def test_forward_and_gradients_equal_peft(family, kind, tiny_hf_dirs, encoded_ba
   merged = VisionLanguageModel(config.replace(adapter=None)).apply(
       {"params": merge(params, spec)}, batch)
   assert np.abs(np.asarray(merged) - np.asarray(hidden))[valid].max() <= TOLERANCE
+
+
+def _stacked(params, name, count):
+  """Unrolled `name_0 .. name_{count-1}` layers of a params subtree -> one stacked `name`."""
+  layers = [params.pop(f"{name}_{i}") for i in range(count)]
+  params[name] = jax.tree.map(lambda *xs: jnp.stack(xs), *layers)
+
+
+def test_scanned_rematerialised_and_bfloat16_adapters_equal_unrolled(tiny_hf_dirs, encoded_batch):
+  _, batch = encoded_batch
+  valid = batch["segment_ids"] > 0
+  spec = AdapterSpec(kind="dora", rank=4, alpha=12.0, dropout=0.0, targets=TARGETS)
+  config, base = import_hf(tiny_hf_dirs["qwen2_5_vl"], attention="bidirectional")
+  config = config.replace(adapter=spec)
+  scanned = config.replace(scan_layers=True, remat_policy="full")
+
+  def stack(params):
+    params = jax.tree.map(lambda x: x, params)
+    _stacked(params["language_model"], "layers", config.text.num_layers)
+    _stacked(params["visual"], "blocks", config.vision.depth)
+    return params
+
+  def energy(model_config, params):
+    hidden = VisionLanguageModel(model_config).apply({"params": params}, batch)
+    return jnp.sum(jnp.where(valid[..., None], hidden, 0) ** 2) / 1e3, hidden
+
+  params = _random_adapters(config, base)
+  (_, reference), grads = jax.value_and_grad(energy, argnums=1, has_aux=True)(config, params)
+  (_, out), scanned_grads = jax.value_and_grad(energy, argnums=1, has_aux=True)(scanned,
+                                                                                 stack(params))
+  assert np.abs(np.asarray(out) - np.asarray(reference))[valid].max() <= 1e-5
+  for (path, ours), theirs in zip(jax.tree.leaves_with_path(scanned_grads),
+                                  jax.tree.leaves(stack(grads))):
+    if "lora" in jax.tree_util.keystr(path):
+      error = np.linalg.norm(ours - theirs) / max(np.linalg.norm(theirs), 1e-12)
+      assert error <= 1e-5, (jax.tree_util.keystr(path), error)
+  bf16 = VisionLanguageModel(scanned.replace(dtype="bfloat16")).apply(
+      {"params": stack(params)}, batch)
+  relative = np.linalg.norm((np.asarray(bf16, np.float32) - np.asarray(reference))[valid]) / (
+      np.linalg.norm(np.asarray(reference)[valid]))
+  assert bf16.dtype == jnp.bfloat16 and relative < 2e-2, relative
