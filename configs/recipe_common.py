@@ -93,8 +93,15 @@ def demo_contrastive(config: ml_collections.ConfigDict, preset: str) -> ml_colle
 # VLM2Vec: PEFT target list qkv_proj,o_proj,gate_up_proj,down_proj,k_proj,q_proj,out_proj,v_proj
 # matched by suffix: the LLM's q/k/v/o_proj and down_proj, and on Qwen2.5-VL the vision MLP's
 # down_proj (qkv_proj, gate_up_proj and out_proj name no Qwen module).
+# UNITE: plain LoRA (peft's default Kaiming init) on every nn.Linear name outside the vision
+# tower but lm_head (its `find_all_linear_names`), a suffix list that on Qwen2-VL names the LLM's
+# q/k/v/o/gate/up/down_proj; alpha 16 in stage 1 and 64 in stage 2.
 ADAPTERS = {
     "vlm2vec": dict(kind="dora", rank=16, alpha=64.0, dropout=0.1, init="gaussian",
                     targets=r"/(q|k|v|o|down)_proj$", trainable_extra=""),
+    "unite_stage1": dict(kind="lora", rank=8, alpha=16.0, dropout=0.05, init="kaiming",
+                         targets=r"/(q|k|v|o|gate|up|down)_proj$", trainable_extra=""),
+    "unite_stage2": dict(kind="lora", rank=8, alpha=64.0, dropout=0.05, init="kaiming",
+                         targets=r"/(q|k|v|o|gate|up|down)_proj$", trainable_extra=""),
 }
 

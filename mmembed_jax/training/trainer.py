@@ -19,6 +19,7 @@ from jax.experimental import multihost_utils
 from mmembed_jax.data import bad_records
 from mmembed_jax.parallel import sharding as sharding_lib
 from mmembed_jax.training import checkpoint, flops, lineage, metrics as metrics_lib
+from mmembed_jax.training import trainable
 from mmembed_jax.training import workdir as workdir_lib
 from mmembed_jax.training.run import HOST_ONLY, RunSetup, build_run
 
@@ -66,6 +67,8 @@ def _train(run: RunSetup, workdir: str) -> dict:
     with open(os.path.join(workdir, "config.json"), "w") as f:
       json.dump(record, f, indent=2)
   log.info("mesh %s on %d processes", dict(mesh.shape), jax.process_count())
+  trained, total = trainable.count(layout.abstract_state.params, layout.trainable)
+  log.info("trainable parameters: %d of %d (%.2f%%)", trained, total, 100 * trained / total)
   batch_sharding = sharding_lib.batch_sharding(mesh)
   in_context = layout.context  # mesh and logical rules, for tracing
   data_iter = iter(run.dataset())
