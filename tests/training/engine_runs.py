@@ -179,6 +179,18 @@ def wait_until(run: Run, condition, what: str, timeout: float = 300):
   raise AssertionError(f"no {what} within {timeout}s")
 
 
+def kill_past_checkpoint(run: Run, workdir: str, every: int, steps_past: int) -> int:
+  """SIGKILLs `run` once it has a periodic checkpoint (a step >= `every`) and has logged
+  `steps_past` steps beyond it; returns that checkpoint's step."""
+  import signal  # pylint: disable=g-import-not-at-top
+  first = wait_until(run, lambda: [s for s in checkpoint_steps(workdir) if s >= every],
+                     "a periodic checkpoint")[0]
+  wait_until(run, lambda: max(read_metrics(workdir), default=0) >= first + steps_past,
+             f"{steps_past} logged steps past the checkpoint")
+  assert run.signal(signal.SIGKILL) == -signal.SIGKILL
+  return first
+
+
 def restore_saved_params(workdir: str, step: Optional[int] = None) -> dict:
   """A run's checkpointed params (latest unless `step`), on the shardings they were saved with."""
   import orbax.checkpoint as ocp  # pylint: disable=g-import-not-at-top

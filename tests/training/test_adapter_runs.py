@@ -4,15 +4,14 @@ merged and peft-format exports embedded by PyTorch equal to the JAX model."""
 import json
 import os
 import runpy
-import signal
 import sys
 
 import numpy as np
 import orbax.checkpoint as ocp
 from etils import epath
 
-from engine_runs import (REPO, Run, checkpoint_steps, flat, read_metrics, restore_saved_params,
-                         wait_until)
+from engine_runs import (REPO, Run, checkpoint_steps, flat, kill_past_checkpoint, read_metrics,
+                         restore_saved_params)
 from mmembed_jax.convert.hf_import import import_hf
 from mmembed_jax.models.adapters import LEAVES
 
@@ -39,11 +38,7 @@ def test_dora_run_trains_only_adapters_resumes_bit_identically_and_exports(
   reference_dir, workdir = str(tmp_path / "reference"), str(tmp_path / "killed")
   reference = Run(cache_dir, _command(reference_dir, hf_dir), reference_dir)
   run = Run(cache_dir, _command(workdir, hf_dir), workdir)
-  first = wait_until(run, lambda: [s for s in checkpoint_steps(workdir) if s >= EVERY],
-                     "a periodic checkpoint")[0]
-  wait_until(run, lambda: max(read_metrics(workdir), default=0) >= first + 1,
-             "a logged step past the checkpoint")
-  assert run.signal(signal.SIGKILL) == -signal.SIGKILL
+  kill_past_checkpoint(run, workdir, EVERY, steps_past=1)
   resume_from = max(checkpoint_steps(workdir))
   assert resume_from < STEPS
   resumed = Run(cache_dir, _command(workdir, hf_dir), workdir).check()

@@ -9,7 +9,8 @@ import signal
 import numpy as np
 import pytest
 
-from engine_runs import (BASE_STEPS, ONE_DEVICE, Run, checkpoint_steps, flat, losses, metric_lines,
+from engine_runs import (BASE_STEPS, ONE_DEVICE, Run, checkpoint_steps, flat, kill_past_checkpoint,
+                         losses, metric_lines,
                       read_metrics, restore_saved_params, run_side_by_side, train_command,
                       wait_until)
 
@@ -38,11 +39,7 @@ def test_sigkilled_run_resumes_from_its_checkpoint_and_matches_an_uninterrupted_
                   reference_dir)
   command = train_command(workdir, "2x2x2", LONG_STEPS, EVERY_FLAG)
   run = Run(cache_dir, command, workdir)
-  first = wait_until(run, lambda: [s for s in checkpoint_steps(workdir) if s >= EVERY],
-                     "a periodic checkpoint")[0]
-  wait_until(run, lambda: max(read_metrics(workdir), default=0) >= first + 2,
-             "two logged steps past the checkpoint")
-  assert run.signal(signal.SIGKILL) == -signal.SIGKILL
+  first = kill_past_checkpoint(run, workdir, EVERY, steps_past=2)
   killed_at = max(read_metrics(workdir))
   resume_from = max(checkpoint_steps(workdir))
   assert first <= resume_from < killed_at < LONG_STEPS, (resume_from, killed_at)
