@@ -201,3 +201,21 @@ def test_lr_multipliers_scale_their_groups_learning_rate(params):
   config.optimizer.lr_multipliers = [["(", 2.0]]
   with pytest.raises(ValueError, match=r"lr_multipliers entry .*expected \[regex, factor >= 0\]"):
     validate(config, jax.devices())
+
+
+def test_with_adapters_only_adapters_extras_and_objective_parameters_train():
+  params = {"embed_tokens": {"embedding": jnp.ones((4, 3))},
+            "language_model": {"layers_0": {"q_proj": {"kernel": jnp.ones((3, 3)),
+                                                       "lora_a": jnp.ones((3, 2)),
+                                                       "lora_b": jnp.zeros((2, 3))},
+                                            "norm": {"scale": jnp.ones(3)}}},
+            "mae_decoder": {"head": {"kernel": jnp.ones((3, 5))}}}
+  mask = flat(trainable_mask(params, adapters=True, trainable_extra=r"^embed_tokens/",
+                             objective_keys=("mae_decoder",)))
+  assert sorted(name for name, trains in mask.items() if trains) == [
+      "embed_tokens/embedding", "language_model/layers_0/q_proj/lora_a",
+      "language_model/layers_0/q_proj/lora_b", "mae_decoder/head/kernel"]
+  frozen = flat(trainable_mask(params, freeze=r"lora_b", adapters=True))
+  assert [name for name, trains in frozen.items() if trains] == [
+      "language_model/layers_0/q_proj/lora_a"]
+  assert trainable_mask(params) is None  # no adapters, no freeze: everything trains
