@@ -10,7 +10,7 @@ import numpy as np
 import orbax.checkpoint as ocp
 from etils import epath
 
-from engine_runs import (REPO, Run, checkpoint_steps, flat, kill_past_checkpoint, read_metrics,
+from engine_runs import (REPO, STANDARD, Run, checkpoint_steps, flat, kill_past_checkpoint, read_metrics,
                          restore_saved_params)
 from mmembed_jax.convert.hf_import import import_hf
 from mmembed_jax.models.adapters import LEAVES
@@ -24,7 +24,8 @@ def _command(workdir, hf_dir, *extra):
           f"--workdir={workdir}", f"--config.init_from={hf_dir}", "--config.mesh.ici.data=2",
           "--config.mesh.ici.fsdp=2", "--config.mesh.ici.tensor=2",
           f"--config.total_steps={STEPS}", "--config.eval.every=0", "--config.log_every=1",
-          f"--config.checkpoint.every={EVERY}", "--config.input.global_batch_size=16", *extra]
+          f"--config.checkpoint.every={EVERY}", "--config.input.global_batch_size=16",
+          *STANDARD, *extra]
 
 
 def _deterministic(entry):
@@ -34,6 +35,8 @@ def _deterministic(entry):
 def test_dora_run_trains_only_adapters_resumes_bit_identically_and_exports(
     tmp_path, cache_dir, demo_cache, tiny_hf_dirs, image_dir, monkeypatch):
   monkeypatch.setenv("MMEMBED_DEMO_CACHE", str(demo_cache))
+  from mmembed_jax import demo  # pylint: disable=g-import-not-at-top
+  demo.sources("contrastive_pairs")  # written once here, not by the two runs at the same time
   hf_dir = tiny_hf_dirs["qwen2_5_vl"]
   reference_dir, workdir = str(tmp_path / "reference"), str(tmp_path / "killed")
   reference = Run(cache_dir, _command(reference_dir, hf_dir), reference_dir)
