@@ -16,8 +16,9 @@ given):
 
 where the norm is a constant for differentiation (PEFT detaches it and the LoRA weight inside
 it: DoRA paper, section 4.3). Without dropout x' = x and DoRA is y = g (x W + s x A B) + b.
-Matched against peft 0.21.2 (`tuners/lora/layer.py` Linear.forward, `tuners/lora/dora.py`
-DoraLinearLayer); `tests/models/test_adapters.py` runs peft as the oracle.
+Matched against peft 0.21.2 (`tuners/lora/layer.py` Linear.forward, `tuners/lora/variants.py`
+DoraLinearVariant.forward, `tuners/lora/dora.py` DoraLinearLayer); `tests/models/test_adapters.py`
+runs peft as the oracle.
 
 The adapters live in the 'params' collection beside the kernel, so `nn.scan` stacks them, remat
 and sharding treat them like any parameter: lora_a takes the kernel's input axis, lora_b and
