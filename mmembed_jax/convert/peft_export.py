@@ -29,8 +29,10 @@ SUFFIXES = {"lora_a": "lora_A.weight", "lora_b": "lora_B.weight",
             "lora_magnitude": "lora_magnitude_vector"}
 
 
-def adapted_modules(config: ModelConfig, params: Mapping) -> Iterator[tuple[str, TensorMap]]:
-  """(HF module name, its kernel's TensorMap) of every linear layer that holds an adapter."""
+def adapted_modules(config: ModelConfig, params: Mapping
+                    ) -> Iterator[tuple[str, TensorMap, Mapping]]:
+  """(HF module name, its kernel's TensorMap, its parameters) of every linear layer that holds
+  an adapter."""
   for m in tensor_maps(config):
     if m.path[-1] != "kernel":
       continue
@@ -40,7 +42,7 @@ def adapted_modules(config: ModelConfig, params: Mapping) -> Iterator[tuple[str,
     if m.kind != "linear":
       raise ValueError(f"{'/'.join(m.path[:-1])}: peft has no adapter for a {m.kind} layer; "
                        f"leave it out of adapters.targets")
-    yield m.hf_name[:-len(".weight")], m
+    yield m.hf_name[:-len(".weight")], m, module
 
 
 def to_peft(leaf: str, array: np.ndarray) -> np.ndarray:
@@ -53,20 +55,10 @@ def to_peft(leaf: str, array: np.ndarray) -> np.ndarray:
   return array.reshape(-1)
 
 
-def from_peft(leaf: str, tensor: np.ndarray, kernel_shape: tuple[int, ...]) -> np.ndarray:
-  """Inverse of `to_peft` for a layer whose kernel is [in, *out]."""
-  if leaf == "lora_a":
-    return np.ascontiguousarray(tensor.T)
-  if leaf == "lora_b":
-    return np.ascontiguousarray(tensor.T).reshape((tensor.shape[1],) + tuple(kernel_shape[1:]))
-  return tensor.reshape(kernel_shape[1:])
-
-
 def peft_tensors(config: ModelConfig, params: Mapping) -> dict[str, np.ndarray]:
   """{peft tensor name: float32 array} of every adapter in `params` (gathered to the host)."""
   out = {}
-  for module, m in adapted_modules(config, params):
-    layer = hf_export._get(params, m.path[:-1])  # pylint: disable=protected-access
+  for module, m, layer in adapted_modules(config, params):
     for leaf, suffix in SUFFIXES.items():
       if leaf in layer:
         host = hf_export._to_host(layer[leaf], m.layer)  # pylint: disable=protected-access
@@ -100,7 +92,7 @@ def export_peft(config: ModelConfig, params: Mapping, spec: AdapterSpec, out_dir
   import jax  # pylint: disable=g-import-not-at-top
   from safetensors.numpy import save_file  # pylint: disable=g-import-not-at-top
   hf_export.check_target(out_dir, overwrite)
-  modules = [module for module, _ in adapted_modules(config, params)]
+  modules = [module for module, _, _ in adapted_modules(config, params)]
   if not modules:
     raise ValueError("the run has no adapters to export (adapters.kind is 'none')")
   tensors = peft_tensors(config, params)

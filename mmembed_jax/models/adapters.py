@@ -87,11 +87,15 @@ def _init_a(spec: AdapterSpec) -> Callable:
   return init
 
 
+def _adapted_kernel(kernel: jax.Array, a: jax.Array, b: jax.Array, scale: float) -> jax.Array:
+  """W + s A B in float32 [in, *out]."""
+  return kernel.astype(jnp.float32) + scale * jnp.tensordot(
+      a.astype(jnp.float32), b.astype(jnp.float32), axes=1)
+
+
 def weight_norm(kernel: jax.Array, a: jax.Array, b: jax.Array, scale: float) -> jax.Array:
   """||W + s A B|| over the input axis, float32 [*out] (PEFT's `get_weight_norm`)."""
-  merged = kernel.astype(jnp.float32) + scale * jnp.tensordot(
-      a.astype(jnp.float32), b.astype(jnp.float32), axes=1)
-  return jnp.sqrt(jnp.sum(jnp.square(merged), axis=0))
+  return jnp.sqrt(jnp.sum(jnp.square(_adapted_kernel(kernel, a, b, scale)), axis=0))
 
 
 def adapt(module: nn.Module, spec: AdapterSpec, x: jax.Array, kernel: jax.Array,
@@ -153,11 +157,10 @@ def merge(params: Any, spec: AdapterSpec) -> Any:
 
 
 def _merged_kernel(kernel, a, b, magnitude, spec: AdapterSpec) -> jax.Array:
-  merged = kernel.astype(jnp.float32) + spec.scale * jnp.tensordot(
-      a.astype(jnp.float32), b.astype(jnp.float32), axes=1)
+  merged = _adapted_kernel(kernel, a, b, spec.scale)
   if spec.kind == "lora":
     return merged
-  return merged * (magnitude.astype(jnp.float32) / jnp.sqrt(jnp.sum(merged * merged, axis=0)))
+  return merged * (magnitude.astype(jnp.float32) / weight_norm(kernel, a, b, spec.scale))
 
 
 def has_adapters(params: Any) -> bool:

@@ -36,6 +36,15 @@ def init_params(config: ModelConfig, rng: jax.Array) -> dict:
   return nn.meta.unbox(variables["params"])
 
 
+def add_adapters(config: ModelConfig, params: dict, rng: jax.Array) -> dict:
+  """The backbone `params` with `config.adapter`'s parameters added (lora_b zero, DoRA's
+  magnitude the norm of the kernel it adapts): the model's own initialisers, run on a dummy
+  batch with the existing parameters read-only."""
+  _, variables = VisionLanguageModel(config).apply(
+      {"params": params}, dummy_batch(config), rngs={"params": rng}, mutable=["params"])
+  return nn.meta.unbox(variables["params"])
+
+
 def dummy_batch(config: ModelConfig, batch: int = 1, length: int = 16) -> dict:
   """A smallest valid batch holding one 2x2-merged-token image per row (for init and shape checks)."""
   merge = config.vision.spatial_merge_size

@@ -23,7 +23,7 @@ import numpy as np
 from mmembed_jax.data.input_specs import InputSpec, PairInput, eval_batches
 from mmembed_jax.models import adapters
 from mmembed_jax.models.config import ModelConfig
-from mmembed_jax.models.embedder import dummy_batch
+from mmembed_jax.models.embedder import add_adapters, dummy_batch
 from mmembed_jax.models.presets import PRESETS, preset_config
 from mmembed_jax.models.vlm import VisionLanguageModel
 from mmembed_jax.objectives.base import Objective
@@ -150,7 +150,8 @@ class RunSetup:
 
     def complete(params):
       if self.model_config.adapter is not None and not adapters.has_adapters(params):
-        params = self._add_adapters(adapter_key, params, extra_keys)
+        backbone = {k: v for k, v in params.items() if k not in extra_keys}
+        params = dict(params, **add_adapters(self.model_config, backbone, adapter_key))
       if not all(k in params for k in extra_keys):
         params = dict(objective.init_extra(extra_key, params), **params)
       return create_state(params, layout.tx, config.seed, layout.trainable)
@@ -196,14 +197,6 @@ class RunSetup:
     if source_adapter is not None:
       params = jax.jit(lambda p: adapters.merge(p, source_adapter))(params)
     return params
-
-  def _add_adapters(self, key: jax.Array, params: Any, extra_keys: Sequence[str]) -> Any:
-    """`params` with this run's adapters added (lora_b zero: the model is unchanged)."""
-    backbone = {k: v for k, v in params.items() if k not in extra_keys}
-    _, variables = VisionLanguageModel(self.model_config).apply(
-        {"params": backbone}, dummy_batch(self.model_config), rngs={"params": key},
-        mutable=["params"])
-    return dict(params, **nn.meta.unbox(variables["params"]))
 
 
 def build_run(config: ml_collections.ConfigDict, devices: Sequence[Any], *,

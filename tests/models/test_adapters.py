@@ -6,7 +6,6 @@ fused qkv (a [in, 3, width] kernel) and MLP output; the adapters go to peft thro
 export, so the export's layout is checked too. fp32, bidirectional attention, padded rows with
 images of odd sizes (test_parity.ROWS).
 """
-import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -18,7 +17,7 @@ from mmembed_jax.convert import peft_export
 from mmembed_jax.convert.hf_import import import_hf
 from mmembed_jax.convert.torch_embed import forward_hidden
 from mmembed_jax.models.adapters import AdapterSpec, merge
-from mmembed_jax.models.embedder import dummy_batch
+from mmembed_jax.models.embedder import add_adapters
 from mmembed_jax.models.pooling import pool
 from mmembed_jax.models.vlm import VisionLanguageModel
 
@@ -31,10 +30,7 @@ TARGETS = r"self_attn/(q|k|v|o)_proj|mlp/(down_proj|fc2)|attn/qkv"
 
 def _random_adapters(config, base, seed=0):
   """`base` with the config's adapters added, then B and the magnitude randomised."""
-  _, variables = VisionLanguageModel(config).apply(
-      {"params": base}, dummy_batch(config), rngs={"params": jax.random.key(seed)},
-      mutable=["params"])
-  params = nn.meta.unbox(variables["params"])
+  params = add_adapters(config, base, jax.random.key(seed))
   rng = np.random.default_rng(seed)
 
   def perturb(path, leaf):
