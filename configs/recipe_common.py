@@ -103,5 +103,7 @@ ADAPTERS = {
                          targets=r"/(q|k|v|o|gate|up|down)_proj$", trainable_extra=""),
     "unite_stage2": dict(kind="lora", rank=8, alpha=64.0, dropout=0.05, init="kaiming",
                          targets=r"/(q|k|v|o|gate|up|down)_proj$", trainable_extra=""),
+    "coma": dict(kind="dora", rank=16, alpha=64.0, dropout=0.1, init="gaussian",
+                 targets=r"/(q|k|v|o)_proj$", trainable_extra="^embed_tokens/"),
 }
 

@@ -35,13 +35,14 @@ from mmembed_jax.data import collate as collate_lib
 from mmembed_jax.data import images as images_lib
 from mmembed_jax.data import rows as rows_lib
 from mmembed_jax.data.sequences import SequenceEncoder
+from mmembed_jax.data.special_tokens import compression_tokens
 from mmembed_jax.models import embedder as embedder_lib
 from mmembed_jax.models import inputs
 from mmembed_jax.models.config import ModelConfig
 from mmembed_jax.parallel import sharding as sharding_lib
 
 ATTENTIONS = ("causal", "bidirectional")
-POOLINGS = ("mean", "last")  # 'ctoken' needs a per-token mask that plain rows do not carry
+POOLINGS = ("mean", "last", "ctoken")  # 'ctoken' (CoMa): rows get `num_ctokens` appended
 DTYPES = ("float32", "bfloat16")
 PREPROCESSOR_FILE = "preprocessor_config.json"
 DEFAULT_MAX_LENGTH = 8192
@@ -68,9 +69,9 @@ def _round_up(x: int, multiple: int) -> int:
 
 
 @functools.lru_cache(maxsize=None)
-def _shared_embed_fn(config: ModelConfig, pooling: str) -> Callable[..., jax.Array]:
+def _shared_embed_fn(config: ModelConfig, pooling: str, num_ctokens: int) -> Callable[..., jax.Array]:
   """One jitted fn(params, batch) -> [batch, embed] per (config, pooling), shared by embedders."""
-  return embedder_lib.make_embed_fn(config, pooling)
+  return embedder_lib.make_embed_fn(config, pooling, num_ctokens)
 
 
 def _sharded_put(config: ModelConfig, mesh: Mesh) -> Callable[[tuple, np.ndarray], jax.Array]:
@@ -163,31 +164,47 @@ def save_json(path: str, record: Any) -> str:
   return _write_atomically(path, lambda f: f.write(json.dumps(record, indent=2).encode()))
 
 
+def compression_token_count(record: Mapping[str, Any], where: Any) -> int:
+  """mmembed.json's 'compression_tokens' (0 when absent); ValueError naming the file otherwise."""
+  count = record.get("compression_tokens", 0)
+  if isinstance(count, bool) or not isinstance(count, int) or count < 0:
+    raise ValueError(f"{where}: field 'compression_tokens' is {count!r}; expected an integer >= 0")
+  return count
+
+
 class JaxEmbedder:
   """Rows -> L2-normalised embeddings [rows, embed] with the Flax model, in fixed-shape batches."""
 
   def __init__(self, config: ModelConfig, params: Mapping[str, Any], tokenizer: Any,
                image_config: Optional[images_lib.ImageProcessingConfig] = None, *,
                pooling: str = "last", max_length: int = DEFAULT_MAX_LENGTH,
-               batch_size: int = DEFAULT_BATCH_SIZE, mesh: Optional[Mesh] = None):
+               batch_size: int = DEFAULT_BATCH_SIZE, mesh: Optional[Mesh] = None,
+               num_ctokens: int = 0):
     """Wraps loaded parts; the model's attention mode and dtype are those of `config`.
 
     mesh: shard every batch's rows over all its devices (params placed as given, e.g. FSDP-sharded
     by `load_trained`); batches are then a multiple of the device count. None: one device.
+    num_ctokens: CoMa's compression tokens, appended to every row (mmembed.json
+    'compression_tokens'); 'ctoken' pooling averages them.
     """
     self.config = config
     self.pooling = _choice(pooling, POOLINGS, "pooling")
+    if (self.pooling == "ctoken") != (num_ctokens > 0):
+      raise ValueError(f"pooling '{self.pooling}' with {num_ctokens} compression tokens: 'ctoken' "
+                       f"pooling needs them and no other pooling takes them")
+    self.num_ctokens = num_ctokens
     self.max_length = _positive(max_length, "max_length")
     self.batch_size = _positive(batch_size, "batch_size")
     self.tokenizer = tokenizer
     self.image_config = image_config or images_lib.ImageProcessingConfig()
-    self.encoder = SequenceEncoder(tokenizer, self.image_config)  # shared with training
+    self.encoder = SequenceEncoder(  # shared with training
+        tokenizer, self.image_config, suffix_tokens=compression_tokens(num_ctokens))
     self._check_compatible()
     pad_id = tokenizer.pad_token_id
     self.pad_id = int(pad_id if pad_id is not None else (tokenizer.eos_token_id or 0))
     self.mesh = mesh
     self.params = params if mesh is not None else jax.device_put(params)  # once, not per call
-    self._embed_fn = _shared_embed_fn(config, self.pooling)
+    self._embed_fn = _shared_embed_fn(config, self.pooling, num_ctokens)
     self.batch_shapes: set = set()  # (batch, length, patches, images) of every batch run so far
     self.step: Optional[int] = None  # the checkpoint step, for a model read from a training run
 
@@ -203,7 +220,8 @@ class JaxEmbedder:
     embedder = cls(model.config.replace(attention=attention), model.params,
                    _load_tokenizer(model.tokenizer_dir), model.image_config,
                    pooling=pooling or model.embedding["pooling"], max_length=max_length,
-                   batch_size=batch_size, mesh=model.mesh)
+                   batch_size=batch_size, mesh=model.mesh,
+                   num_ctokens=model.embedding.get("compression_tokens", 0))
     embedder.step = model.step
     return embedder
 
@@ -244,6 +262,7 @@ class JaxEmbedder:
     _choice(attention, ATTENTIONS, "attention")
     _choice(pooling, POOLINGS, "pooling")
     _choice(dtype, DTYPES, "dtype")
+    num_ctokens = compression_token_count(record, record_path)
     put = None
     if mesh is not None:
       put = _sharded_put(hf_import.model_config(model_dir, attention=attention, dtype=dtype,
@@ -255,7 +274,8 @@ class JaxEmbedder:
     image_config = (images_lib.ImageProcessingConfig.from_preprocessor_config(preprocessor)
                     if preprocessor.exists() else images_lib.ImageProcessingConfig())
     return cls(config, params, tokenizer, image_config, pooling=pooling, max_length=max_length,
-               batch_size=batch_size, mesh=mesh)
+               batch_size=batch_size, mesh=mesh,
+               num_ctokens=num_ctokens)
 
   @property
   def dim(self) -> int:

@@ -151,8 +151,16 @@ def test_from_pretrained_defaults_and_checks(tiny_hf_dirs, tmp_path):
   loaded = embedding.JaxEmbedder.from_pretrained(str(model_dir), attention="causal", pooling="last")
   assert (loaded.config.attention, loaded.pooling) == ("causal", "last")  # the caller wins
   with open(model_dir / "mmembed.json", "w") as f:
-    json.dump({"pooling": "ctoken"}, f)
+    json.dump({"pooling": "max"}, f)
   with pytest.raises(ValueError, match=r"mmembed\.json: field 'pooling' must be one of .*'ctoken'"):
+    embedding.JaxEmbedder.from_pretrained(str(model_dir))
+  with open(model_dir / "mmembed.json", "w") as f:
+    json.dump({"pooling": "ctoken"}, f)  # no compression_tokens to pool
+  with pytest.raises(ValueError, match=r"pooling 'ctoken' with 0 compression tokens"):
+    embedding.JaxEmbedder.from_pretrained(str(model_dir))
+  with open(model_dir / "mmembed.json", "w") as f:
+    json.dump({"pooling": "ctoken", "compression_tokens": "32"}, f)
+  with pytest.raises(ValueError, match=r"mmembed\.json: field 'compression_tokens' is '32'"):
     embedding.JaxEmbedder.from_pretrained(str(model_dir))
   with pytest.raises(ValueError, match=r"dtype must be one of"):
     embedding.JaxEmbedder.from_pretrained(str(model_dir), pooling="mean", dtype="float16")

@@ -14,7 +14,7 @@ import json
 import os
 import shutil
 import struct
-from typing import Any, Iterator, Mapping, Optional
+from typing import Any, Iterator, Mapping, Optional, Sequence
 
 import jax
 import jax.numpy as jnp
@@ -23,6 +23,7 @@ from etils import epath
 from jax.experimental import multihost_utils
 
 from mmembed_jax.convert.mapping import tensor_maps
+from mmembed_jax.data.special_tokens import compression_tokens
 from mmembed_jax.models.config import ModelConfig, to_hf_config_dict
 
 EMBEDDING_FILE = "mmembed.json"
@@ -203,6 +204,15 @@ def _write_files(config: ModelConfig, params: Mapping, out: Optional[epath.Path]
                    preprocessor=preprocessor)
 
 
+def add_special_tokens(path: epath.Path, tokens: Sequence[str]) -> None:
+  """Adds the special tokens a tokenizer.json lacks, in order (the ids the run gave them)."""
+  import tokenizers  # pylint: disable=g-import-not-at-top
+  tokenizer = tokenizers.Tokenizer.from_str(path.read_text())
+  tokenizer.add_special_tokens([tokenizers.AddedToken(t, special=True, normalized=False)
+                                for t in tokens if tokenizer.token_to_id(t) is None])
+  path.write_text(tokenizer.to_str())
+
+
 def write_side_files(out: epath.Path, config: ModelConfig, *, source_dir: Optional[str],
                      embedding: Optional[Mapping[str, Any]],
                      preprocessor: Optional[Mapping[str, Any]]) -> None:
@@ -213,6 +223,9 @@ def write_side_files(out: epath.Path, config: ModelConfig, *, source_dir: Option
       source = epath.Path(source_dir) / filename
       if source.exists():
         (out / filename).write_bytes(source.read_bytes())
+  count = (embedding or {}).get("compression_tokens", 0)
+  if count and (out / "tokenizer.json").exists():  # CoMa: the tokenizer carries them
+    add_special_tokens(out / "tokenizer.json", compression_tokens(count))
   if preprocessor is not None:
     (out / "preprocessor_config.json").write_text(json.dumps(dict(preprocessor), indent=2))
   record = {"attention": config.attention, "pooling": "last", "normalize": True,

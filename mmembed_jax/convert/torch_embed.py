@@ -17,21 +17,25 @@ import numpy as np
 from mmembed_jax.data import images as images_lib
 from mmembed_jax.data import rows as rows_lib
 from mmembed_jax.data.sequences import SequenceEncoder
+from mmembed_jax.data.special_tokens import compression_tokens
 
 
-def _pool(hidden, valid, method: str):
-  """hidden [batch, length, embed] (torch) -> L2-normalised [batch, embed] numpy."""
+def _pool(hidden, valid, method: str, num_ctokens: int = 0):
+  """hidden [batch, length, embed] (torch) -> L2-normalised [batch, embed] numpy; 'ctoken':
+  the mean of the last `num_ctokens` non-pad tokens."""
   import torch  # pylint: disable=g-import-not-at-top
   hidden = hidden.float()
   if method == "last":
     length = valid.shape[1]
     last = length - 1 - torch.argmax(torch.flip(valid, dims=[1]).int(), dim=1)
     pooled = hidden[torch.arange(hidden.shape[0]), last]
-  elif method == "mean":
+  elif method in ("mean", "ctoken"):
+    if method == "ctoken":
+      valid = valid & (torch.flip(torch.cumsum(torch.flip(valid.int(), [1]), 1), [1]) <= num_ctokens)
     weights = valid.float()[..., None]
     pooled = (hidden * weights).sum(1) / weights.sum(1).clamp(min=1.0)
   else:
-    raise ValueError(f"torch_embed supports pooling 'mean' or 'last', got '{method}'")
+    raise ValueError(f"torch_embed supports pooling 'mean', 'last' or 'ctoken', got '{method}'")
   return torch.nn.functional.normalize(pooled, dim=-1, eps=1e-12).numpy()
 
 
@@ -68,10 +72,12 @@ class TorchEmbedder:
   """Callable: list of rows -> np.ndarray [n, embed] (L2-normalised)."""
 
   def __init__(self, model: Any, tokenizer: Any, image_config: images_lib.ImageProcessingConfig,
-               attention: str, pooling: str, max_length: int, batch_size: int):
+               attention: str, pooling: str, max_length: int, batch_size: int,
+               num_ctokens: int = 0):
     self.model, self.tokenizer, self.image_config = model, tokenizer, image_config
-    self.encoder = SequenceEncoder(tokenizer, image_config)  # the JAX side's encoder
-    self.attention, self.pooling = attention, pooling
+    self.encoder = SequenceEncoder(  # the JAX side's encoder
+        tokenizer, image_config, suffix_tokens=compression_tokens(num_ctokens))
+    self.attention, self.pooling, self.num_ctokens = attention, pooling, num_ctokens
     self.max_length, self.batch_size = max_length, batch_size
 
   def __call__(self, rows: Sequence[dict], base_dir: Optional[str] = None) -> np.ndarray:
@@ -95,7 +101,7 @@ class TorchEmbedder:
                               np.concatenate(patches) if patches else None,
                               np.concatenate(grids) if grids else None, self.attention)
       import torch  # pylint: disable=g-import-not-at-top
-      out.append(_pool(hidden, torch.as_tensor(valid), self.pooling))
+      out.append(_pool(hidden, torch.as_tensor(valid), self.pooling, self.num_ctokens))
     return np.concatenate(out)
 
 
@@ -137,4 +143,5 @@ def load(export_dir: str, *, attention: Optional[str] = None, pooling: Optional[
   return TorchEmbedder(model, tokenizer, image_config,
                        attention=attention or record.get("attention", "causal"),
                        pooling=pooling or record.get("pooling", "last"),
-                       max_length=max_length, batch_size=batch_size)
+                       max_length=max_length, batch_size=batch_size,
+                       num_ctokens=int(record.get("compression_tokens", 0)))

@@ -59,6 +59,7 @@ from mmembed_jax.data import task_batching as task_batching_lib
 from mmembed_jax.data import bad_records
 from mmembed_jax.data.bad_records import BadRecord
 from mmembed_jax.data.sequences import EncodedRow, SequenceEncoder, tokenizer_pad_id
+from mmembed_jax.data.special_tokens import check_ctoken_ids, compression_tokens
 from mmembed_jax.models import inputs
 
 log = logging.getLogger(__name__)
@@ -90,11 +91,13 @@ class PairEncoder:
   def __init__(self, sources: Sequence[pairs.PairSource], tokenizer_dir: str,
                image_config: images_lib.ImageProcessingConfig, query_shape: SideShape,
                target_shape: SideShape, num_negatives: int, seed: int, pad_id: int,
-               sample_negatives: bool = True):
+               sample_negatives: bool = True, num_ctokens: int = 0):
     self.sources, self.query_shape, self.target_shape = list(sources), query_shape, target_shape
     self.num_negatives, self.seed, self.pad_id = int(num_negatives), int(seed), int(pad_id)
     self.sample_negatives = sample_negatives
-    self.sequences = SequenceEncoder(tokenizer_dir, image_config)
+    # CoMa: every query and target ends with the compression tokens.
+    self.sequences = SequenceEncoder(tokenizer_dir, image_config,
+                                     suffix_tokens=compression_tokens(num_ctokens))
 
   def _encode(self, side: Mapping[str, Any], shape: SideShape, what: str,
               where: str) -> EncodedRow:
@@ -229,21 +232,26 @@ def _shapes(query_length: int, target_length: int, query_max_patches: int,
 def _encoder(sources: Sequence[pairs.PairSource], tokenizer_dir: str, seed: int,
              sample_negatives: bool, num_negatives: int, query_length: int, target_length: int,
              query_max_patches: int, target_max_patches: int, max_images: int, min_pixels: int,
-             max_pixels: int) -> PairEncoder:
-  """The PairEncoder for these encoding arguments."""
+             max_pixels: int, num_ctokens: int = 0, vocab_size: Optional[int] = None) -> PairEncoder:
+  """The PairEncoder for these encoding arguments (vocab_size: checks the compression tokens'
+  ids fall inside it)."""
   image_config = images_lib.ImageProcessingConfig(min_pixels=min_pixels, max_pixels=max_pixels)
   query_shape, target_shape = _shapes(query_length, target_length, query_max_patches,
                                       target_max_patches, max_images, num_negatives,
                                       image_config.merge_size**2)
   pad_id = tokenizer_pad_id(tokenizer_dir)
-  return PairEncoder(sources, tokenizer_dir, image_config, query_shape, target_shape,
-                     num_negatives, seed, pad_id, sample_negatives)
+  encoder = PairEncoder(sources, tokenizer_dir, image_config, query_shape, target_shape,
+                        num_negatives, seed, pad_id, sample_negatives, num_ctokens)
+  if num_ctokens and vocab_size is not None:
+    check_ctoken_ids(encoder.sequences, num_ctokens, vocab_size)
+  return encoder
 
 
 def cl_dataset(sources: Any, tokenizer_dir: str, global_batch_size: int, seed: int, *,
                num_negatives: int, query_length: int, target_length: int,
                query_max_patches: int, target_max_patches: int, max_images: int = 1,
-               min_pixels: int, max_pixels: int, task_batching: bool = True,
+               min_pixels: int, max_pixels: int, num_ctokens: int = 0,
+               vocab_size: Optional[int] = None, task_batching: bool = True,
                num_workers: int = 0, read_threads: int = 4, read_buffer: Optional[int] = None,
                worker_buffer: int = 2, process_index: Optional[int] = None,
                process_count: Optional[int] = None,
@@ -255,6 +263,7 @@ def cl_dataset(sources: Any, tokenizer_dir: str, global_batch_size: int, seed: i
   #   pair settings. read_threads / read_buffer: batches encoded at once / kept ahead (default
   #   read_threads), per worker. process_index / process_count default to JAX's.
   #   max_consecutive_bad: bad rows in a row from one source that stop the run (DataError).
+  #   num_ctokens: compression tokens ending every sequence (CoMa), inside vocab_size.
   if process_index is None or process_count is None:
     import jax  # pylint: disable=g-import-not-at-top
     process_index, process_count = jax.process_index(), jax.process_count()
@@ -263,7 +272,7 @@ def cl_dataset(sources: Any, tokenizer_dir: str, global_batch_size: int, seed: i
                                            process_index, process_count)
   encoder = _encoder(opened, tokenizer_dir, seed, True, num_negatives, query_length,
                      target_length, query_max_patches, target_max_patches, max_images,
-                     min_pixels, max_pixels)
+                     min_pixels, max_pixels, num_ctokens, vocab_size)
   # Batch before to_iter_dataset: Grain threads and worker processes then take whole batches
   # (worker w every W-th), so a batch is always one global batch's slice and num_workers does
   # not change the stream; rows within a batch are encoded one after the other.
@@ -302,7 +311,7 @@ def cl_eval_batches(sources: Any, tokenizer_dir: str, batch_size: int, *,
                     max_rows_per_dataset: int, num_negatives: int, query_length: int,
                     target_length: int, query_max_patches: int, target_max_patches: int,
                     max_images: int = 1, min_pixels: int, max_pixels: int,
-                    read_threads: int = 4) -> List[Dict[str, Any]]:
+                    num_ctokens: int = 0, read_threads: int = 4) -> List[Dict[str, Any]]:
   """Held-out batches: the first rows of every dataset in file order, same format as cl_dataset."""
   # No shuffle and no sharding (every process gets every batch; the caller shards them), the
   # first K hard negatives of each row, the last batch padded with rows of valid 0,
@@ -312,7 +321,8 @@ def cl_eval_batches(sources: Any, tokenizer_dir: str, batch_size: int, *,
                      f"({max_rows_per_dataset}) must be >= 1")
   opened, _ = open_pair_sources(sources)
   encoder = _encoder(opened, tokenizer_dir, 0, False, num_negatives, query_length, target_length,
-                     query_max_patches, target_max_patches, max_images, min_pixels, max_pixels)
+                     query_max_patches, target_max_patches, max_images, min_pixels, max_pixels,
+                     num_ctokens)
   slots = [{"dataset_index": i, "record_index": r, "example_id": mixture.example_id(i, r),
             "epoch": 0}
            for i, source in enumerate(opened)

@@ -122,6 +122,27 @@ def cpt_dataset(sources: Any, tokenizer_dir: str, global_batch_size: int,
   # data_shards: independent read-and-pack streams, each filling global_batch_size / data_shards
   #   rows of every batch (default: one per process). Batches depend on it, not on how many
   #   processes read them: 1 process with data_shards=2 makes the batches 2 processes make.
+  image_config = images_lib.ImageProcessingConfig(min_pixels=min_pixels, max_pixels=max_pixels)
+  pad_id = tokenizer_pad_id(tokenizer_dir)  # data/sequences.py
+  budget = packing.PackingBudget(length, max_patches, max_images, max_segments, pad_id,
+                                 image_config.merge_size**2)
+  encoder = CptEncoder(tokenizer_dir, budget, image_config, text_mask_prob, image_mask_prob,
+                       seed, tuple(extra_never_mask) + (pad_id,))
+  return packed_dataset(open_sources(sources), encoder, budget, global_batch_size, seed,
+                        num_workers=num_workers, packing_bins=packing_bins,
+                        read_threads=read_threads, read_buffer=read_buffer,
+                        worker_buffer=worker_buffer, process_index=process_index,
+                        process_count=process_count, data_shards=data_shards)
+
+
+def packed_dataset(entries: Sequence[mixture.MixtureEntry], encoder: Any,
+                   budget: packing.PackingBudget, global_batch_size: int, seed: int, *,
+                   num_workers: int = 0, packing_bins: Optional[int] = None,
+                   read_threads: int = 4, read_buffer: int = 16, worker_buffer: int = 2,
+                   process_index: Optional[int] = None, process_count: Optional[int] = None,
+                   data_shards: int = 0) -> grain.IterDataset:
+  """This process's endless dataset of rows packed from `entries`' records mapped by `encoder`
+  (record -> example or {"bad_record": ...}); the arguments as `cpt_dataset`'s."""
   if process_index is None or process_count is None:
     import jax  # pylint: disable=g-import-not-at-top
     process_index, process_count = jax.process_index(), jax.process_count()
@@ -134,13 +155,6 @@ def cpt_dataset(sources: Any, tokenizer_dir: str, global_batch_size: int,
                      f"{data_shards} data shards (one per process unless input.data_shards is set)")
   shard_batch = global_batch_size // data_shards
   per_process = data_shards // process_count
-  image_config = images_lib.ImageProcessingConfig(min_pixels=min_pixels, max_pixels=max_pixels)
-  pad_id = tokenizer_pad_id(tokenizer_dir)  # data/sequences.py
-  budget = packing.PackingBudget(length, max_patches, max_images, max_segments, pad_id,
-                                 image_config.merge_size**2)
-  encoder = CptEncoder(tokenizer_dir, budget, image_config, text_mask_prob, image_mask_prob,
-                       seed, tuple(extra_never_mask) + (pad_id,))
-  entries = open_sources(sources)
 
   def stream(shard: int) -> grain.IterDataset:
     """Batches of shard_batch rows packed from data shard `shard`'s records."""

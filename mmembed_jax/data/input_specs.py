@@ -88,6 +88,39 @@ class CptInput(InputSpec):
 
 
 @dataclasses.dataclass(frozen=True)
+class ComaInput(InputSpec):
+  """CoMa stage 1: image + prompt + compression tokens + dialogue, packed (coma_pipeline.py)."""
+  name: ClassVar[str] = "coma_dialogues"
+
+  sources: Any
+  global_batch_size: int
+  length: int
+  max_patches: int
+  max_images: int
+  min_pixels: int
+  max_pixels: int
+  num_ctokens: int = 32
+  num_workers: int = 0
+  max_segments: int = 64
+  packing_bins: int = 0  # 0: twice the rows per data shard
+  read_threads: int = 4
+  read_buffer: int = 16
+  worker_buffer: int = 2
+  data_shards: int = 0  # 0: one per process
+
+  def dataset(self, model_config, seed, tokenizer_dir):
+    from mmembed_jax.data.coma_pipeline import coma_dataset  # pylint: disable=g-import-not-at-top
+    fields = {k: v for k, v in dataclasses.asdict(self).items() if k != "sources"}
+    fields["packing_bins"] = fields["packing_bins"] or None
+    return coma_dataset(source_specs(self.sources, "input.sources"), tokenizer_dir, seed=seed,
+                        vocab_size=model_config.text.vocab_size, **fields)
+
+  def batch_row(self, model_config):
+    from mmembed_jax.data.coma_pipeline import batch_row  # pylint: disable=g-import-not-at-top
+    return batch_row(self.length, self.max_patches, self.max_images, self.max_segments)
+
+
+@dataclasses.dataclass(frozen=True)
 class PairInput(InputSpec):
   """Contrastive pairs with hard negatives, task-aware batches (data/cl_pipeline.py)."""
   name: ClassVar[str] = "contrastive_pairs"
@@ -102,6 +135,7 @@ class PairInput(InputSpec):
   min_pixels: int
   max_pixels: int
   max_images: int = 1
+  num_ctokens: int = 0  # compression tokens ending every query and target (CoMa)
   task_batching: bool = True
   num_workers: int = 0
   read_threads: int = 4
@@ -113,12 +147,14 @@ class PairInput(InputSpec):
     return dict(num_negatives=self.num_negatives, query_length=self.query_length,
                 target_length=self.target_length, query_max_patches=self.query_max_patches,
                 target_max_patches=self.target_max_patches, max_images=self.max_images,
-                min_pixels=self.min_pixels, max_pixels=self.max_pixels)
+                min_pixels=self.min_pixels, max_pixels=self.max_pixels,
+                num_ctokens=self.num_ctokens)
 
   def dataset(self, model_config, seed, tokenizer_dir):
     from mmembed_jax.data.cl_pipeline import cl_dataset  # pylint: disable=g-import-not-at-top
     return cl_dataset(source_specs(self.sources, "input.sources"), tokenizer_dir,
                       self.global_batch_size, seed, **self.encoding(),
+                      vocab_size=model_config.text.vocab_size,
                       task_batching=self.task_batching, num_workers=self.num_workers,
                       read_threads=self.read_threads, read_buffer=self.read_buffer or None,
                       worker_buffer=self.worker_buffer)

@@ -1,19 +1,20 @@
 """First-fit packing of encoded examples into fixed-shape rows, as a checkpointable Grain stage.
 
-An example (one dict from `cpt_pipeline`'s encoder) holds
-  input_ids int32 [n], positions int32 [3, n] (from 0), mlm_mask int32 [n],
-  pixel_patches float32 [p, 1176], mae_mask int32 [p], image_grid_thw int32 [k, 3],
-  example_id int.
+An example (one dict from `cpt_pipeline`'s or `coma_pipeline`'s encoder) holds
+  input_ids int32 [n], positions int32 [3, n] (from 0), pixel_patches float32 [p, 1176],
+  image_grid_thw int32 [k, 3], example_id int, and the budget's per-token fields (int32 [n]:
+  MoCa's mlm_mask; CoMa's attention_regions, answer_mask) and per-patch fields (int32 [p]:
+  MoCa's mae_mask).
 A skipped input is the dict {"bad_record": "FILE:LINE: reason"} instead.
 
 A packed row has the batch contract of `models/inputs.py` plus the masks:
   input_ids        int32 [length]            examples back to back, then pad_id
   segment_ids      int32 [length]            s on the s-th example's tokens (1..k), 0 on padding
   positions        int32 [3, length]         each example's own positions (restart at 0), 0 on pad
-  mlm_mask         int32 [length]            the examples' text masks, 0 on padding
+  (token fields)   int32 [length]            the examples' values, 0 on padding
   pixel_patches    float32 [max_patches, 1176] the examples' patches in row order, zero padded
   patch_image_ids  int32 [max_patches]       1..(images in the row) across all segments, 0 = pad
-  mae_mask         int32 [max_patches]       the examples' patch masks, 0 on padding
+  (patch fields)   int32 [max_patches]       the examples' values, 0 on padding
   image_grid_thw   int32 [max_images, 3]     grid of the row's i-th image at slot i - 1
   example_ids      int32 [max_segments]      example id of segment s at s - 1, -1 unused
   bad_records      int32 []                  inputs skipped while this row's group was read
@@ -53,6 +54,8 @@ class PackingBudget:
   max_segments: int = 64
   pad_id: int = 0
   merge_unit: int = 4  # patches per merged token (2x2)
+  token_fields: tuple = ("mlm_mask",)  # per-token int32 fields of the examples
+  patch_fields: tuple = ("mae_mask",)  # per-patch int32 fields
 
   def __post_init__(self):
     for name in ("length", "max_segments", "merge_unit"):
@@ -100,25 +103,27 @@ def layout_row(examples: Sequence[Mapping[str, Any]], budget: PackingBudget) -> 
       "input_ids": np.full((length,), budget.pad_id, np.int32),
       "segment_ids": np.zeros((length,), np.int32),
       "positions": np.zeros((3, length), np.int32),
-      "mlm_mask": np.zeros((length,), np.int32),
       "pixel_patches": np.zeros((max_patches, inputs.PATCH_DIM), np.float32),
       "patch_image_ids": np.zeros((max_patches,), np.int32),
-      "mae_mask": np.zeros((max_patches,), np.int32),
       "image_grid_thw": np.zeros((max_images, 3), np.int32),
       "example_ids": np.full((budget.max_segments,), -1, np.int32),
   }
+  row.update({key: np.zeros((length,), np.int32) for key in budget.token_fields})
+  row.update({key: np.zeros((max_patches,), np.int32) for key in budget.patch_fields})
   t = p = k = 0
   for s, example in enumerate(examples, start=1):
     n, num_patches, num_images = example_size(example)
     row["input_ids"][t:t + n] = example["input_ids"]
     row["segment_ids"][t:t + n] = s
     row["positions"][:, t:t + n] = example["positions"]
-    row["mlm_mask"][t:t + n] = example["mlm_mask"]
+    for key in budget.token_fields:
+      row[key][t:t + n] = example[key]
     row["pixel_patches"][p:p + num_patches] = example["pixel_patches"]
     patches_per_image = np.prod(example["image_grid_thw"], axis=-1)  # [num_images]
     row["patch_image_ids"][p:p + num_patches] = np.repeat(
         np.arange(k + 1, k + num_images + 1, dtype=np.int32), patches_per_image)
-    row["mae_mask"][p:p + num_patches] = example["mae_mask"]
+    for key in budget.patch_fields:
+      row[key][p:p + num_patches] = example[key]
     row["image_grid_thw"][k:k + num_images] = example["image_grid_thw"]
     row["example_ids"][s - 1] = example["example_id"]
     t, p, k = t + n, p + num_patches, k + num_images

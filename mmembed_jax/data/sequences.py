@@ -87,14 +87,18 @@ class SequenceEncoder:
 
   def __init__(self, tokenizer: Union[str, Any],
                image_config: Optional[images_lib.ImageProcessingConfig] = None,
-               extra_special_tokens: Sequence[str] = ()):
+               extra_special_tokens: Sequence[str] = (), suffix_tokens: Sequence[str] = ()):
     """tokenizer: a tokenizer directory (its tokenizer.json, local or gs://) or a loaded
     transformers tokenizer; image_config: the image preprocessing (default: Qwen2-VL's);
     extra_special_tokens: added to the tokenizer when absent, as `data/special_tokens.py` adds
-    them to the objective's (`<|mask|>`: the same ids on both sides)."""
+    them to the objective's (`<|mask|>`: the same ids on both sides); suffix_tokens: special
+    tokens ending every sequence `encode` makes (CoMa's compression tokens; added too), kept
+    when the text is cut."""
     self.tokenizer_dir = tokenizer if isinstance(tokenizer, str) else None
     self.image_config = image_config or images_lib.ImageProcessingConfig()
-    self.extra_special_tokens = tuple(extra_special_tokens)
+    self.suffix_tokens = tuple(suffix_tokens)
+    self.extra_special_tokens = tuple(extra_special_tokens) + tuple(
+        t for t in suffix_tokens if t not in extra_special_tokens)
     self._hf_tokenizer = None if isinstance(tokenizer, str) else tokenizer
     self._tokenizer = None  # the `tokenizers` Tokenizer, loaded lazily
     self._vision_ids: Optional[Dict[str, int]] = None
@@ -233,8 +237,11 @@ class SequenceEncoder:
   def encode(self, text: str, images: Sequence[Any], *, length: int,
              max_patches: Optional[int] = None, max_images: Optional[int] = None,
              cut_text: bool = False, cut_images: bool = False, source: str = "row") -> EncodedRow:
-    """The EncodedRow of `text` and its `images` within the budgets (see the module docstring)."""
+    """The EncodedRow of `text` and its `images` within the budgets (see the module docstring),
+    ending with the suffix tokens (counted in `length`)."""
     images = list(images)
+    suffix = [self.token_id(token) for token in self.suffix_tokens]
+    length -= len(suffix)
     pieces = self._pieces(text, len(images))
     ids = self.text_ids(pieces[0])
     patches: List[np.ndarray] = []
@@ -265,11 +272,13 @@ class SequenceEncoder:
       if not cut_text:
         image_tokens = sum(len(self._vision_span(g)) - 2 for g in grids)
         detail = f" ({image_tokens} of them image tokens)" if grids else ""
-        raise BadRecord(f"has {len(ids)} tokens{detail}, more than max_length {length}")
+        room = f" less {len(suffix)} suffix tokens" if suffix else ""
+        raise BadRecord(f"has {len(ids)} tokens{detail}, more than max_length "
+                        f"{length + len(suffix)}{room}")
       ids = ids[:length]  # cuts text only: every kept image fits
-    if not ids:
+    if not ids and not suffix:
       raise BadRecord("empty: no text and no image")
-    input_ids = np.asarray(ids, np.int32)  # [n]
+    input_ids = np.asarray(ids + suffix, np.int32)  # [n]
     grid_thw = np.stack(grids).astype(np.int32) if grids else np.zeros((0, 3), np.int32)  # [k, 3]
     pixel_patches = (np.concatenate(patches) if patches
                      else np.zeros((0, inputs.PATCH_DIM), np.float32))  # [p, 1176]

@@ -5,6 +5,9 @@ Every source has `len()` and `source[i]`, which returns one record
   {"text": str | None, "images": [image, ...], "source": name, "where": "FILE:LINE",
    "error": None | str}
 
+plus "dialogue" (the row's value, checked by its pipeline: CoMa's [{"q", "a"}, ...]) when the
+row has one; such rows may leave out 'text'.
+
 An image is an absolute path (local or gs://), or, for Parquet and TFDS, the encoded bytes or
 a decoded array. Relative paths are joined to the directory of the file holding the record.
 `where` names the record: "data.jsonl:7" (1-based line), "data.parquet:row 3",
@@ -86,7 +89,10 @@ def make_record(raw: Any, base_dir: str, source: str, where: str) -> Dict[str, A
     text = raw.get("text")
     if isinstance(text, bytes):
       text = text.decode("utf-8")
-    if "text" not in raw or text is None:
+    if raw.get("dialogue") is not None:
+      record["dialogue"] = raw["dialogue"]
+      text = "" if text is None else text
+    if "text" not in raw and "dialogue" not in record or text is None:
       raise ValueError(f"missing field 'text' (found fields {sorted(raw)})")
     if not isinstance(text, str):
       raise ValueError(f"field 'text' must be a string, found {_type_name(text)}")
@@ -205,10 +211,10 @@ class ParquetSource:
 
   def select_columns(self, columns: set) -> List[str]:
     """The columns to read, from those the file has; ValueError if a needed one is missing."""
-    if "text" not in columns:
+    if "text" not in columns and "dialogue" not in columns:
       raise ValueError(f"{self.path}: Parquet file has no column 'text' (found {sorted(columns)}); "
                        f"expected columns text and images (or image)")
-    return ["text"] + [c for c in IMAGE_FIELDS if c in columns]
+    return [c for c in ("text", "dialogue") + IMAGE_FIELDS if c in columns]
 
   def __getstate__(self):
     state = dict(self.__dict__)

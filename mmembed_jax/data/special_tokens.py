@@ -1,5 +1,6 @@
-"""Special tokens: the Qwen-VL ids a model config needs, and `<|mask|>` for MoCa's MLM."""
-from typing import Any, Dict
+"""Special tokens: the Qwen-VL ids a model config needs, `<|mask|>` for MoCa's MLM and CoMa's
+compression tokens."""
+from typing import Any, Dict, List
 
 MASK_TOKEN = "<|mask|>"
 
@@ -57,3 +58,19 @@ def vision_config_ids(tokenizer: Any) -> Dict[str, int]:
   """The vision token ids of a model config, from the run's tokenizer."""
   ids = special_token_ids(tokenizer)
   return {k: v for k, v in ids.items() if k not in ("pad_token_id", "eos_token_id")}
+
+
+def compression_tokens(count: int) -> List[str]:
+  """The released code's compression tokens `<|ctoken_pad_0|>` ... `<|ctoken_pad_{count-1}|>`."""
+  return [f"<|ctoken_pad_{i}|>" for i in range(count)]
+
+
+def check_ctoken_ids(sequences: Any, count: int, vocab_size: int) -> List[int]:
+  """The compression tokens' ids in a SequenceEncoder (which adds them); ValueError unless they
+  fall inside the model's padded vocabulary (the embedding is never resized)."""
+  ids = [sequences.token_id(token) for token in compression_tokens(count)]
+  if ids and max(ids) >= vocab_size:
+    raise ValueError(f"compression tokens get ids up to {max(ids)}, outside the model's vocabulary "
+                     f"of {vocab_size} rows: the tokenizer leaves too few spare rows for "
+                     f"{count} tokens")
+  return ids

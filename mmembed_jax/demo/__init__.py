@@ -47,11 +47,15 @@ def tokenizer_dir() -> str:
 
 def sources(kind: str) -> Dict[str, Dict[str, Any]]:
   """{name: source spec} of the demo's files for `kind`: "moca_cpt" (stage-1 rows),
+  "coma_dialogues" (CoMa stage-1 rows),
   "contrastive_pairs" (training pairs) or "held_out_pairs"; written on first use."""
   from mmembed_jax.demo import records  # pylint: disable=g-import-not-at-top
   data = os.path.join(cache_dir(), "data")
   if kind == "moca_cpt":
     files = records.write_demo_dataset(data, seed=0)
+    return {name: dict(path=path, kind="jsonl", weight=1.0) for name, path in files.items()}
+  if kind == "coma_dialogues":
+    files = records.write_demo_dialogues(data, seed=0)
     return {name: dict(path=path, kind="jsonl", weight=1.0) for name, path in files.items()}
   if kind in ("contrastive_pairs", "held_out_pairs"):
     files = records.write_demo_pairs(data, **(TRAIN_PAIRS if kind == "contrastive_pairs"

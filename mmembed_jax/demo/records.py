@@ -42,10 +42,11 @@ from mmembed_jax.demo.documents import (IDENTITY_FIELDS, document_qa, document_t
                                         make_document, make_passage, passage_qa, passage_text,
                                         perturb_fields, render_document)
 from mmembed_jax.demo.scenes import (item_rng, make_scene, perturb_scene,
-                                     render_scene, scene_caption)
+                                     render_scene, scene_caption, scene_dialogue)
 
 DATA_MARKER = "DEMO_DATA_COMPLETE"
 PAIRS_MARKER = "DEMO_PAIRS_COMPLETE"
+DIALOGUES_MARKER = "DEMO_DIALOGUES_COMPLETE"
 PAIRS_DIR = "pairs"
 _IMAGE_DIRS = ("images/scenes", "images/documents")  # written (and cleared on a rebuild) by the writers
 # What a scene's hard negatives change: a colour or a position. At the demo's image sizes (a
@@ -106,6 +107,29 @@ def moca_records(seed: int = 0, num_scenes: int = 160, num_documents: int = 80,
       text += "".join(f"\nQuestion: {x['question']}\nAnswer: {x['answer']}" for x in passage_qa(passage))
     passage_rows.append({"text": text, "meta": [passage]})
   return {"scenes": scene_rows, "documents": doc_rows, "passages": passage_rows}, images
+
+
+def coma_records(seed: int = 0, num_scenes: int = 384, num_documents: int = 128
+                 ) -> Tuple[Dict[str, List[dict]], Dict[str, dict]]:
+  """Returns ({source: CoMa stage-1 rows}, {relative image path: scene or page to draw}): one
+  image each and a dialogue answerable only from it (scenes: counts, colours, cells, positions;
+  pages: their questions and answers), in a rotation of prompts (some rows have none)."""
+  images, rows = {}, {"scene_dialogues": [], "document_dialogues": []}
+  for i in range(num_scenes):
+    rng = item_rng(seed, "scene_dialogue", i)
+    scene = make_scene(item_rng(seed, "scene", i))
+    path = f"images/scenes/scene_{i:05d}.png"
+    images[path] = scene
+    rows["scene_dialogues"].append({"image": path, "text": ("", "A picture of shapes.")[i % 2],
+                                    "dialogue": scene_dialogue(scene, rng), "meta": [scene]})
+  for i in range(num_documents):
+    doc = make_document(item_rng(seed, "document", i))
+    path = f"images/documents/doc_{i:05d}.png"
+    images[path] = doc
+    dialogue = [{"q": x["question"], "a": x["answer"]} for x in document_qa(doc)]
+    rows["document_dialogues"].append({"image": path, "text": ("", "A document page.")[i % 2],
+                                       "dialogue": dialogue, "meta": [doc]})
+  return rows, images
 
 
 def _negatives(meta: Dict[str, Any], rng: random.Random, count: int) -> List[Tuple[Dict[str, Any], str]]:
@@ -252,6 +276,21 @@ def write_demo_dataset(cache_dir: str, num_scenes: int = 160, num_documents: int
     return done
   datasets, images = moca_records(seed, num_scenes, num_documents, num_passages)
   return _write(cache_dir, DATA_MARKER, params, datasets, images)
+
+
+def write_demo_dialogues(cache_dir: str, num_scenes: int = 384, num_documents: int = 128,
+                         seed: int = 0) -> Dict[str, str]:
+  """Writes (or reuses) the CoMa stage-1 demo rows under cache_dir/dialogues; returns
+  {"scene_dialogues" | "document_dialogues": jsonl}."""
+  _check_counts("write_demo_dialogues", num_scenes=num_scenes, num_documents=num_documents)
+  params = {"version": _VERSION, "seed": seed, "num_scenes": num_scenes,
+            "num_documents": num_documents}
+  directory = os.path.join(cache_dir, "dialogues")
+  done = finished_build(directory, DIALOGUES_MARKER, params)
+  if done is not None:
+    return done
+  datasets, images = coma_records(seed, num_scenes, num_documents)
+  return _write(directory, DIALOGUES_MARKER, params, datasets, images)
 
 
 def write_demo_pairs(cache_dir: str, num_scenes: int = 96, num_documents: int = 48,

@@ -172,3 +172,26 @@ def perturb_scene(scene: Dict[str, Any], rng: random.Random,
     if candidates:
       return rng.choice(candidates)
   raise ValueError(f"perturb_scene: no valid change of {attributes} for scene {scene}")
+
+
+_COUNTS = ("no", "one", "two", "three", "four")
+
+
+def scene_dialogue(scene: Dict[str, Any], rng: random.Random) -> List[Dict[str, str]]:
+  """3-4 questions whose answers only the image gives (CoMa's stage-1 dialogues): the number of
+  shapes, a shape's colour, what lies in a cell, where a shape is."""
+  shapes = scene["shapes"]
+  turns = [{"q": "How many shapes are in the picture?", "a": _COUNTS[len(shapes)]}]
+  kinds = [s["kind"] for s in shapes]
+  unique = [s for s in shapes if kinds.count(s["kind"]) == 1]
+  if unique:
+    shape = rng.choice(unique)
+    turns.append({"q": f"What colour is the {shape['kind']}?", "a": shape["colour"]})
+  shape = rng.choice(shapes)
+  row, col = shape["position"]
+  turns.append({"q": f"What is in {_LOCATIONS[row][col]}?", "a": f"a {_describe(shape)}"})
+  looks = [(s["colour"], s["kind"]) for s in shapes]
+  shape = rng.choice([s for s in shapes if looks.count((s["colour"], s["kind"])) == 1] or shapes)
+  row, col = shape["position"]
+  turns.append({"q": f"Where is the {shape['colour']} {shape['kind']}?", "a": _LOCATIONS[row][col]})
+  return turns

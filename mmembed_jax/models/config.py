@@ -3,6 +3,7 @@ import dataclasses
 from typing import Any, Literal, Optional
 
 from mmembed_jax.models.adapters import AdapterSpec
+from mmembed_jax.models.region_mask import RegionMask
 
 FAMILIES = ("qwen2_5_vl", "qwen2_vl")
 ARCHITECTURES = {
@@ -90,6 +91,8 @@ class ModelConfig:
   attention_impl: str = "auto"
   # LoRA / DoRA adapters on the linear layers it targets (models/adapters.py); None = none.
   adapter: Optional[AdapterSpec] = None
+  # Depth-dependent attention between token regions (CoMa, models/region_mask.py); None = none.
+  region_mask: Optional[RegionMask] = None
 
   def __post_init__(self):
     if self.family not in FAMILIES:

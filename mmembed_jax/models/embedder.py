@@ -10,8 +10,9 @@ from mmembed_jax.models.pooling import POOLINGS, pool
 from mmembed_jax.models.vlm import VisionLanguageModel
 
 
-def make_embed_fn(config: ModelConfig, pooling: str) -> Callable[..., jax.Array]:
-  """A jitted fn(params, batch) -> L2-normalised embeddings [batch, embed]."""
+def make_embed_fn(config: ModelConfig, pooling: str, num_ctokens: int = 0) -> Callable[..., jax.Array]:
+  """A jitted fn(params, batch) -> L2-normalised embeddings [batch, embed] (num_ctokens: the
+  compression tokens 'ctoken' pooling averages)."""
   if pooling not in POOLINGS:
     raise ValueError(f"unknown pooling '{pooling}', expected one of {POOLINGS}")
   model = VisionLanguageModel(config)
@@ -19,7 +20,7 @@ def make_embed_fn(config: ModelConfig, pooling: str) -> Callable[..., jax.Array]
   @jax.jit
   def embed(params, batch: Mapping[str, jax.Array]) -> jax.Array:
     hidden = model.apply({"params": params}, batch)
-    return pool(hidden, batch["segment_ids"], pooling, batch.get("ctoken_mask"))
+    return pool(hidden, batch["segment_ids"], pooling, num_ctokens)
 
   return embed
 

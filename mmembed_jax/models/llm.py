@@ -1,4 +1,6 @@
 """The Qwen2 language model: GQA with qkv bias, RMSNorm, SwiGLU, M-RoPE; causal or bidirectional."""
+from typing import Optional
+
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
@@ -35,12 +37,15 @@ def attention_mask(segment_ids: jax.Array, causal: bool) -> jax.Array:
   return mask
 
 
-def layer_mask(segment_ids: jax.Array, config: ModelConfig):
+def layer_mask(segment_ids: jax.Array, config: ModelConfig, regions: Optional[jax.Array] = None):
   """What the layers take: the bool [batch, length, length] mask on the XLA path, None where the
-  splash kernel runs (it reads the segment ids itself)."""
-  if splash.resolve(config.attention_impl, segment_ids.shape[1]) != "xla":
+  splash kernel runs (it reads the segment ids itself); with `config.region_mask` and regions
+  [batch, length], the pair (below, above) of models/region_mask.py, on every path."""
+  region_mask = config.region_mask if regions is not None else None
+  if region_mask is None and splash.resolve(config.attention_impl, segment_ids.shape[1]) != "xla":
     return None
-  return attention_mask(segment_ids, causal=config.attention == "causal")
+  mask = attention_mask(segment_ids, causal=config.attention == "causal")
+  return mask if region_mask is None else region_mask.masks(mask, regions)
 
 
 class Attention(nn.Module):
@@ -89,7 +94,9 @@ class DecoderLayer(nn.Module):
   config: ModelConfig
 
   @nn.compact
-  def __call__(self, x, cos, sin, mask, segment_ids):
+  def __call__(self, x, cos, sin, mask, segment_ids, above=False):
+    if isinstance(mask, tuple):  # (below, above) split_layer: region masks
+      mask = jnp.where(above, mask[1], mask[0])
     kw = dict(eps=self.config.text.rms_norm_eps, dtype=dtype_of(self.config.dtype),
               param_dtype=dtype_of(self.config.param_dtype))
     x = x + Attention(self.config, name="self_attn")(RMSNorm(name="input_layernorm", **kw)(x),
@@ -104,20 +111,23 @@ class TextDecoder(nn.Module):
   config: ModelConfig
 
   @nn.compact
-  def __call__(self, inputs_embeds, segment_ids, positions):
+  def __call__(self, inputs_embeds, segment_ids, positions, regions=None):
+    """regions: int [batch, length] region ids for `config.region_mask` (None: not used)."""
     config = self.config
     cos, sin = mrope_tables(positions, config)
-    mask = layer_mask(segment_ids, config)
+    mask = layer_mask(segment_ids, config, regions)
+    num_layers = config.text.num_layers
+    above = [isinstance(mask, tuple) and config.region_mask.uses_above(i) for i in range(num_layers)]
     layer = remat.wrap(DecoderLayer, config.remat_policy, config.scan_layers)
     x = inputs_embeds
     if config.scan_layers:
       stack = nn.scan(layer, variable_axes={"params": 0},
-                      split_rngs={"params": True, "dropout": True}, in_axes=(nn.broadcast,) * 4,
-                      length=config.text.num_layers,
+                      split_rngs={"params": True, "dropout": True},
+                      in_axes=(nn.broadcast,) * 4 + (0,), length=num_layers,
                       metadata_params={nn.PARTITION_NAME: "layers"})
-      x, _ = stack(config, name="layers")(x, cos, sin, mask, segment_ids)
+      x, _ = stack(config, name="layers")(x, cos, sin, mask, segment_ids, jnp.asarray(above))
     else:
-      for i in range(config.text.num_layers):
-        x, _ = layer(config, name=f"layers_{i}")(x, cos, sin, mask, segment_ids)
+      for i in range(num_layers):
+        x, _ = layer(config, name=f"layers_{i}")(x, cos, sin, mask, segment_ids, above[i])
     return RMSNorm(eps=config.text.rms_norm_eps, dtype=dtype_of(config.dtype),
                    param_dtype=dtype_of(config.param_dtype), name="norm")(x)

@@ -1,6 +1,4 @@
 """Pooling final hidden states into L2-normalised embeddings."""
-from typing import Optional
-
 import jax
 import jax.numpy as jnp
 
@@ -19,12 +17,13 @@ def l2_normalize(x: jax.Array, eps: float = 1e-12) -> jax.Array:
   return x * jax.lax.rsqrt(jnp.maximum(squared, eps * eps))
 
 
-def pool(hidden: jax.Array, segment_ids: jax.Array, method: str,
-         ctoken_mask: Optional[jax.Array] = None, normalize: bool = True) -> jax.Array:
+def pool(hidden: jax.Array, segment_ids: jax.Array, method: str, num_ctokens: int = 0,
+         normalize: bool = True) -> jax.Array:
   """hidden [batch, length, embed] -> [batch, embed].
 
   mean: mean over non-pad tokens (segment_ids != 0); last: the last non-pad token (works with
-  left or right padding); ctoken: mean over tokens flagged in `ctoken_mask` [batch, length].
+  left or right padding); ctoken: mean over the last `num_ctokens` non-pad tokens, the
+  compression tokens every sequence ends with (CoMa; the released code's "avg" pooling).
   """
   hidden = hidden.astype(jnp.float32)
   valid = segment_ids != 0
@@ -34,9 +33,10 @@ def pool(hidden: jax.Array, segment_ids: jax.Array, method: str,
     pooled = jnp.take_along_axis(hidden, last[:, None, None], axis=1)[:, 0]
   elif method in ("mean", "ctoken"):
     if method == "ctoken":
-      if ctoken_mask is None:
-        raise ValueError("pooling 'ctoken' needs a ctoken_mask [batch, length]")
-      valid = valid & ctoken_mask.astype(bool)
+      if num_ctokens < 1:
+        raise ValueError("pooling 'ctoken' needs num_ctokens >= 1 (the compression tokens)")
+      from_end = jnp.cumsum(valid[:, ::-1], axis=1)[:, ::-1]  # non-pad tokens at or after i
+      valid = valid & (from_end <= num_ctokens)
     weights = valid.astype(jnp.float32)[..., None]
     pooled = jnp.sum(hidden * weights, axis=1) / jnp.maximum(jnp.sum(weights, axis=1), 1.0)
   else:

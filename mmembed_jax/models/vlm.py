@@ -58,10 +58,12 @@ class VisionLanguageModel(nn.Module):
 
   def __call__(self, batch: Mapping[str, jax.Array],
                inputs_embeds: Optional[jax.Array] = None) -> jax.Array:
-    """Final hidden states [batch, length, embed]; `inputs_embeds` overrides `embed_inputs`."""
+    """Final hidden states [batch, length, embed]; `inputs_embeds` overrides `embed_inputs`;
+    `attention_regions` [batch, length] in the batch feeds `config.region_mask`."""
     if inputs_embeds is None:
       inputs_embeds = self.embed_inputs(batch)
-    return self.language_model(inputs_embeds, batch["segment_ids"], batch["positions"])
+    return self.language_model(inputs_embeds, batch["segment_ids"], batch["positions"],
+                               batch.get("attention_regions"))
 
   def lm_logits(self, hidden: jax.Array) -> jax.Array:
     """LM-head logits [batch, length, vocab] from hidden states [batch, length, embed]."""

@@ -60,6 +60,7 @@ class Contrastive(Objective):
   modality_mask: bool = False  # UNITE's MAMCL
   symmetric: bool = False  # (q->c + c->q) / 2
   grad_cache_chunk: int = 0  # rows per device per chunk; 0 = embed the batch in one pass
+  num_ctokens: int = 0  # 'ctoken' pooling: the compression tokens ending every sequence (CoMa)
 
   @property
   def forwards_per_step(self) -> int:
@@ -75,6 +76,9 @@ class Contrastive(Objective):
       raise ValueError(f"objective.temperature must be positive, got {self.temperature}")
     if self.grad_cache_chunk < 0:
       raise ValueError(f"objective.grad_cache_chunk must be >= 0, got {self.grad_cache_chunk}")
+    if (self.pooling == "ctoken") != (self.num_ctokens > 0):
+      raise ValueError(f"objective.pooling '{self.pooling}' with num_ctokens {self.num_ctokens}: "
+                       f"'ctoken' pooling and num_ctokens >= 1 go together")
 
   @classmethod
   def check_run(cls, config) -> None:
@@ -83,6 +87,10 @@ class Contrastive(Objective):
       raise ValueError(f"grad_accum_steps={config.grad_accum_steps}: a contrastive loss needs "
                        f"every candidate of the global batch at once; use "
                        f"objective.grad_cache_chunk for large batches")
+    pooled, appended = config.objective.get("num_ctokens", 0), config.input.get("num_ctokens", 0)
+    if pooled != appended:
+      raise ValueError(f"objective.num_ctokens={pooled} but input.num_ctokens={appended}: the "
+                       f"pooled compression tokens must be those the input appends")
 
   def extra_param_shapes(self) -> dict:
     """{LOGIT_SCALE: scalar} when the temperature is learned (replicated), else nothing."""
@@ -106,7 +114,7 @@ class Contrastive(Objective):
     def encode(sub, index=0):
       rngs = {} if dropout_rng is None else {"dropout": jax.random.fold_in(dropout_rng, index)}
       return pool(model.apply({"params": params}, sub, rngs=rngs), sub["segment_ids"],
-                  self.pooling)
+                  self.pooling, self.num_ctokens)
 
     n = sequences["input_ids"].shape[0]
     per_step = self.grad_cache_chunk * _batch_parallelism()

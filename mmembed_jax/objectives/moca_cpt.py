@@ -17,13 +17,13 @@ from typing import Any, ClassVar, Mapping, Tuple
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
-import optax
 
 from mmembed_jax.models.config import ModelConfig
 from mmembed_jax.models.layers import Linear, dtype_of
 from mmembed_jax.models.llm import DecoderLayer, layer_mask, mrope_tables
 from mmembed_jax.models.vlm import VisionLanguageModel
 from mmembed_jax.objectives.base import Objective
+from mmembed_jax.objectives.lm_loss import chunked_cross_entropy
 
 MAE_DECODER = "mae_decoder"  # top-level key of the decoder's params, beside the backbone's
 
@@ -66,34 +66,6 @@ def token_of_slot(input_ids: jax.Array, image_token_id: int, num_slots: int) -> 
   table = jnp.zeros((batch, num_slots + 1), jnp.int32)
   table = table.at[jnp.arange(batch)[:, None], slot].set(jnp.arange(length, dtype=jnp.int32))
   return table[:, :num_slots]
-
-
-def chunked_cross_entropy(model: VisionLanguageModel, params: Any, hidden: jax.Array,
-                          targets: jax.Array, weights: jax.Array, chunk: int):
-  """(sum of weighted CE, sum of weighted correct) without materialising [batch, length, vocab].
-
-  The sequence is cut into chunks of `chunk` positions, each chunk's logits recomputed in the
-  backward pass (jax.checkpoint), so memory is [batch, chunk, vocab].
-  """
-  batch, length, width = hidden.shape
-  chunk = length if chunk <= 0 or length % chunk else chunk
-
-  @jax.checkpoint
-  def one(carry, xs):
-    h, t, w = xs
-    logits = model.apply({"params": params}, h, method=VisionLanguageModel.lm_logits)
-    logits = logits.astype(jnp.float32)
-    ce = optax.softmax_cross_entropy_with_integer_labels(logits, t)
-    correct = (jnp.argmax(logits, -1) == t).astype(jnp.float32)
-    return (carry[0] + jnp.sum(ce * w), carry[1] + jnp.sum(correct * w)), None
-
-  def split(x):
-    return jnp.swapaxes(x.reshape((batch, length // chunk, chunk) + x.shape[2:]), 0, 1)
-
-  zero = jnp.zeros((), jnp.float32)
-  (loss_sum, correct_sum), _ = jax.lax.scan(one, (zero, zero), (split(hidden), split(targets),
-                                                                split(weights)))
-  return loss_sum, correct_sum
 
 
 @dataclasses.dataclass(frozen=True)

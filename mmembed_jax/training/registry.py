@@ -9,15 +9,16 @@ import dataclasses
 import typing
 from typing import Any, Dict, Mapping
 
-from mmembed_jax.data.input_specs import CptInput, InputSpec, PairInput
+from mmembed_jax.data.input_specs import ComaInput, CptInput, InputSpec, PairInput
 from mmembed_jax.objectives.base import Objective
+from mmembed_jax.objectives.coma import ComaCompression
 from mmembed_jax.objectives.contrastive_objective import Contrastive
 from mmembed_jax.objectives.masked_lm import MaskedLm
 from mmembed_jax.objectives.moca_cpt import MocaCpt
 from mmembed_jax.training import demo_entry
 
-OBJECTIVES = {cls.name: cls for cls in (MaskedLm, MocaCpt, Contrastive)}
-INPUTS = {cls.name: cls for cls in (CptInput, PairInput)}
+OBJECTIVES = {cls.name: cls for cls in (MaskedLm, MocaCpt, ComaCompression, Contrastive)}
+INPUTS = {cls.name: cls for cls in (CptInput, ComaInput, PairInput)}
 
 
 def objective_class(name: str) -> type:

@@ -85,11 +85,17 @@ def run_config(workdir: str) -> tuple[ml_collections.ConfigDict, lineage.Resolve
 
 
 def embedding_record(config: ml_collections.ConfigDict) -> dict:
-  """How the run embeds (mmembed.json): its attention, its objective's pooling (else mean for
-  bidirectional and last for causal models), L2-normalised."""
+  """How the run embeds (mmembed.json): its attention, its objective's pooling (else 'ctoken'
+  when its input appends compression tokens, mean for bidirectional and last for causal
+  models), L2-normalised; `compression_tokens` when there are some."""
   attention = config.model.attention
-  pooling = config.objective.get("pooling", "mean" if attention == "bidirectional" else "last")
-  return {"attention": attention, "pooling": pooling, "normalize": True}
+  num_ctokens = config.input.get("num_ctokens", 0)
+  default = "ctoken" if num_ctokens else "mean" if attention == "bidirectional" else "last"
+  record = {"attention": attention, "pooling": config.objective.get("pooling", default),
+            "normalize": True}
+  if num_ctokens:
+    record["compression_tokens"] = num_ctokens
+  return record
 
 
 def image_config(config: ml_collections.ConfigDict,

@@ -66,20 +66,19 @@ def test_packed_segments_equal_separate_rows(attention, encoded, tiny_hf_dirs):
 def test_pooling_definitions():
   hidden = jnp.asarray(np.random.default_rng(0).standard_normal((3, 6, 4)), jnp.float32)
   segments = jnp.asarray([[1, 1, 1, 0, 0, 0], [0, 0, 1, 1, 1, 1], [1, 1, 1, 1, 1, 1]])
-  ctoken = jnp.asarray([[0, 1, 1, 0, 0, 0], [0, 0, 0, 0, 1, 1], [1, 0, 0, 0, 0, 1]])
   h = np.asarray(hidden)
   expected = {
       "mean": [h[0, :3].mean(0), h[1, 2:].mean(0), h[2].mean(0)],
       "last": [h[0, 2], h[1, 5], h[2, 5]],  # right padding, left padding, none
-      "ctoken": [h[0, 1:3].mean(0), h[1, 4:].mean(0), h[2, [0, 5]].mean(0)],
+      "ctoken": [h[0, 1:3].mean(0), h[1, 4:].mean(0), h[2, 4:].mean(0)],  # the last 2 tokens
   }
   for method, vectors in expected.items():
     vectors = np.stack(vectors)
     vectors /= np.linalg.norm(vectors, axis=-1, keepdims=True)
-    got = np.asarray(pool(hidden, segments, method, ctoken_mask=ctoken))
+    got = np.asarray(pool(hidden, segments, method, num_ctokens=2))
     np.testing.assert_allclose(got, vectors, atol=1e-6, err_msg=method)
     np.testing.assert_allclose(np.linalg.norm(got, axis=-1), 1.0, atol=1e-6)
-  with pytest.raises(ValueError, match="ctoken_mask"):
+  with pytest.raises(ValueError, match="num_ctokens"):
     pool(hidden, segments, "ctoken")
   with pytest.raises(ValueError, match="unknown pooling"):
     pool(hidden, segments, "max")

@@ -169,8 +169,8 @@ VALIDATE_CASES = {
     "input_without_batch_size": (dict(input=dict(name="synthetic_tokens", length=32)),
                                  "input 'synthetic_tokens' has no global_batch_size"),
     "unknown_objective": (dict(objective=dict(name="coma")),
-                          "unknown objective 'coma', expected one of ['contrastive', 'masked_lm', "
-                          "'moca_cpt']"),
+                          "unknown objective 'coma', expected one of ['coma_compression', "
+                          "'contrastive', 'masked_lm', 'moca_cpt']"),
     "misspelt_objective_field": (dict(objective=dict(name="masked_lm", mask_prop=0.3)),
                                  "objective 'masked_lm': unknown field(s) ['mask_prop']; its fields "
                                  "are ['mask_prob', 'mask_token_id']"),

@@ -1,0 +1,150 @@
+"""CoMa stage 1 input: image(s) + prompt + compression tokens + a Q/A dialogue -> packed rows.
+
+A record is {"image" | "images", "text" (optional prompt), "dialogue": [{"q": str, "a": str},
+...]} (JSONL or Parquet, sources.py). Its sequence is built as the released code builds it
+(METHODS.md §5), with no system turn:
+
+  <image>... ["\n" + text] "\nSummarize above image and text in a few words."   region 0
+  <|ctoken_pad_0|> ... <|ctoken_pad_{n-1}|>                                    region 1
+  <|im_start|>user\nQ1<|im_end|>\n                                              region 2
+  <|im_start|>assistant\nA1<|im_end|>\n<|im_start|>user\nQ2<|im_end|>\n ...   region 3
+
+(a text-only record says "above text"; text with its own `<image>` markers is used as is). The
+regions drive the compression mask (objectives/coma.py); `answer_mask` flags each answer's
+tokens and its `<|im_end|>` (the paper's P(A | I, C(X), Q) loss). Each turn's pieces (the user
+turn, the assistant header, the answer, the newline) are tokenised apart, which equals
+tokenising the whole string unless an answer or question starts with whitespace.
+
+One packed row (packing.py, as MoCa's stage 1 without its masks):
+  input_ids, segment_ids, attention_regions, answer_mask  int32 [local_batch, length]
+  positions int32 [local_batch, 3, length]; pixel_patches, patch_image_ids, image_grid_thw,
+  example_ids, bad_records, bad_messages as cpt_pipeline.py's.
+
+Truncation: the dialogue is cut at `length` (as the released code truncates at max_len); a
+record whose prefix (images, prompt, compression tokens) or first answer token does not fit, or
+that cannot be read (no or malformed dialogue, a bad image, ...), is a bad record: skipped,
+counted and named by FILE:LINE.
+"""
+from typing import Any, Dict, List, Mapping, Optional, Sequence
+
+import grain
+import numpy as np
+
+from mmembed_jax.data import images as images_lib
+from mmembed_jax.data import mrope, packing
+from mmembed_jax.data.bad_records import BadRecord, describe
+from mmembed_jax.data.cpt_pipeline import open_sources, packed_dataset
+from mmembed_jax.data.sequences import IMAGE_MARKER, IMAGE_PAD, SequenceEncoder, tokenizer_pad_id
+from mmembed_jax.data.special_tokens import check_ctoken_ids, compression_tokens
+
+PREFIX, CTOKENS, FIRST_QUESTION, DIALOGUE = 0, 1, 2, 3  # attention regions
+IMAGE_PROMPT = "\nSummarize above image and text in a few words."
+TEXT_PROMPT = "\nSummarize above text in a few words."
+TOKEN_FIELDS = ("attention_regions", "answer_mask")
+
+
+def check_dialogue(dialogue: Any) -> List[Dict[str, str]]:
+  """The dialogue as [{"q", "a"}, ...]; BadRecord naming the field that breaks it."""
+  if not isinstance(dialogue, (list, tuple)) or not dialogue:
+    raise BadRecord(f"field 'dialogue' must be a non-empty array of {{\"q\", \"a\"}} objects, "
+                    f"found {type(dialogue).__name__ if dialogue is not None else 'nothing'}")
+  for i, turn in enumerate(dialogue):
+    if not isinstance(turn, Mapping) or not all(isinstance(turn.get(k), str) for k in "qa"):
+      raise BadRecord(f"dialogue[{i}] must be an object with string fields 'q' and 'a', found "
+                      f"{turn!r:.80}")
+  return [{"q": turn["q"], "a": turn["a"]} for turn in dialogue]
+
+
+def prefix_text(text: str, num_images: int) -> str:
+  """The text before the compression tokens: images first, then "\n" + text, then the prompt."""
+  if IMAGE_MARKER in text:
+    return text + IMAGE_PROMPT
+  markers = IMAGE_MARKER * num_images
+  return markers + ("\n" + text if text else "") + (IMAGE_PROMPT if num_images else TEXT_PROMPT)
+
+
+class ComaEncoder:
+  """Record -> encoded example, or {"bad_record": "FILE:LINE: why"} (picklable, thread-safe)."""
+
+  def __init__(self, tokenizer_dir: str, budget: packing.PackingBudget,
+               image_config: images_lib.ImageProcessingConfig, num_ctokens: int):
+    self.ctokens = compression_tokens(num_ctokens)
+    self.sequences = SequenceEncoder(tokenizer_dir, image_config, self.ctokens)
+    self.budget = budget
+
+  def encode(self, record: Mapping[str, Any]) -> Dict[str, Any]:
+    """The example of a record; raises BadRecord (see the module docstring)."""
+    if record.get("error"):
+      raise BadRecord(record["error"])
+    dialogue = check_dialogue(record.get("dialogue"))
+    budget, sequences = self.budget, self.sequences
+    room = budget.length - len(self.ctokens)
+    prefix = sequences.encode(prefix_text(record["text"] or "", len(record["images"])),
+                              record["images"], length=room, max_patches=budget.max_patches,
+                              max_images=budget.max_images)
+    ids = [prefix.input_ids, np.asarray([sequences.token_id(t) for t in self.ctokens], np.int32)]
+    regions = [np.full(prefix.num_tokens, PREFIX), np.full(len(self.ctokens), CTOKENS)]
+    answers = [np.zeros(prefix.num_tokens + len(self.ctokens))]
+    for k, turn in enumerate(dialogue):
+      pieces = ((f"<|im_start|>user\n{turn['q']}<|im_end|>\n", False),
+                ("<|im_start|>assistant\n", False), (turn["a"] + "<|im_end|>", True),
+                ("\n", False))
+      for j, (piece, is_answer) in enumerate(pieces):
+        piece_ids = np.asarray(sequences.text_ids(piece), np.int32)
+        ids.append(piece_ids)
+        regions.append(np.full(len(piece_ids), FIRST_QUESTION if k == j == 0 else DIALOGUE))
+        answers.append(np.full(len(piece_ids), is_answer))
+    input_ids = np.concatenate(ids).astype(np.int32)[:budget.length]
+    answer_mask = np.concatenate(answers).astype(np.int32)[:budget.length]
+    if not answer_mask.any():
+      raise BadRecord(f"the first answer does not fit in length {budget.length} after "
+                      f"{prefix.num_tokens} prefix and {len(self.ctokens)} compression tokens")
+    positions = mrope.mrope_positions(input_ids, prefix.grid_thw, sequences.vision_ids[IMAGE_PAD],
+                                      sequences.image_config.merge_size)
+    return {"input_ids": input_ids, "positions": positions, "pixel_patches": prefix.patches,
+            "image_grid_thw": prefix.grid_thw,
+            "attention_regions": np.concatenate(regions).astype(np.int32)[:budget.length],
+            "answer_mask": answer_mask, "example_id": int(record["example_id"]),
+            "source": record.get("source", "?")}
+
+  def __call__(self, record: Mapping[str, Any]) -> Dict[str, Any]:
+    try:
+      return self.encode(record)
+    except Exception as e:  # pylint: disable=broad-except  # any failure of one record skips it
+      return {packing.BAD_RECORD: describe(record.get("where", "?"), e),
+              "source": record.get("source", "?")}
+
+
+def coma_budget(length: int, max_patches: int, max_images: int, max_segments: int,
+                pad_id: int = 0) -> packing.PackingBudget:
+  """The packed row's static shape, with CoMa's per-token fields."""
+  return packing.PackingBudget(length, max_patches, max_images, max_segments, pad_id,
+                               token_fields=TOKEN_FIELDS, patch_fields=())
+
+
+def coma_dataset(sources: Any, tokenizer_dir: str, global_batch_size: int, length: int,
+                 max_patches: int, max_images: int, min_pixels: int, max_pixels: int,
+                 num_ctokens: int, seed: int, vocab_size: int, max_segments: int = 64,
+                 packing_bins: Optional[int] = None, **stream: Any) -> grain.IterDataset:
+  """This process's endless dataset of packed CoMa stage-1 batches (see the module docstring);
+  `stream`: packed_dataset's keyword arguments (workers, threads, processes, data shards)."""
+  image_config = images_lib.ImageProcessingConfig(min_pixels=min_pixels, max_pixels=max_pixels)
+  budget = coma_budget(length, max_patches, max_images, max_segments,
+                       tokenizer_pad_id(tokenizer_dir))
+  encoder = ComaEncoder(tokenizer_dir, budget, image_config, num_ctokens)
+  check_ctoken_ids(encoder.sequences, num_ctokens, vocab_size)
+  return packed_dataset(open_sources(sources), encoder, budget, global_batch_size, seed,
+                        packing_bins=packing_bins, **stream)
+
+
+def batch_row(length: int, max_patches: int, max_images: int, max_segments: int = 64,
+              **unused: Any) -> Dict[str, Any]:
+  """One packed row of the shapes `coma_dataset` makes (all padding), for the compile proof."""
+  del unused
+  return packing.layout_row([], coma_budget(length, max_patches, max_images, max_segments))
+
+
+def encoded_regions(example: Mapping[str, Any]) -> Sequence[int]:
+  """(sep1, sep2, sep3) of an encoded example: where regions 1, 2 and 3 start (tests, logs)."""
+  regions = np.asarray(example["attention_regions"])
+  return tuple(int(np.argmax(regions >= r)) for r in (CTOKENS, FIRST_QUESTION, DIALOGUE))
