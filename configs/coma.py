@@ -29,8 +29,8 @@ differs:
   give). lr 5e-5 cosine, 5% warm-up, weight decay 0, one epoch (12 MMEB-train image sets, <= 30K
   images each, 3-5 generated questions per image), sequences of up to 8192 tokens, images of
   256-1024 merged tokens. The released global batch is 256 examples of one sequence each; here
-  examples are packed into rows of 8192 tokens, 64 rows per step (one per v5p-64 chip, about
-  5 examples a row at these image sizes), 1,100 steps.
+  examples are packed into rows of 8192 tokens, 64 rows per step (two per chip of a v5p-64,
+  about 5 examples a row at these image sizes), 1,100 steps.
 - Stage 2: InfoNCE over all-gathered in-batch targets (the released collator sends no hard
   negatives), tau 0.03, pooling = mean of the 32 compression tokens appended to every query and
   target (`ctoken`, after the final norm), plain causal attention (the released code skips the

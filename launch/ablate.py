@@ -1,5 +1,6 @@
 r"""MoCa's ablation in miniature on the demo: CL only (bidirectional, causal), CPT -> CL, CPT
 without MAE -> CL, over several seeds; prints held-out Precision@1 per dataset, mean ± std.
+CoMa's pair of arms: `--arms coma_cl,coma_compression_cl` (stage 2 alone, stage 1 -> 2).
 
   python launch/ablate.py --workdir runs/ablation [--seeds 0,1,2] [--arms cl_causal,cpt_cl] \
       [--extra=--config.total_steps=100]
@@ -17,7 +18,8 @@ from mmembed_jax.demo import ablation
 
 _WORKDIR = flags.DEFINE_string("workdir", "runs/ablation", "Directory of the ablation's runs.")
 _SEEDS = flags.DEFINE_list("seeds", ["0", "1", "2"], "Seeds (config.seed) of every arm.")
-_ARMS = flags.DEFINE_list("arms", list(ablation.ARMS), "Arms to run: " + ", ".join(ablation.ARMS))
+_ARMS = flags.DEFINE_list("arms", list(ablation.DEFAULT_ARMS),
+                          "Arms to run: " + ", ".join(ablation.ARMS))
 _EXTRA = flags.DEFINE_multi_string("extra", [], "A --config.* flag given to every run "
                                    "(repeatable), e.g. --extra=--config.total_steps=100.")
 

@@ -6,6 +6,8 @@ give better embeddings? Four arms of the demo recipe, each over several seeds:
                      embedders such as VLM2Vec pool)
   cpt_cl             stage 1 (MLM + MAE), then stage 2 from it
   cpt_no_mae_cl      stage 1 with MLM only (mae_weight 0, images never masked), then stage 2
+  coma_cl            CoMa's stage 2 only (causal, compression-token pooling), from a random model
+  coma_compression_cl CoMa's stage 1 (compression pre-training on dialogues), then its stage 2
 
 Every run is a real `launch/tpu_train.py` subprocess with its own workdir under the ablation's
 directory (WORKDIR/SEED/ARM_stage1, WORKDIR/SEED/ARM); a run whose metrics already hold its last
@@ -25,16 +27,18 @@ from typing import Callable, Dict, List, Optional, Sequence, Tuple
 import numpy as np
 
 LAUNCHER = "launch/tpu_train.py"  # these paths are relative to the repository root
-STAGE1 = "configs/moca.py"
-STAGE2 = "configs/moca.py:stage=cl"
+# recipe: (stage-1 config, stage-2 config)
+RECIPES = {"moca": ("configs/moca.py", "configs/moca.py:stage=cl"),
+           "coma": ("configs/coma.py:stage=1", "configs/coma.py:stage=2")}
 PRECISION = "eval_precision_at_1"
 
 
 @dataclasses.dataclass(frozen=True)
 class Arm:
-  """One arm: the stage-1 overrides (None = no stage 1) and the stage-2 overrides."""
+  """One arm: the stage-1 overrides (None = no stage 1), the stage-2 overrides, the recipe."""
   stage1: Optional[Tuple[str, ...]]
   stage2: Tuple[str, ...] = ()
+  recipe: str = "moca"
 
 
 ARMS = {
@@ -42,15 +46,19 @@ ARMS = {
     "cl_causal": Arm(None, ("--config.model.attention=causal", "--config.objective.pooling=last")),
     "cpt_cl": Arm(()),
     "cpt_no_mae_cl": Arm(("--config.objective.mae_weight=0.0", "--config.input.image_mask_prob=0.0")),
+    "coma_cl": Arm(None, recipe="coma"),
+    "coma_compression_cl": Arm((), recipe="coma"),
 }
+DEFAULT_ARMS = ("cl_bidirectional", "cl_causal", "cpt_cl", "cpt_no_mae_cl")  # MoCa's ablation
 
 
 @dataclasses.dataclass(frozen=True)
 class Job:
-  """One training run: its config, workdir and the flags after them."""
+  """One training run: its config, workdir and the flags after them; `evaluates` for stage 2."""
   config: str
   workdir: str
   overrides: Tuple[str, ...]
+  evaluates: bool = True
 
   def argv(self) -> List[str]:
     """The command line of this run, from the repository root."""
@@ -70,13 +78,14 @@ def plan(workdir: str, seeds: Sequence[int], arms: Sequence[str],
   for seed in seeds:
     for name in arms:
       arm, base = ARMS[name], os.path.join(workdir, str(seed), name)
+      stage1_config, stage2_config = RECIPES[arm.recipe]
       common = (f"--config.seed={seed}", *extra)
       stage2 = (*common, *arm.stage2)
       runs = []
       if arm.stage1 is not None:
-        runs.append(Job(STAGE1, base + "_stage1", (*common, *arm.stage1)))
+        runs.append(Job(stage1_config, base + "_stage1", (*common, *arm.stage1), False))
         stage2 += (f"--config.init_from={base}_stage1",)
-      jobs[name, seed] = runs + [Job(STAGE2, base, stage2)]
+      jobs[name, seed] = runs + [Job(stage2_config, base, stage2)]
   return jobs
 
 
@@ -97,7 +106,7 @@ def finished(job: Job) -> bool:
   except (OSError, ValueError, KeyError):
     return False
   lines = _metrics(job.workdir)
-  wanted = [m for m in lines if PRECISION in m] if job.config == STAGE2 else lines
+  wanted = [m for m in lines if PRECISION in m] if job.evaluates else lines
   return bool(wanted) and wanted[-1]["step"] == total
 
 

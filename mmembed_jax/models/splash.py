@@ -4,7 +4,9 @@
 segment, causal if asked: the language model's packed sequences, the vision tower's frames and
 windows) without ever forming the [length, length] scores: the kernel walks the blocks and skips
 those the causal mask rules out. Grouped-query heads run as the kernel's multi-query form, one
-call per kv head. Under a mesh the call is wrapped in
+call per kv head. A mask that segment ids cannot say (CoMa's compression mask,
+models/region_mask.py) is given whole, bool [length, length] per row: the kernel's dynamic-mask
+form, which still skips the blocks the mask empties. Under a mesh the call is wrapped in
 `shard_map` over the batch (data x fsdp) and kv-head (tensor) axes the logical rules give, so each
 device runs the kernel on its own rows and heads with no communication.
 """
@@ -44,17 +46,47 @@ def resolve(impl: str, length: int, platform: Optional[str] = None) -> str:
   return impl
 
 
-@functools.lru_cache(maxsize=32)
 def _kernel(length: int, groups: int, causal: bool, interpret: bool):
-  """The multi-query splash kernel for one kv head: q [groups, length, head_dim]."""
-  block = block_size(length)
+  """The multi-query splash kernel for one kv head: q [groups, length, head_dim]. Built anew in
+  every trace (the kernel library memoises the mask's processing): a kernel cached across
+  traces would hand a later trace the mask tables another trace staged."""
   one_head = mask_lib.CausalMask((length, length)) if causal else mask_lib.FullMask((length, length))
-  sizes = kernel_lib.BlockSizes(block_q=block, block_kv=block, block_kv_compute=block,
-                                block_q_dkv=block, block_kv_dkv=block, block_kv_dkv_compute=block,
-                                block_q_dq=block, block_kv_dq=block)
   return kernel_lib.make_splash_mqa(mask_lib.MultiHeadMask((one_head,) * groups),
-                                    block_sizes=sizes, head_shards=1, q_seq_shards=1,
-                                    interpret=interpret)
+                                    block_sizes=_block_sizes(length), head_shards=1,
+                                    q_seq_shards=1, interpret=interpret)
+
+
+def _block_sizes(length: int):
+  """The kernel's tiles for `length`: one square block size everywhere."""
+  block = block_size(length)
+  return kernel_lib.BlockSizes(block_q=block, block_kv=block, block_kv_compute=block,
+                               block_q_dkv=block, block_kv_dkv=block, block_kv_dkv_compute=block,
+                               block_q_dq=block, block_kv_dq=block)
+
+
+def _masked_attention(query, key, value, mask, interpret: bool):
+  """query [batch, length, heads, head_dim], key/value [batch, length, kv_heads, head_dim], mask
+  bool [batch, length, length] -> [batch, length, heads, head_dim]: a dynamic-mask kernel per row,
+  its one mask shared by every head."""
+  batch, length, heads, head_dim = query.shape
+  kv_heads = key.shape[2]
+  q = query.reshape(batch, length, kv_heads, heads // kv_heads, head_dim)
+  q = jnp.transpose(q, (0, 2, 3, 1, 4))  # [batch, kv_heads, groups, length, head_dim]
+  k = jnp.transpose(key, (0, 2, 1, 3))  # [batch, kv_heads, length, head_dim]
+  v = jnp.transpose(value, (0, 2, 1, 3))
+
+  def one_row(q_row, k_row, v_row, mask_row):
+    kernel = kernel_lib.make_splash_mqa(mask_row[None], block_sizes=_block_sizes(length),
+                                        head_shards=1, q_seq_shards=1, interpret=interpret)
+    # The kernel branches on `is_dynamic_mask` in Python; built under jit it holds a traced
+    # jnp.array(True) there, so it is set back to the Python bool.
+    for name in ("fwd_mask_info", "dq_mask_info", "dkv_mask_info"):
+      if getattr(kernel, name) is not None:
+        setattr(kernel, name, getattr(kernel, name)._replace(is_dynamic_mask=True))
+    return jax.vmap(kernel)(q_row, k_row, v_row)
+
+  out = jax.vmap(one_row)(q, k, v, mask)  # [batch, kv_heads, groups, length, head_dim]
+  return jnp.transpose(out, (0, 3, 1, 2, 4)).reshape(batch, length, heads, head_dim)
 
 
 def _local_attention(query, key, value, segment_ids, causal: bool, interpret: bool):
@@ -88,36 +120,46 @@ def _mesh_axes(logical: str, mesh, size: int):
 
 
 def splash_attention(query: jax.Array, key: jax.Array, value: jax.Array, segment_ids: jax.Array,
-                     causal: bool, dtype, interpret: bool = False) -> jax.Array:
+                     causal: bool, dtype, interpret: bool = False,
+                     mask: Optional[jax.Array] = None) -> jax.Array:
   """Segment-masked (and causal if asked) softmax attention by the splash kernel.
 
   query [batch, length, heads, head_dim]; key, value [batch, length, kv_heads, head_dim];
-  segment_ids int [batch, length] (tokens attend within their segment; padding, 0, to padding).
-  Returns [batch, length, heads, head_dim] in `dtype`. The kernel does not scale the scores,
-  so the query is scaled by 1/sqrt(head_dim) first, in float32.
+  segment_ids int [batch, length] (tokens attend within their segment; padding, 0, to padding);
+  mask: bool [batch, length, length] (True = may attend) given whole instead, which then alone
+  decides (segments and causality included). Returns [batch, length, heads, head_dim] in
+  `dtype`. The kernel does not scale the scores, so the query is scaled by 1/sqrt(head_dim)
+  first, in float32.
   """
   head_dim = query.shape[-1]
   query = (query.astype(jnp.float32) * head_dim**-0.5).astype(dtype)
   key, value = key.astype(dtype), value.astype(dtype)
-  segment_ids = segment_ids.astype(jnp.int32)
-  attend = functools.partial(_local_attention, causal=causal, interpret=interpret)
+  if mask is None:
+    attend = functools.partial(_local_attention, causal=causal, interpret=interpret)
+    where = segment_ids.astype(jnp.int32)  # [batch, length]
+  else:
+    attend = functools.partial(_masked_attention, interpret=interpret)
+    where = mask  # [batch, length, length]
   mesh = jax.sharding.get_abstract_mesh()
   if mesh.empty or mesh.size == 1:
-    out = attend(query, key, value, segment_ids)
+    out = attend(query, key, value, where)
   else:
     batch_axes = _mesh_axes("batch", mesh, query.shape[0])
     head_axes = _mesh_axes("kv_heads", mesh, key.shape[2])
     heads = PartitionSpec(batch_axes, None, head_axes, None)
-    out = jax.shard_map(attend, in_specs=(heads, heads, heads, PartitionSpec(batch_axes, None)),
-                        out_specs=heads, check_vma=False)(query, key, value, segment_ids)
+    rows = PartitionSpec(batch_axes, *([None] * (where.ndim - 1)))
+    out = jax.shard_map(attend, in_specs=(heads, heads, heads, rows), out_specs=heads,
+                        check_vma=False)(query, key, value, where)
   return checkpoint_name(out, "attention_out")
 
 
 def attend(query: jax.Array, key: jax.Array, value: jax.Array, mask: Optional[jax.Array],
            segment_ids: Optional[jax.Array], causal: bool, dtype, impl: str) -> jax.Array:
-  """The layers' attention: XLA's masked softmax when given `mask` [batch, length, length],
-  else the splash kernel on `segment_ids` [batch, length] (interpreted for 'splash_interpret')."""
-  if mask is not None:
+  """The layers' attention: XLA's masked softmax of `mask` [batch, length, length] where `impl`
+  resolves to XLA; else the splash kernel (interpreted for 'splash_interpret') on `segment_ids`
+  [batch, length], or on `mask` when one is given (a region mask)."""
+  path = resolve(impl, query.shape[1])
+  if path == "xla":
     return dot_product_attention(query, key, value, mask, dtype)
   return splash_attention(query, key, value, segment_ids, causal=causal, dtype=dtype,
-                          interpret=impl == "splash_interpret")
+                          interpret=path == "splash_interpret", mask=mask)

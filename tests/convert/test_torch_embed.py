@@ -89,3 +89,29 @@ def test_export_without_embedding_records_config_attention(tiny_hf_dirs, tmp_pat
   export_dir = str(export_hf(config, params, str(tmp_path / "export"), source_dir=source))
   embed = torch_embed.load(export_dir)
   assert (embed.attention, embed.pooling) == ("bidirectional", "last")
+
+
+def test_compression_token_embeddings_match_jax(tiny_hf_dirs, image_dir, tmp_path):
+  """CoMa's export: mmembed.json's compression tokens are appended to every row and 'ctoken'
+  pooling averages them, in PyTorch (`torch_embed`) as in JAX (`JaxEmbedder`); the exported
+  tokenizer holds them, at ids inside the model's vocabulary, and a plain transformers
+  tokenizer reads them back."""
+  import json
+  import transformers
+  from mmembed_jax.embedding import JaxEmbedder
+  from mmembed_jax.data.special_tokens import compression_tokens
+  export_dir = _export(tiny_hf_dirs["qwen2_5_vl"], str(tmp_path / "export"),
+                       {"attention": "causal", "pooling": "ctoken", "compression_tokens": 4})
+  tokenizer = transformers.AutoTokenizer.from_pretrained(export_dir)
+  ids = tokenizer.convert_tokens_to_ids(compression_tokens(4))
+  vocab = json.load(open(f"{export_dir}/config.json"))["text_config"]["vocab_size"]
+  assert ids == list(range(ids[0], ids[0] + 4)) and ids[-1] < vocab
+  theirs = torch_embed.load(export_dir, batch_size=BATCH_SIZE)(ROWS, base_dir=image_dir)
+  jax_embedder = JaxEmbedder.from_pretrained(export_dir, batch_size=8)
+  assert (jax_embedder.pooling, jax_embedder.num_ctokens) == ("ctoken", 4)
+  ours = jax_embedder.embed_items([(f"row {i}", row) for i, row in enumerate(ROWS)], image_dir)
+  last = torch_embed.load(export_dir, pooling="last", batch_size=BATCH_SIZE)(ROWS, base_dir=image_dir)
+  assert np.abs(last - theirs).max() > 1e-2  # the released eval's "eos" pooling differs
+  diff = np.abs(theirs - ours).max()
+  print(f"ctoken pooling: torch vs JAX embeddings max abs diff {diff:.2e}")
+  assert diff <= TOLERANCE

@@ -11,6 +11,7 @@ from mmembed_jax.demo import ablation
 
 ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 sys.path.insert(0, os.path.join(ROOT, "configs"))
+import coma  # noqa: E402  pylint: disable=wrong-import-position
 import moca  # noqa: E402  pylint: disable=wrong-import-position
 
 
@@ -29,6 +30,10 @@ def test_plan_chains_stage1_into_stage2_per_seed():
       assert "--config.seed=3" in job.overrides or "--config.seed=0" in job.overrides
       assert "--config.total_steps=5" in job.overrides
   assert "--config.model.attention=causal" in jobs["cl_causal", 0][0].overrides
+  stage1, stage2 = jobs["coma_compression_cl", 0]
+  assert (stage1.config, stage1.evaluates) == ("configs/coma.py:stage=1", False)
+  assert (stage2.config, stage2.evaluates) == ("configs/coma.py:stage=2", True)
+  assert [j.config for j in jobs["coma_cl", 0]] == ["configs/coma.py:stage=2"]
   with pytest.raises(ValueError, match="unknown arms"):
     ablation.plan("/runs/ab", [0], ["cpt_cl", "no_such_arm"])
   with pytest.raises(ValueError, match="distinct"):
@@ -37,7 +42,9 @@ def test_plan_chains_stage1_into_stage2_per_seed():
 
 def test_every_override_names_a_field_of_its_recipe():
   """A misspelt override would fail each run only after the ablation started."""
-  configs = {"configs/moca.py": moca.get_config(""), "configs/moca.py:stage=cl": moca.get_config("stage=cl")}
+  configs = {"configs/moca.py": moca.get_config(""), "configs/moca.py:stage=cl": moca.get_config("stage=cl"),
+             "configs/coma.py:stage=1": coma.get_config("stage=1"),
+             "configs/coma.py:stage=2": coma.get_config("stage=2")}
   for runs in ablation.plan("/runs/ab", [0], list(ablation.ARMS)).values():
     for job in runs:
       for flag in job.overrides:

@@ -19,6 +19,7 @@ from mmembed_jax.models.layers import dot_product_attention
 from mmembed_jax.models.llm import attention_mask
 from mmembed_jax.models.vision import VisionTower
 from mmembed_jax.models.vlm import VisionLanguageModel
+from mmembed_jax.objectives.coma import compression_mask
 
 from tiny_models import TEST_PIXELS
 
@@ -72,10 +73,14 @@ def test_choice_of_implementation():
     splash.resolve("flash", 128)
 
 
-def test_sharded_model_with_the_kernel_matches_xla():
+@pytest.mark.parametrize("regions", [False, True])
+def test_sharded_model_with_the_kernel_matches_xla(regions):
   """The tiny model on a (data 2, fsdp 2, tensor 2) mesh: the kernel runs per device under
-  shard_map (kv heads split over tensor); hidden states and parameter gradients equal XLA's."""
-  config = tiny_config(attention="causal")
+  shard_map (kv heads split over tensor); hidden states and parameter gradients equal XLA's.
+  With regions: CoMa's compression mask (split at layer 1, scanned layers), given to the kernel
+  as a dynamic mask per row."""
+  config = tiny_config(attention="causal", scan_layers=regions,
+                       region_mask=compression_mask("code", 1) if regions else None)
   batch = dummy_batch(config, batch=4, length=LENGTH)
   segments = np.concatenate([_segments(3, LENGTH), np.zeros((1, LENGTH), np.int32)])
   segments[3, :128] = 1  # a half-padded row
@@ -84,6 +89,9 @@ def test_sharded_model_with_the_kernel_matches_xla():
   batch["input_ids"] = np.where(batch["input_ids"] == config.image_token_id, config.image_token_id,
                                 rng.integers(0, 500, size=(4, LENGTH))).astype(np.int32)
   batch["positions"] = np.broadcast_to(np.arange(LENGTH, dtype=np.int32), (4, 3, LENGTH)).copy()
+  if regions:  # regions 0-3 in runs of 20 tokens, repeating: every table entry is exercised
+    batch["attention_regions"] = np.broadcast_to(np.arange(LENGTH) // 20 % 4, (4, LENGTH)).astype(
+        np.int32)
   boxed = VisionLanguageModel(config).init(jax.random.key(0), dummy_batch(config))
   params = nn.meta.unbox(boxed["params"])
   probe = jnp.asarray(rng.normal(size=(LENGTH, config.text.hidden_size)), jnp.float32)
