@@ -22,11 +22,19 @@ differs:
 - Stage 1 (objectives/coma.py): image, "\\nSummarize above image and text in a few words.", the 32
   tokens, then the dialogue in Qwen's chat format (no system turn); next-token loss on every
   token after the compression tokens (the paper: the answers only, `loss_on=answers`), each
-  example's tokens averaged, then the examples; causal attention. The compression mask is
-  coded (`split_layer`, `mask`, exactly as objectives/coma.py writes down) but the released
-  scripts never set `split_layer`, so it stays -1: the released model trained with plain causal
-  attention. The paper describes the masked reading (`mask=paper` with a split layer it does not
-  give). lr 5e-5 cosine, 5% warm-up, weight decay 0, one epoch (12 MMEB-train image sets, <= 30K
+  example's tokens averaged, then the examples; causal attention. The compression mask, over
+  four token regions (0 image and prompt, 1 compression tokens, 2 the first user turn, 3 from
+  the first assistant turn on; layers counted from 0), who attends to whom beyond causality:
+    mask=code, split_layer > 0 (the released `_update_causal_mask_by_sep_indices`): layers below
+      it: region 3 sees neither 0 nor 1 (so the answers see the compressed image only through
+      the first question); from it on, additionally regions 1, 2 and 3 do not see 0.
+    mask=code, split_layer = 0: every layer: regions 1, 2 and 3 do not see 0.
+    mask=paper: layers below split_layer plain causal; from it on regions 2 and 3 do not see 0
+      (after the compression tokens only they and the dialogue are seen).
+    split_layer < 0, either mode: plain causal.
+  The released scripts never set `split_layer` (the model reads `config.split_layer`, absent
+  from Qwen's config.json, default -1), so the released model trained with plain causal
+  attention; the paper describes the masked reading without giving a split layer. lr 5e-5 cosine, 5% warm-up, weight decay 0, one epoch (12 MMEB-train image sets, <= 30K
   images each, 3-5 generated questions per image), sequences of up to 8192 tokens, images of
   256-1024 merged tokens. The released global batch is 256 examples of one sequence each; here
   examples are packed into rows of 8192 tokens, 64 rows per step (two per chip of a v5p-64,

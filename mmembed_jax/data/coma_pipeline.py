@@ -32,7 +32,7 @@ import numpy as np
 
 from mmembed_jax.data import images as images_lib
 from mmembed_jax.data import mrope, packing
-from mmembed_jax.data.bad_records import BadRecord, describe
+from mmembed_jax.data.bad_records import BadRecord
 from mmembed_jax.data.cpt_pipeline import open_sources, packed_dataset
 from mmembed_jax.data.sequences import IMAGE_MARKER, IMAGE_PAD, SequenceEncoder, tokenizer_pad_id
 from mmembed_jax.data.special_tokens import check_ctoken_ids, compression_tokens
@@ -108,11 +108,7 @@ class ComaEncoder:
             "source": record.get("source", "?")}
 
   def __call__(self, record: Mapping[str, Any]) -> Dict[str, Any]:
-    try:
-      return self.encode(record)
-    except Exception as e:  # pylint: disable=broad-except  # any failure of one record skips it
-      return {packing.BAD_RECORD: describe(record.get("where", "?"), e),
-              "source": record.get("source", "?")}
+    return packing.encode_or_skip(self.encode, record)
 
 
 def coma_budget(length: int, max_patches: int, max_images: int, max_segments: int,

@@ -37,7 +37,7 @@ import numpy as np
 
 from mmembed_jax.data import images as images_lib
 from mmembed_jax.data import masking, mixture, packing, sources as sources_lib
-from mmembed_jax.data.bad_records import BadRecord, describe
+from mmembed_jax.data.bad_records import BadRecord
 from mmembed_jax.data.sequences import SequenceEncoder, tokenizer_pad_id
 from mmembed_jax.data.special_tokens import MASK_TOKEN
 
@@ -76,11 +76,7 @@ class CptEncoder:
             "source": record.get("source", "?")}
 
   def __call__(self, record: Mapping[str, Any]) -> Dict[str, Any]:
-    try:
-      return self.encode(record)
-    except Exception as e:  # pylint: disable=broad-except  # any failure of one record skips it
-      return {packing.BAD_RECORD: describe(record.get("where", "?"), e),
-              "source": record.get("source", "?")}
+    return packing.encode_or_skip(self.encode, record)
 
 
 def open_sources(sources: Any) -> List[mixture.MixtureEntry]:

@@ -53,10 +53,8 @@ class InputSpec(abc.ABC):
 
 
 @dataclasses.dataclass(frozen=True)
-class CptInput(InputSpec):
-  """MoCa stage 1: mixed records, encoded, masked and packed (data/cpt_pipeline.py)."""
-  name: ClassVar[str] = "moca_cpt"
-
+class PackedInput(InputSpec):
+  """The fields of the packed pipelines (records mixed, encoded and packed into rows)."""
   sources: Any
   global_batch_size: int
   length: int
@@ -64,56 +62,51 @@ class CptInput(InputSpec):
   max_images: int
   min_pixels: int
   max_pixels: int
-  text_mask_prob: float
-  image_mask_prob: float
   num_workers: int = 0
   max_segments: int = 64
   packing_bins: int = 0  # 0: twice the rows per data shard
   read_threads: int = 4
   read_buffer: int = 16
   worker_buffer: int = 2
-  extra_never_mask: Tuple[int, ...] = ()
   data_shards: int = 0  # 0: one per process
+
+  def pipeline_fields(self) -> Dict[str, Any]:
+    """The fields as the pipeline's keyword arguments (all but `sources`)."""
+    fields = {k: v for k, v in dataclasses.asdict(self).items() if k != "sources"}
+    fields["packing_bins"] = fields["packing_bins"] or None
+    return fields
+
+
+@dataclasses.dataclass(frozen=True, kw_only=True)
+class CptInput(PackedInput):
+  """MoCa stage 1: mixed records, encoded, masked and packed (data/cpt_pipeline.py)."""
+  name: ClassVar[str] = "moca_cpt"
+
+  text_mask_prob: float
+  image_mask_prob: float
+  extra_never_mask: Tuple[int, ...] = ()
 
   def dataset(self, model_config, seed, tokenizer_dir):
     from mmembed_jax.data.cpt_pipeline import cpt_dataset  # pylint: disable=g-import-not-at-top
-    fields = {k: v for k, v in dataclasses.asdict(self).items() if k != "sources"}
-    fields["packing_bins"] = fields["packing_bins"] or None
     return cpt_dataset(source_specs(self.sources, "input.sources"), tokenizer_dir, seed=seed,
-                       **fields)
+                       **self.pipeline_fields())
 
   def batch_row(self, model_config):
     from mmembed_jax.data.cpt_pipeline import batch_row  # pylint: disable=g-import-not-at-top
     return batch_row(self.length, self.max_patches, self.max_images, self.max_segments)
 
 
-@dataclasses.dataclass(frozen=True)
-class ComaInput(InputSpec):
+@dataclasses.dataclass(frozen=True, kw_only=True)
+class ComaInput(PackedInput):
   """CoMa stage 1: image + prompt + compression tokens + dialogue, packed (coma_pipeline.py)."""
   name: ClassVar[str] = "coma_dialogues"
 
-  sources: Any
-  global_batch_size: int
-  length: int
-  max_patches: int
-  max_images: int
-  min_pixels: int
-  max_pixels: int
   num_ctokens: int = 32
-  num_workers: int = 0
-  max_segments: int = 64
-  packing_bins: int = 0  # 0: twice the rows per data shard
-  read_threads: int = 4
-  read_buffer: int = 16
-  worker_buffer: int = 2
-  data_shards: int = 0  # 0: one per process
 
   def dataset(self, model_config, seed, tokenizer_dir):
     from mmembed_jax.data.coma_pipeline import coma_dataset  # pylint: disable=g-import-not-at-top
-    fields = {k: v for k, v in dataclasses.asdict(self).items() if k != "sources"}
-    fields["packing_bins"] = fields["packing_bins"] or None
     return coma_dataset(source_specs(self.sources, "input.sources"), tokenizer_dir, seed=seed,
-                        vocab_size=model_config.text.vocab_size, **fields)
+                        vocab_size=model_config.text.vocab_size, **self.pipeline_fields())
 
   def batch_row(self, model_config):
     from mmembed_jax.data.coma_pipeline import batch_row  # pylint: disable=g-import-not-at-top

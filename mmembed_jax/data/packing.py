@@ -69,6 +69,16 @@ class PackingBudget:
                        f"{self.merge_unit} (whole merged tokens)")
 
 
+def encode_or_skip(encode: Any, record: Mapping[str, Any]) -> Dict[str, Any]:
+  """`encode(record)`, or {BAD_RECORD: "FILE:LINE: why"} when it raises anything (one bad
+  record skips itself); both carry the record's "source" name."""
+  try:
+    return encode(record)
+  except Exception as e:  # pylint: disable=broad-except  # any failure of one record skips it
+    return {BAD_RECORD: bad_records.describe(record.get("where", "?"), e),
+            "source": record.get("source", "?")}
+
+
 def example_size(example: Mapping[str, Any]) -> tuple:
   """(tokens, patches, images) of an encoded example."""
   return (int(example["input_ids"].shape[0]), int(example["pixel_patches"].shape[0]),

@@ -33,6 +33,10 @@ def _adapted_modules(config):
      ["mlp/down_proj", "mlp/gate_proj", "mlp/up_proj", "self_attn/k_proj", "self_attn/o_proj",
       "self_attn/q_proj", "self_attn/v_proj"]),
     ("unite.py", "size=7b,stage=2", "lora", 8, 64.0, 0.05, "kaiming", None),
+    # CoMa (Qwen2.5-VL): its vision attention is qkv / proj, so q/k/v/o_proj name the LLM's only.
+    ("coma.py", "size=7b,stage=1", "dora", 16, 64.0, 0.1, "gaussian",
+     ["self_attn/k_proj", "self_attn/o_proj", "self_attn/q_proj", "self_attn/v_proj"]),
+    ("coma.py", "size=3b,stage=2", "dora", 16, 64.0, 0.1, "gaussian", None),
 ])
 def test_pod_recipes_train_the_released_adapters(recipe, arg, kind, rank, alpha, dropout, init,
                                                  modules):
@@ -47,8 +51,22 @@ def test_pod_recipes_train_the_released_adapters(recipe, arg, kind, rank, alpha,
   assert adapted == [f"language_model/layers/{m}" for m in modules]
 
 
+def test_coma_trains_its_token_embeddings_beside_the_adapters():
+  """peft's modules_to_save=["embed_tokens"]: the whole table trains (the compression tokens'
+  rows with it), nothing else of the base."""
+  from mmembed_jax.training.trainable import trainable_mask
+  config = _config("coma.py", "size=3b,stage=1")
+  params = nn.meta.unbox(boxed_param_shapes(run_lib.model_config(config, lineage.Resolved())))
+  mask = trainable_mask(params, adapters=True, trainable_extra=config.adapters.trainable_extra)
+  base = {path_name(p) for p, trains in jax.tree.leaves_with_path(mask)
+          if trains and "lora_" not in path_name(p)}
+  assert base == {"embed_tokens/embedding"}
+
+
 def test_demos_train_everything_unless_asked():
   assert _config("vlm2vec.py", "").adapters.kind == "none"
   assert _config("unite.py", "stage=1").adapters.kind == "none"
   assert _config("vlm2vec.py", "adapters=dora").adapters.kind == "dora"
   assert _config("unite.py", "size=2b,adapters=none").adapters.kind == "none"
+  assert _config("coma.py", "stage=1").adapters.kind == "none"
+  assert _config("coma.py", "stage=2,adapters=dora").adapters.kind == "dora"
