@@ -4,12 +4,15 @@
   model = peft.PeftModel.from_pretrained(base, ADAPTER_DIR)
 
 The directory holds `adapter_config.json` (peft_type LORA, r, lora_alpha, lora_dropout,
-use_dora, init_lora_weights, target_modules) and `adapter_model.safetensors` with the tensors
-named as peft 0.21.2 saves them for a `Qwen2(_5)VLForConditionalGeneration` (the class
-transformers builds from our exports): `base_model.model.<module>.lora_A.weight` [rank, in],
-`.lora_B.weight` [out, rank] and, for DoRA, `.lora_magnitude_vector` [out], in float32.
+use_dora, init_lora_weights, target_modules, modules_to_save) and `adapter_model.safetensors`
+with the tensors named as peft 0.21.2 saves them for a `Qwen2(_5)VLForConditionalGeneration`
+(the class transformers builds from our exports): `base_model.model.<module>.lora_A.weight`
+[rank, in], `.lora_B.weight` [out, rank] and, for DoRA, `.lora_magnitude_vector` [out], in
+float32; base modules trained in full (`adapters.trainable_extra`, CoMa's token embeddings) as
+peft's `modules_to_save`: `base_model.model.<module>.weight` in the HF layout.
 """
 import json
+import re
 from typing import Any, Iterator, Mapping, Optional
 
 import numpy as np
@@ -66,8 +69,29 @@ def peft_tensors(config: ModelConfig, params: Mapping) -> dict[str, np.ndarray]:
   return out
 
 
-def adapter_config(spec: AdapterSpec, modules: list[str], base_model: Optional[str]) -> dict:
-  """adapter_config.json: the fields peft reads, for exactly the adapted modules."""
+def saved_modules(config: ModelConfig, trainable_extra: str) -> list[TensorMap]:
+  """The HF tensors of the base parameters `trainable_extra` trains, as whole modules peft can
+  name in `modules_to_save` (it matches modules by their last name); ValueError otherwise."""
+  if not trainable_extra:
+    return []
+  pattern = re.compile(trainable_extra)
+  maps = list(tensor_maps(config))
+  module = lambda m: m.hf_name.rsplit(".", 1)[0]  # pylint: disable=unnecessary-lambda-assignment
+  matched = [m for m in maps if pattern.search("/".join(m.path))]
+  names = {module(m).rsplit(".", 1)[-1] for m in matched}
+  reached = [m for m in maps if module(m).rsplit(".", 1)[-1] in names]
+  if len(reached) != len(matched):
+    missing = sorted({m.hf_name for m in reached} - {m.hf_name for m in matched})
+    raise ValueError(f"adapters.trainable_extra={trainable_extra!r} trains part of what peft's "
+                     f"modules_to_save={sorted(names)} would save (not {missing[:3]}); peft saves "
+                     f"whole modules by name")
+  return matched
+
+
+def adapter_config(spec: AdapterSpec, modules: list[str], base_model: Optional[str],
+                   saved: Optional[list[str]] = None) -> dict:
+  """adapter_config.json: the fields peft reads, for exactly the adapted modules (and the
+  modules `saved` in full)."""
   return {
       "peft_type": "LORA", "peft_version": PEFT_VERSION, "task_type": None,
       "base_model_name_or_path": base_model or None,
@@ -77,18 +101,20 @@ def adapter_config(spec: AdapterSpec, modules: list[str], base_model: Optional[s
       # Module names without the leading "model.", matched by suffix: the same file serves
       # Qwen2(_5)VLForConditionalGeneration and Qwen2(_5)VLModel module trees.
       "target_modules": sorted(name.removeprefix("model.") for name in modules),
-      "bias": "none", "lora_bias": False, "fan_in_fan_out": False, "modules_to_save": None,
+      "bias": "none", "lora_bias": False, "fan_in_fan_out": False,
+      "modules_to_save": saved or None,
       "inference_mode": True, "rank_pattern": {}, "alpha_pattern": {},
   }
 
 
 def export_peft(config: ModelConfig, params: Mapping, spec: AdapterSpec, out_dir: str, *,
                 base_model: Optional[str] = None, overwrite: bool = False,
-                **side_files: Any) -> epath.Path:
-  """Writes `params`' adapters as a peft adapter directory (all processes gather, process 0
-  writes; the directory is staged and renamed into place like an HF export). `side_files`:
-  source_dir, embedding, preprocessor, written as `hf_export.write_side_files` does, so
-  `torch_embed.load` embeds with the directory alone."""
+                trainable_extra: str = "", **side_files: Any) -> epath.Path:
+  """Writes `params`' adapters (and the base modules `trainable_extra` trains, as peft's
+  modules_to_save) as a peft adapter directory (all processes gather, process 0 writes; the
+  directory is staged and renamed into place like an HF export). `side_files`: source_dir,
+  embedding, preprocessor, written as `hf_export.write_side_files` does, so `torch_embed.load`
+  embeds with the directory alone."""
   import jax  # pylint: disable=g-import-not-at-top
   from safetensors.numpy import save_file  # pylint: disable=g-import-not-at-top
   hf_export.check_target(out_dir, overwrite)
@@ -96,6 +122,11 @@ def export_peft(config: ModelConfig, params: Mapping, spec: AdapterSpec, out_dir
   if not modules:
     raise ValueError("the run has no adapters to export (adapters.kind is 'none')")
   tensors = peft_tensors(config, params)
+  saved = saved_modules(config, trainable_extra)
+  for m in saved:
+    host = hf_export._to_host(hf_export._get(params, m.path), m.layer)  # pylint: disable=protected-access
+    tensors[PREFIX + m.hf_name] = m.to_hf(host)
+  saved_names = sorted({m.hf_name.rsplit(".", 1)[0].rsplit(".", 1)[-1] for m in saved})
   target = epath.Path(out_dir)
   if jax.process_index():
     return target
@@ -106,7 +137,7 @@ def export_peft(config: ModelConfig, params: Mapping, spec: AdapterSpec, out_dir
   staging.mkdir()
   save_file(tensors, str(staging / ADAPTER_WEIGHTS), metadata={"format": "pt"})
   (staging / ADAPTER_CONFIG).write_text(
-      json.dumps(adapter_config(spec, modules, base_model), indent=2))
+      json.dumps(adapter_config(spec, modules, base_model, saved_names), indent=2))
   hf_export.write_side_files(staging, config, **{
       k: side_files.get(k) for k in ("source_dir", "embedding", "preprocessor")})
   hf_export._swap_in(staging, target)  # pylint: disable=protected-access

@@ -18,6 +18,9 @@ compiled program serves every batch.
   image_grid_thw   int32 [batch, images, 3]    (t, h, w) patch grid of image i at slot i - 1;
                                                zeros for unused slots.
 
+Optional: attention_regions int32 [batch, length], region ids that `config.region_mask` (CoMa's
+compression mask, models/region_mask.py) turns into depth-dependent attention.
+
 The k-th `<|image_pad|>` token of a row receives the k-th merged visual token of that row
 (merged tokens are groups of merge_size**2 consecutive patches).
 """

@@ -184,14 +184,15 @@ def _export_adapters(path: str, out_dir: str, overwrite: bool) -> TrainedModel:
   if config.get("adapters", {}).get("kind", "none") == "none":
     raise ValueError(f"{workdir}: the run trained no adapters (adapters.kind 'none'); export the "
                      f"whole model without --adapters_only")
-  if not lineage.is_hf_dir(config.init_from) or config.adapters.trainable_extra:
-    raise ValueError(f"{workdir}: --adapters_only needs a run whose weights outside the adapters "
-                     f"are those of the HF directory it started from (init_from an HF "
-                     f"directory, no adapters.trainable_extra); export the merged model instead")
+  if not lineage.is_hf_dir(config.init_from):
+    raise ValueError(f"{workdir}: --adapters_only needs a run whose frozen weights are those of "
+                     f"the HF directory it started from (init_from an HF directory); export the "
+                     f"merged model instead")
   model = load_trained(path, merge_adapters=False)
   base = config.init_from if "://" in config.init_from else os.path.abspath(config.init_from)
   peft_export.export_peft(model.config, model.params, model.config.adapter, out_dir,
                           base_model=base, overwrite=overwrite, source_dir=model.tokenizer_dir,
+                          trainable_extra=config.adapters.trainable_extra,
                           embedding=dict(model.embedding, source_run=model.workdir,
                                          step=model.step),
                           preprocessor=model.image_config.to_preprocessor_config())

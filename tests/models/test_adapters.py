@@ -2,9 +2,10 @@
 
 Tiny Qwen2.5-VL and Qwen2-VL with random adapters (B and DoRA's magnitude moved off their
 initial values) on the LLM's attention projections and down_proj and on the vision tower's
-fused qkv (a [in, 3, width] kernel) and MLP output; the adapters go to peft through our PEFT
-export, so the export's layout is checked too. fp32, bidirectional attention, padded rows with
-images of odd sizes (test_parity.ROWS).
+fused qkv (a [in, 3, width] kernel) and MLP output; the token embedding trained in full beside
+them (`trainable_extra`, peft's modules_to_save, as CoMa trains it) and moved off the base's;
+the adapters go to peft through our PEFT export, so the export's layout is checked too. fp32,
+bidirectional attention, padded rows with images of odd sizes (test_parity.ROWS).
 """
 import jax
 import jax.numpy as jnp
@@ -26,6 +27,7 @@ from test_parity import _encode, _hf_model
 
 TOLERANCE = 1e-4
 TARGETS = r"self_attn/(q|k|v|o)_proj|mlp/(down_proj|fc2)|attn/qkv"
+EXTRA = r"^embed_tokens/"
 
 
 def _random_adapters(config, base, seed=0):
@@ -39,6 +41,8 @@ def _random_adapters(config, base, seed=0):
       return jnp.asarray(0.2 * rng.standard_normal(leaf.shape), leaf.dtype)
     if name == "lora_magnitude":
       return leaf * jnp.asarray(1 + 0.2 * rng.standard_normal(leaf.shape), leaf.dtype)
+    if name == "embedding":  # trained in full (EXTRA)
+      return leaf + jnp.asarray(0.2 * rng.standard_normal(leaf.shape), leaf.dtype)
     return leaf
   return jax.tree_util.tree_map_with_path(perturb, params)
 
@@ -57,7 +61,7 @@ def test_forward_and_gradients_equal_peft(family, kind, tiny_hf_dirs, encoded_ba
   config, base = import_hf(tiny_hf_dirs[family], attention="bidirectional")
   config = config.replace(adapter=spec)
   params = _random_adapters(config, base)
-  peft_export.export_peft(config, params, spec, str(tmp_path / "adapter"))
+  peft_export.export_peft(config, params, spec, str(tmp_path / "adapter"), trainable_extra=EXTRA)
   model = peft.PeftModel.from_pretrained(_hf_model(tiny_hf_dirs[family]), str(tmp_path / "adapter"),
                                          is_trainable=True)
   model.eval()
@@ -88,6 +92,12 @@ def test_forward_and_gradients_equal_peft(family, kind, tiny_hf_dirs, encoded_ba
 
   torch_grads = {name: p.grad.numpy() for name, p in model.named_parameters() if p.grad is not None}
   ours = peft_export.peft_tensors(config, grads)
+  for m in peft_export.saved_modules(config, EXTRA):  # the embedding's gradient, as peft names it
+    module, leaf = m.hf_name.rsplit(".", 1)
+    grad = grads
+    for key in m.path:
+      grad = grad[key]
+    ours[f"{peft_export.PREFIX}{module}.modules_to_save.default.{leaf}"] = m.to_hf(np.asarray(grad))
   assert ours and len(ours) == len(torch_grads)
   worst = 0.0
   for name, ours_grad in ours.items():

@@ -127,8 +127,11 @@ def test_compression_mask_matches_transformers_layers(setup, mode):
   for split_layer in (1, 0):
     reference = _hf_hidden(hf_model, batch, released_masks(batch, ids, mode, split_layer,
                                                            num_layers))
-    error = np.abs(_ours(config, params, batch, mode, split_layer) - reference)[valid].max()
-    print(f"{mode} split_layer={split_layer}: hidden max abs diff {error:.2e}")
+    errors = np.abs(_ours(config, params, batch, mode, split_layer) - reference)
+    error = errors[valid].max()
+    answers = np.asarray(batch["answer_mask"][0], bool)
+    print(f"{mode} split_layer={split_layer}: hidden max abs diff {error:.2e} "
+          f"({errors[answers].max():.2e} at the answers)")
     assert error <= TOLERANCE
 
 
@@ -214,6 +217,6 @@ def test_loss_equals_reference_loop(setup, loss_on):
   objective = ComaCompression(config, loss_on=loss_on, mask="code", split_layer=1, logits_chunk=32)
   loss, metrics = objective(params, batch, jax.random.key(0))
   expected = _reference_loss(objective.model_config, params, batch, ids, loss_on)
-  print(f"{loss_on}: loss {float(loss):.6f}, reference {expected:.6f}")
+  print(f"{loss_on}: loss {float(loss):.6f}, reference {expected:.6f}, diff {abs(float(loss) - expected):.1e}")
   assert abs(float(loss) - expected) <= 1e-5
   assert float(metrics["examples"]) == pytest.approx(2.0)
