@@ -21,16 +21,16 @@ ROWS = [{"text": "Find an image that matches the given caption: a small red circ
 def test_coma_stages_chain_and_the_export_embeds_alike(tmp_path, demo_cache, image_dir,
                                                       monkeypatch):
   stage1, stage2 = tmp_path / "coma1", tmp_path / "coma2"
-  run = _train("configs/coma.py:stage=1", stage1, demo_cache, "--config.total_steps=40",
-               "--config.log_every=10", "--config.checkpoint.every=40")
+  run = _train("configs/coma.py:stage=1", stage1, demo_cache, "--config.total_steps=20",
+               "--config.log_every=10", "--config.checkpoint.every=20")
   assert run.returncode == 0, run.stderr[-3000:]
   train, _ = _metrics(stage1)
   print(f"stage 1 loss {train[0]['loss']:.3f} -> {train[-1]['loss']:.3f}")
-  assert train[-1]["loss"] < train[0]["loss"] - 0.5
+  assert train[-1]["loss"] < train[0]["loss"] - 0.3
   assert all(x["bad_records"] == 0 for x in train)
   run = _train("configs/coma.py:stage=2", stage2, demo_cache, f"--config.init_from={stage1}",
                "--config.total_steps=4", "--config.log_every=2", "--config.eval.every=4",
-               "--config.eval.max_rows_per_dataset=16")
+               "--config.eval.max_rows_per_dataset=8")
   assert run.returncode == 0, run.stderr[-3000:]
   train, held_out = _metrics(stage2)
   assert all(np.isfinite(x["loss"]) for x in train) and [x["step"] for x in held_out] == [0, 4]

@@ -26,17 +26,17 @@ def _metrics(workdir):
 
 
 def test_moca_stage2_demo_lifts_held_out_precision(tmp_path, demo_cache):
-  """From scratch, 100 steps. Held-out P@1 per dataset: candidates are all distinct held-out
+  """From scratch, 60 steps. Held-out P@1 per dataset: candidates are all distinct held-out
   positives of the dataset plus the query's 2 hard negatives (chance about 1/66). In this budget
   the tiny model learns the text retrieval set (question -> passage) far above chance; the image
   sets need the demo's 300 steps (README: contrastive demos, ablation), so the mean is held to a
   lower bar."""
   workdir = tmp_path / "run"
   run = _train("configs/moca.py:stage=cl", workdir, demo_cache,
-               "--config.total_steps=100", "--config.eval.every=100")
+               "--config.total_steps=60", "--config.eval.every=60")
   assert run.returncode == 0, run.stderr[-3000:]
   train, held_out = _metrics(workdir)
-  assert [x["step"] for x in held_out] == [0, 100]
+  assert [x["step"] for x in held_out] == [0, 60]
   before, after = held_out[0], held_out[-1]
   text = "eval_precision_at_1/question_passage"
   print(f"held-out P@1 mean {before['eval_precision_at_1']:.3f} -> {after['eval_precision_at_1']:.3f} "
