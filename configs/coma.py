@@ -37,8 +37,9 @@ differs:
   attention; the paper describes the masked reading without giving a split layer. lr 5e-5 cosine, 5% warm-up, weight decay 0, one epoch (12 MMEB-train image sets, <= 30K
   images each, 3-5 generated questions per image), sequences of up to 8192 tokens, images of
   256-1024 merged tokens. The released global batch is 256 examples of one sequence each; here
-  examples are packed into rows of 8192 tokens, 64 rows per step (two per chip of a v5p-64,
-  about 5 examples a row at these image sizes), 1,100 steps.
+  examples are packed into rows of 8192 tokens, 32 rows per step (one per chip of a v5p-64):
+  9.3 examples a row measured with COCO-sized images and the demo tokenizer (which spells text
+  about 3 times longer than Qwen's), so about 300 examples a step; 1,100 steps make the epoch.
 - Stage 2: InfoNCE over all-gathered in-batch targets (the released collator sends no hard
   negatives), tau 0.03, pooling = mean of the 32 compression tokens appended to every query and
   target (`ctoken`, after the final norm), plain causal attention (the released code skips the
@@ -116,7 +117,7 @@ def _stage1(size: str, options: dict) -> ml_collections.ConfigDict:
   config.input = dict(
       name="coma_dialogues",
       sources={name: dict(path="", kind="jsonl", weight=1.0, cap=30_000) for name in STAGE1_SETS},
-      global_batch_size=64, length=8192, max_patches=4 * 8192, max_images=16,
+      global_batch_size=32, length=8192, max_patches=4 * 8192, max_images=16,
       min_pixels=256 * 28 * 28, max_pixels=1024 * 28 * 28, num_ctokens=NUM_CTOKENS,
       num_workers=8)
   config.mesh.ici = dict(data=1, fsdp=-1, tensor=1)
