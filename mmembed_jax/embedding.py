@@ -185,13 +185,14 @@ class JaxEmbedder:
     mesh: shard every batch's rows over all its devices (params placed as given, e.g. FSDP-sharded
     by `load_trained`); batches are then a multiple of the device count. None: one device.
     num_ctokens: CoMa's compression tokens, appended to every row (mmembed.json
-    'compression_tokens'); 'ctoken' pooling averages them.
+    'compression_tokens'); 'ctoken' pooling averages them, 'last' takes the last one (the
+    released CoMa evaluation's "eos" pooling).
     """
     self.config = config
     self.pooling = _choice(pooling, POOLINGS, "pooling")
-    if (self.pooling == "ctoken") != (num_ctokens > 0):
-      raise ValueError(f"pooling '{self.pooling}' with {num_ctokens} compression tokens: 'ctoken' "
-                       f"pooling needs them and no other pooling takes them")
+    if self.pooling == "ctoken" and num_ctokens < 1:
+      raise ValueError(f"pooling 'ctoken' with {num_ctokens} compression tokens: it averages the "
+                       f"compression tokens (mmembed.json 'compression_tokens')")
     self.num_ctokens = num_ctokens
     self.max_length = _positive(max_length, "max_length")
     self.batch_size = _positive(batch_size, "batch_size")

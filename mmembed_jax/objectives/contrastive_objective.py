@@ -76,9 +76,9 @@ class Contrastive(Objective):
       raise ValueError(f"objective.temperature must be positive, got {self.temperature}")
     if self.grad_cache_chunk < 0:
       raise ValueError(f"objective.grad_cache_chunk must be >= 0, got {self.grad_cache_chunk}")
-    if (self.pooling == "ctoken") != (self.num_ctokens > 0):
-      raise ValueError(f"objective.pooling '{self.pooling}' with num_ctokens {self.num_ctokens}: "
-                       f"'ctoken' pooling and num_ctokens >= 1 go together")
+    if self.pooling == "ctoken" and self.num_ctokens < 1:
+      raise ValueError(f"objective.pooling 'ctoken' with num_ctokens {self.num_ctokens}: it "
+                       f"averages the compression tokens, set num_ctokens >= 1")
 
   @classmethod
   def check_run(cls, config) -> None:

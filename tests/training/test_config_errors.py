@@ -192,6 +192,12 @@ VALIDATE_CASES = {
                         num_negatives=0, query_length=8, target_length=8, query_max_patches=0,
                         target_max_patches=0, min_pixels=784, max_pixels=784)),
         "grad_accum_steps=2: a contrastive loss needs every candidate of the global batch"),
+    "pooled_compression_tokens_the_input_does_not_append": (
+        dict(objective=dict(name="contrastive", pooling="ctoken", num_ctokens=32),
+             input=dict(name="contrastive_pairs", sources="demo", global_batch_size=16,
+                        num_negatives=0, query_length=8, target_length=8, query_max_patches=0,
+                        target_max_patches=0, min_pixels=784, max_pixels=784)),
+        "objective.num_ctokens=32 but input.num_ctokens=0"),
 }
 
 
