@@ -25,7 +25,7 @@ record whose prefix (images, prompt, compression tokens) or first answer token d
 that cannot be read (no or malformed dialogue, a bad image, ...), is a bad record: skipped,
 counted and named by FILE:LINE.
 """
-from typing import Any, Dict, List, Mapping, Optional, Sequence
+from typing import Any, Dict, List, Mapping, Optional
 
 import grain
 import numpy as np
@@ -82,7 +82,7 @@ class ComaEncoder:
     prefix = sequences.encode(prefix_text(record["text"] or "", len(record["images"])),
                               record["images"], length=room, max_patches=budget.max_patches,
                               max_images=budget.max_images)
-    ids = [prefix.input_ids, np.asarray([sequences.token_id(t) for t in self.ctokens], np.int32)]
+    ids = [prefix.input_ids, np.asarray(sequences.extra_ids(self.ctokens), np.int32)]
     regions = [np.full(prefix.num_tokens, PREFIX), np.full(len(self.ctokens), CTOKENS)]
     answers = [np.zeros(prefix.num_tokens + len(self.ctokens))]
     for k, turn in enumerate(dialogue):
@@ -139,8 +139,3 @@ def batch_row(length: int, max_patches: int, max_images: int, max_segments: int 
   del unused
   return packing.layout_row([], coma_budget(length, max_patches, max_images, max_segments))
 
-
-def encoded_regions(example: Mapping[str, Any]) -> Sequence[int]:
-  """(sep1, sep2, sep3) of an encoded example: where regions 1, 2 and 3 start (tests, logs)."""
-  regions = np.asarray(example["attention_regions"])
-  return tuple(int(np.argmax(regions >= r)) for r in (CTOKENS, FIRST_QUESTION, DIALOGUE))

@@ -102,10 +102,11 @@ class SequenceEncoder:
     self._hf_tokenizer = None if isinstance(tokenizer, str) else tokenizer
     self._tokenizer = None  # the `tokenizers` Tokenizer, loaded lazily
     self._vision_ids: Optional[Dict[str, int]] = None
+    self._extra_ids: Dict[str, int] = {}  # ids of extra_special_tokens, set with _vision_ids
     self._lock = threading.Lock()
 
   def __getstate__(self):
-    state = dict(self.__dict__, _tokenizer=None, _vision_ids=None)
+    state = dict(self.__dict__, _tokenizer=None, _vision_ids=None, _extra_ids=None)
     state.pop("_lock")
     return state
 
@@ -140,6 +141,7 @@ class SequenceEncoder:
       if missing:
         raise ValueError(f"{where} has no token {missing[0]!r}; expected a Qwen-VL tokenizer "
                          f"(e.g. mmembed_jax.demo.tokenizer.build_tokenizer)")
+      self._extra_ids = {token: int(self._lookup(token)) for token in self.extra_special_tokens}
       self._vision_ids = {token: int(i) for token, i in ids.items()}  # last: tested without lock
 
   @property
@@ -149,12 +151,22 @@ class SequenceEncoder:
       self._load()
     return self._vision_ids
 
-  def token_id(self, token: str) -> Optional[int]:
-    """The id of a token (None if the tokenizer has none)."""
-    self._load()
+  def _lookup(self, token: str) -> Optional[int]:
+    """The id of a token in the loaded tokenizer (None if it has none)."""
     if self._hf_tokenizer is not None:
       return self._hf_tokenizer.get_vocab().get(token)
     return self._tokenizer.token_to_id(token)
+
+  def token_id(self, token: str) -> Optional[int]:
+    """The id of a token (None if the tokenizer has none)."""
+    self._load()
+    return self._lookup(token)
+
+  def extra_ids(self, tokens: Sequence[str]) -> List[int]:
+    """Ids of some of the `extra_special_tokens` (looked up once, when the tokenizer loads)."""
+    if self._vision_ids is None:
+      self._load()
+    return [self._extra_ids[token] for token in tokens]
 
   def added_token_ids(self) -> List[int]:
     """Ids of every added (special) token of the tokenizer: vision, chat, padding, and the
@@ -240,7 +252,7 @@ class SequenceEncoder:
     """The EncodedRow of `text` and its `images` within the budgets (see the module docstring),
     ending with the suffix tokens (counted in `length`)."""
     images = list(images)
-    suffix = [self.token_id(token) for token in self.suffix_tokens]
+    suffix = self.extra_ids(self.suffix_tokens)
     length -= len(suffix)
     pieces = self._pieces(text, len(images))
     ids = self.text_ids(pieces[0])
