@@ -92,7 +92,7 @@ def make_record(raw: Any, base_dir: str, source: str, where: str) -> Dict[str, A
     if raw.get("dialogue") is not None:
       record["dialogue"] = raw["dialogue"]
       text = "" if text is None else text
-    if "text" not in raw and "dialogue" not in record or text is None:
+    if text is None:
       raise ValueError(f"missing field 'text' (found fields {sorted(raw)})")
     if not isinstance(text, str):
       raise ValueError(f"field 'text' must be a string, found {_type_name(text)}")
