@@ -3,6 +3,9 @@ from setuptools import find_packages, setup
 
 TORCH = ["torch==2.13.0"]  # the CPU wheel; a looser pin pulls a multi-GB CUDA build
 PEFT = ["peft==0.21.2"]  # loads exported adapters; the oracle models/adapters.py matches
+# The video oracles: transformers' Qwen2VLVideoProcessor needs torchvision (importable next to
+# the CPU torch through tests/torchvision_compat.py) and qwen-vl-utils samples frames.
+VIDEO_ORACLES = ["torchvision==0.28.0", "qwen-vl-utils==0.0.14"]
 
 setup(
     name="mmembed_jax",
@@ -23,6 +26,7 @@ setup(
         "safetensors",
         "numpy",
         "pillow",
+        "av",  # PyAV: FFmpeg in the wheel, decodes and seeks videos
         "pyarrow",
         "absl-py",
         "etils[epath]",
@@ -33,6 +37,6 @@ setup(
         "torch": TORCH + PEFT,
         "tpu": ["libtpu"],
         "tfds": ["tensorflow-datasets"],
-        "test": TORCH + PEFT + ["pytest", "pytest-timeout", "libtpu"],  # libtpu: TPU proofs on CPU
+        "test": TORCH + PEFT + VIDEO_ORACLES + ["pytest", "pytest-timeout", "libtpu"],  # libtpu: TPU proofs on CPU
     },
 )

@@ -13,6 +13,10 @@ os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 
 import pytest  # pylint: disable=g-import-not-at-top,wrong-import-position
 
+import torchvision_compat  # noqa: E402  pylint: disable=wrong-import-position
+
+torchvision_compat.install()  # before transformers imports torchvision (video oracle)
+
 from tiny_models import FAMILIES, build_tiny_hf_model  # noqa: E402  pylint: disable=wrong-import-position
 
 

@@ -166,7 +166,7 @@ def test_export_directory_layout(tiny_hf_dirs, tokenizer, image_dir, tmp_path):
   text = "a red circle <|vision_start|><|image_pad|><|vision_end|> next to a square"
   assert exported_tokenizer.encode(text) == tokenizer.encode(text)
   assert exported_tokenizer.pad_token_id == tokenizer.pad_token_id
-  processor = transformers.AutoImageProcessor.from_pretrained(str(out))
+  processor = transformers.AutoImageProcessor.from_pretrained(str(out), backend="pil")  # the reference
   assert processor.size == {"shortest_edge": TEST_PIXELS["min_pixels"],
                             "longest_edge": TEST_PIXELS["max_pixels"]}
   from PIL import Image  # pylint: disable=g-import-not-at-top
