@@ -199,7 +199,8 @@ class JaxEmbedder:
     self.tokenizer = tokenizer
     self.image_config = image_config or images_lib.ImageProcessingConfig()
     self.encoder = SequenceEncoder(  # shared with training
-        tokenizer, self.image_config, suffix_tokens=compression_tokens(num_ctokens))
+        tokenizer, self.image_config, suffix_tokens=compression_tokens(num_ctokens),
+        tokens_per_second=config.video_tokens_per_second)
     self._check_compatible()
     pad_id = tokenizer.pad_token_id
     self.pad_id = int(pad_id if pad_id is not None else (tokenizer.eos_token_id or 0))

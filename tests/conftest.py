@@ -60,3 +60,10 @@ def image_dir(tmp_path_factory):
     pixels = rng.integers(0, 256, size=(height, width, 3), dtype=np.uint8)
     Image.fromarray(pixels).save(root / name)
   return str(root)
+
+
+@pytest.fixture(scope="session")
+def test_videos(tmp_path_factory):
+  """[(path, frames, fps, height, width)] of five short libx264 clips made here (tiny_models)."""
+  from tiny_models import write_test_videos
+  return write_test_videos(str(tmp_path_factory.mktemp("videos")))

@@ -46,3 +46,32 @@ def build_tiny_hf_model(out_dir: str, family: str, tokenizer_dir: str, tie: bool
   with open(os.path.join(out_dir, "preprocessor_config.json"), "w") as f:
     json.dump(ImageProcessingConfig(**TEST_PIXELS).to_preprocessor_config(), f)
   return out_dir
+
+
+# (frames, fps, height, width, keyframe interval): lengths, rates and sizes that differ.
+TEST_VIDEOS = [(9, 5, 64, 96, 4), (31, 12, 90, 120, 8), (50, 24, 144, 176, 12),
+               (75, 30, 120, 64, 30), (121, 29.97, 72, 128, 50)]
+
+
+def video_frames(n, height, width, seed):
+  """uint8 [n, height, width, 3]: moving gradients plus noise (codec-friendly, never static)."""
+  import numpy as np
+  rng = np.random.default_rng(seed)
+  y, x = np.mgrid[:height, :width]
+  out = []
+  for k in range(n):
+    base = np.stack([(x * 2 + k * 5) % 256, (y * 3 + k * 7) % 256, ((x + y) + k * 11) % 256], -1)
+    out.append(np.clip(base + rng.normal(0, 6, base.shape), 0, 255))
+  return np.asarray(out, np.uint8)
+
+
+def write_test_videos(root: str):
+  """Encodes TEST_VIDEOS as clip{k}.mp4 (libx264) under root; returns [(path, n, fps, h, w)]."""
+  import os
+  from mmembed_jax.data import video
+  out = []
+  for k, (n, fps, h, w, gop) in enumerate(TEST_VIDEOS):
+    path = os.path.join(root, f"clip{k}.mp4")
+    video.write_video(path, video_frames(n, h, w, k), fps=fps, keyframe_interval=gop)
+    out.append((path, n, fps, h, w))
+  return out

@@ -39,13 +39,28 @@ def _pool(hidden, valid, method: str, num_ctokens: int = 0):
   return torch.nn.functional.normalize(pooled, dim=-1, eps=1e-12).numpy()
 
 
+def _video_items(input_ids: np.ndarray, valid: np.ndarray, grid_thw: np.ndarray,
+                 image_token_id: int, video_token_id: int, merge_size: int) -> np.ndarray:
+  """bool [k]: which of the batch's vision items (in order, each t*h*w / merge**2 consecutive
+  vision tokens) are videos, read from the pad token each item's tokens carry."""
+  tokens = np.asarray(input_ids)[np.asarray(valid, bool)]  # row-major, as the items are
+  is_video, start = [], 0
+  vision = np.flatnonzero(np.isin(tokens, [image_token_id, video_token_id]))
+  for t, h, w in np.asarray(grid_thw).reshape(-1, 3):
+    is_video.append(tokens[vision[start]] == video_token_id)
+    start += t * h * w // merge_size**2
+  return np.asarray(is_video, bool)
+
+
 def forward_hidden(model: Any, input_ids: np.ndarray, valid: np.ndarray, positions: np.ndarray,
                    pixel_values: Optional[np.ndarray], image_grid_thw: Optional[np.ndarray],
                    attention: str, grad: bool = False):
   """transformers' final hidden states [batch, length, embed] for one padded batch.
 
-  input_ids, valid [batch, length]; positions [batch, 3, length]; pixel_values [patches, 1176];
-  grad: keep the autograd graph (tests compare gradients).
+  input_ids, valid [batch, length]; positions [batch, 3, length]; pixel_values [patches, 1176]
+  and image_grid_thw [k, 3] of every image and video in order (videos go to transformers as
+  pixel_values_videos / video_grid_thw); grad: keep the autograd graph (tests compare
+  gradients).
   """
   import torch  # pylint: disable=g-import-not-at-top
   valid_t = torch.as_tensor(valid).bool()
@@ -60,8 +75,16 @@ def forward_hidden(model: Any, input_ids: np.ndarray, valid: np.ndarray, positio
     raise ValueError(f"attention must be 'causal' or 'bidirectional', got '{attention}'")
   kwargs = {}
   if pixel_values is not None and len(pixel_values):
-    kwargs = dict(pixel_values=torch.as_tensor(pixel_values),
-                  image_grid_thw=torch.as_tensor(image_grid_thw))
+    grids = np.asarray(image_grid_thw).reshape(-1, 3)
+    config = model.config
+    is_video = _video_items(input_ids, valid, grids, config.image_token_id, config.video_token_id,
+                            config.vision_config.spatial_merge_size)
+    item = np.repeat(np.arange(len(grids)), grids.prod(-1))  # [patches]: the item of each patch
+    for name, grid_name, chosen in (("pixel_values", "image_grid_thw", ~is_video),
+                                    ("pixel_values_videos", "video_grid_thw", is_video)):
+      if chosen.any():
+        kwargs[name] = torch.as_tensor(np.asarray(pixel_values)[chosen[item]])
+        kwargs[grid_name] = torch.as_tensor(grids[chosen])
   with torch.set_grad_enabled(grad):
     out = model.model(input_ids=torch.as_tensor(input_ids).long(), attention_mask=mask,
                       position_ids=torch.as_tensor(positions).long().permute(1, 0, 2), **kwargs)
@@ -75,8 +98,11 @@ class TorchEmbedder:
                attention: str, pooling: str, max_length: int, batch_size: int,
                num_ctokens: int = 0):
     self.model, self.tokenizer, self.image_config = model, tokenizer, image_config
+    hf_config = model.config
     self.encoder = SequenceEncoder(  # the JAX side's encoder
-        tokenizer, image_config, suffix_tokens=compression_tokens(num_ctokens))
+        tokenizer, image_config, suffix_tokens=compression_tokens(num_ctokens),
+        tokens_per_second=(hf_config.vision_config.tokens_per_second
+                           if hf_config.model_type == "qwen2_5_vl" else None))
     self.attention, self.pooling, self.num_ctokens = attention, pooling, num_ctokens
     self.max_length, self.batch_size = max_length, batch_size
 

@@ -5,9 +5,12 @@ A JSONL file holds one JSON object per line (blank lines are skipped):
   {"text": "A red circle.", "image": "imgs/1.png"}        one image, or "image": null
   {"text": "<image> left, <image> right", "images": ["a.png", "b.png"]}
   {"text": "just text"}
+  {"text": "<video> a cat jumps", "video": "clips/cat.mp4"}     or "videos": [...]
+  {"text": "<video> a cat", "video": ["f0.jpg", "f1.jpg", "f2.jpg"], "fps": 1.0}
 
 Other keys are ignored. "image" (a path or null) and "images" (a list of paths) may not both
-name images. Image paths are relative to the JSONL file's directory unless absolute or URLs
+name images; nor may "video" (a video file or a list of frame images) and "videos" (a list of
+those) both name videos; "fps" is the rate of videos given as frame lists (default 2.0). Image paths are relative to the JSONL file's directory unless absolute or URLs
 (e.g. gs://bucket/img.png, read by `mmembed_jax.data.images.load_image`).
 
 Rows are encoded by the one SequenceEncoder (data/sequences.py) that also encodes training
@@ -36,7 +39,8 @@ from mmembed_jax.data.sequences import (IMAGE_MARKER, IMAGE_PAD, VIDEO_PAD, VISI
                                         VISION_START, EncodedRow, SequenceEncoder)
 
 __all__ = ["EncodedRow", "IMAGE_MARKER", "IMAGE_PAD", "VIDEO_PAD", "VISION_END", "VISION_START",
-           "encode_jsonl", "encode_row", "read_jsonl_rows", "resolve_image_paths", "row_name",
+           "encode_jsonl", "encode_row", "read_jsonl_rows", "resolve_image_paths",
+           "resolve_video_paths", "row_name",
            "tokenize_with_images", "validate_row", "vision_token_ids"]
 
 
@@ -75,6 +79,27 @@ def validate_row(row: Any, where: str = "row") -> None:
                          f"found {_type_name(item)}")
     if image is not None:
       raise ValueError(f"{where}: fields 'image' and 'images' are both set; expected at most one")
+  for k, video in enumerate(_videos(row)):
+    field = "video" if row.get("video") is not None else f"videos[{k}]"
+    if not (isinstance(video, str) or isinstance(video, list) and video
+            and all(isinstance(frame, str) for frame in video)):
+      raise ValueError(f"{where}: field '{field}' must be a video path or a non-empty array of "
+                       f"frame paths, found {_type_name(video)}")
+  if row.get("video") is not None and "videos" in row:
+    raise ValueError(f"{where}: fields 'video' and 'videos' are both set; expected at most one")
+  fps = row.get("fps")
+  if fps is not None and (isinstance(fps, bool) or not isinstance(fps, (int, float)) or fps <= 0):
+    raise ValueError(f"{where}: field 'fps' must be a positive number, found {fps!r}")
+
+
+def _videos(row: Dict[str, Any]) -> List[Any]:
+  """The row's videos as given ("video" or "videos")."""
+  if row.get("video") is not None:
+    return [row["video"]]
+  videos = row.get("videos", [])
+  if not isinstance(videos, list):
+    raise ValueError(f"field 'videos' must be an array, found {_type_name(videos)}")
+  return videos
 
 
 def _read_jsonl(path: str) -> List[Tuple[int, Dict[str, Any]]]:
@@ -126,6 +151,14 @@ def resolve_image_paths(row: Dict[str, Any], base_dir: Optional[str] = None,
   return [p if _is_absolute(p) else os.path.join(base_dir, p) for p in paths]
 
 
+def resolve_video_paths(row: Dict[str, Any], base_dir: Optional[str] = None) -> List[Any]:
+  """The row's videos in order (a path, or a list of frame paths), relative paths joined to
+  base_dir (default: cwd)."""
+  base_dir = base_dir if base_dir is not None else ""
+  join = lambda p: p if _is_absolute(p) else os.path.join(base_dir, p)
+  return [join(v) if isinstance(v, str) else [join(f) for f in v] for v in _videos(row)]
+
+
 def vision_token_ids(tokenizer: Any) -> Dict[str, int]:
   """Returns {token: id} for the vision tokens; raises ValueError if the tokenizer lacks one."""
   return SequenceEncoder(tokenizer).vision_ids
@@ -159,7 +192,8 @@ def encode_row(row: Dict[str, Any], tokenizer: Any, image_config: Any, max_lengt
       tokenizer, image_config)
   paths = resolve_image_paths(row, base_dir, where)
   try:
-    return encoder.encode(row["text"], paths, length=max_length, source=where)
+    return encoder.encode(row["text"], paths, length=max_length, source=where,
+                          videos=resolve_video_paths(row, base_dir), video_fps=row.get("fps"))
   except BadRecord as e:
     raise _named(where, e) from None
 

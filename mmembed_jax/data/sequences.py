@@ -9,10 +9,12 @@ Inference rows (rows.py: embed.py, evaluation, torch_embed), MoCa stage-1 record
 
 Each `<image>` marker stands for the next image and becomes `<|vision_start|>` + N x
 `<|image_pad|>` + `<|vision_end|>`, N = t*h*w / merge_size**2 merged tokens of the image after
-preprocessing (`images.preprocess_image`). Text with images and no marker gets one marker per
-image prepended (the prepend rule); otherwise markers and images must be equal in number. Text is
-tokenised piece by piece between markers, without special tokens, and may not spell a vision
-token itself.
+preprocessing (`images.preprocess_image`); each `<video>` marker likewise stands for the next
+video (`videos=`: a file, or a list of frame images) with `<|video_pad|>` tokens, sampled and
+processed as Qwen's pipeline does (`video.py`; its patches join the same patch list, in order of
+appearance). Text with media and no marker gets one marker per image, then per video, prepended
+(the prepend rule); otherwise markers and media must be equal in number. Text is tokenised piece
+by piece between markers, without special tokens, and may not spell a vision token itself.
 
 Budgets and what happens beyond them: `length` tokens (text past it is cut with `cut_text`, else
 the sequence is refused: inference never truncates silently), `max_patches` and `max_images`
@@ -28,6 +30,7 @@ import transformers).
 import dataclasses
 import json
 import os
+import re
 import threading
 from typing import Any, Dict, List, Optional, Sequence, Tuple, Union
 
@@ -35,10 +38,13 @@ import numpy as np
 
 from mmembed_jax.data import images as images_lib
 from mmembed_jax.data import mrope
+from mmembed_jax.data import video as video_lib
 from mmembed_jax.data.bad_records import BadRecord
 from mmembed_jax.models import inputs
 
 IMAGE_MARKER = "<image>"
+VIDEO_MARKER = "<video>"
+_MARKERS = re.compile(f"({re.escape(IMAGE_MARKER)}|{re.escape(VIDEO_MARKER)})")
 VISION_START = "<|vision_start|>"
 VISION_END = "<|vision_end|>"
 IMAGE_PAD = "<|image_pad|>"
@@ -51,7 +57,7 @@ class EncodedRow:
   """One encoded sequence: token ids, its images' patches and grids, and M-RoPE positions."""
   input_ids: np.ndarray  # int32 [n]
   patches: np.ndarray  # float32 [p, 1176]; p = sum of t*h*w over the row's images
-  grid_thw: np.ndarray  # int32 [num_images, 3]
+  grid_thw: np.ndarray  # int32 [num_images, 3]: images and videos in order of appearance
   positions: np.ndarray  # int32 [3, n]
   source: str = "row"  # names the row in error messages, e.g. "row 7 (line 7) of data.jsonl"
 
@@ -87,15 +93,26 @@ class SequenceEncoder:
 
   def __init__(self, tokenizer: Union[str, Any],
                image_config: Optional[images_lib.ImageProcessingConfig] = None,
-               extra_special_tokens: Sequence[str] = (), suffix_tokens: Sequence[str] = ()):
+               extra_special_tokens: Sequence[str] = (), suffix_tokens: Sequence[str] = (),
+               video_config: Optional[images_lib.ImageProcessingConfig] = None,
+               video_sampling: video_lib.VideoSampling = video_lib.VideoSampling(),
+               tokens_per_second: Optional[int] = None):
     """tokenizer: a tokenizer directory (its tokenizer.json, local or gs://) or a loaded
     transformers tokenizer; image_config: the image preprocessing (default: Qwen2-VL's);
     extra_special_tokens: added to the tokenizer when absent, as `data/special_tokens.py` adds
     them to the objective's (`<|mask|>`: the same ids on both sides); suffix_tokens: special
     tokens ending every sequence `encode` makes (CoMa's compression tokens; added too), kept
-    when the text is cut."""
+    when the text is cut; video_config: the video processor (default: transformers' video
+    bounds with the image patch settings); video_sampling: how frames are taken (qwen-vl-utils);
+    tokens_per_second: the model's M-RoPE time scale for videos (`ModelConfig.
+    video_tokens_per_second`; None for Qwen2-VL)."""
     self.tokenizer_dir = tokenizer if isinstance(tokenizer, str) else None
     self.image_config = image_config or images_lib.ImageProcessingConfig()
+    self.video_config = video_config or dataclasses.replace(
+        self.image_config, min_pixels=video_lib.VIDEO_MIN_PIXELS,
+        max_pixels=video_lib.VIDEO_MAX_PIXELS)
+    self.video_sampling = video_sampling
+    self.tokens_per_second = tokens_per_second
     self.suffix_tokens = tuple(suffix_tokens)
     self.extra_special_tokens = tuple(extra_special_tokens) + tuple(
         t for t in suffix_tokens if t not in extra_special_tokens)
@@ -215,32 +232,56 @@ class SequenceEncoder:
     return (np.asarray(patches, np.float32),
             np.asarray(grid, np.int32).reshape(3))
 
-  def _pieces(self, text: str, num_images: int) -> List[str]:
-    """The text between markers (num_images + 1 pieces); the prepend rule; BadRecord on a count
-    that does not match."""
-    pieces = text.split(IMAGE_MARKER)
-    if len(pieces) == 1 and num_images:
-      return [""] * num_images + [text]
-    if len(pieces) - 1 != num_images:
-      raise BadRecord(f"text has {len(pieces) - 1} '{IMAGE_MARKER}' markers but the row has "
-                      f"{num_images} images; expected one marker per image (or none, to prepend "
-                      f"them)")
-    return pieces
+  def video(self, video: Any, k: int, fps: Optional[float] = None
+            ) -> Tuple[np.ndarray, np.ndarray, float]:
+    """(patches float32 [p, 1176], grid_thw int32 [3], sample fps) of video k: a file path (local
+    or gs://) or a list of frame images (`fps`: their rate, default 2); BadRecord naming it if it
+    cannot be read."""
+    name = _image_name(video) if not isinstance(video, (list, tuple)) else f"{len(video)} frames"
+    if isinstance(video, str) and "://" not in video and not os.path.isfile(video):
+      raise BadRecord(f"video {k} file {video!r} does not exist")
+    try:
+      if isinstance(video, (list, tuple)):
+        clip = video_lib.read_frame_list(video, self.video_sampling,
+                                         2.0 if fps is None else fps, self.image_config.factor)
+      else:
+        clip = video_lib.read_video(video, self.video_sampling, self.image_config.factor)
+      patches, grid = video_lib.preprocess_video(clip.frames, self.video_config)
+    except Exception as e:  # pylint: disable=broad-except  # decoders raise their own types
+      raise BadRecord(f"cannot read video {k} ({name}): {type(e).__name__}: {e}") from None
+    return patches, grid, clip.sample_fps
 
-  def _vision_span(self, grid: np.ndarray) -> List[int]:
-    """`<|vision_start|>` + N x `<|image_pad|>` + `<|vision_end|>` of an image of this grid."""
+  def _pieces(self, text: str, num_images: int, num_videos: int = 0
+              ) -> Tuple[List[str], List[str]]:
+    """(the text between markers, the markers in order); the prepend rule; BadRecord on counts
+    that do not match."""
+    parts = _MARKERS.split(text)
+    pieces, markers = parts[0::2], parts[1::2]
+    if not markers and num_images + num_videos:
+      markers = [IMAGE_MARKER] * num_images + [VIDEO_MARKER] * num_videos
+      return [""] * len(markers) + [text], markers
+    for marker, count, what in ((IMAGE_MARKER, num_images, "images"),
+                                (VIDEO_MARKER, num_videos, "videos")):
+      if markers.count(marker) != count:
+        raise BadRecord(f"text has {markers.count(marker)} '{marker}' markers but the row has "
+                        f"{count} {what}; expected one marker per image and video (or none, to "
+                        f"prepend them)")
+    return pieces, markers
+
+  def _vision_span(self, grid: np.ndarray, pad: str = IMAGE_PAD) -> List[int]:
+    """`<|vision_start|>` + N x `pad` + `<|vision_end|>` of an image or video of this grid."""
     merge = self.image_config.merge_size
     t, h, w = (int(x) for x in grid)
     if t * h * w % (merge * merge):
       raise BadRecord(f"an image of grid_thw {[t, h, w]} has {t * h * w} patches, which do not "
                       f"split into merged tokens of merge_size**2 = {merge**2}")
     ids = self.vision_ids
-    return [ids[VISION_START]] + [ids[IMAGE_PAD]] * (t * h * w // merge**2) + [ids[VISION_END]]
+    return [ids[VISION_START]] + [ids[pad]] * (t * h * w // merge**2) + [ids[VISION_END]]
 
   def ids_for_grids(self, text: str, grid_thw: Any) -> np.ndarray:
     """int32 [n]: the token ids of `text` whose images have these grids [k, 3] (not loaded)."""
     grids = np.asarray(grid_thw, np.int64).reshape(-1, 3)
-    pieces = self._pieces(text, len(grids))
+    pieces, _ = self._pieces(text, len(grids))
     ids = self.text_ids(pieces[0])
     for grid, piece in zip(grids, pieces[1:]):
       ids += self._vision_span(grid) + self.text_ids(piece)
@@ -248,23 +289,36 @@ class SequenceEncoder:
 
   def encode(self, text: str, images: Sequence[Any], *, length: int,
              max_patches: Optional[int] = None, max_images: Optional[int] = None,
-             cut_text: bool = False, cut_images: bool = False, source: str = "row") -> EncodedRow:
-    """The EncodedRow of `text` and its `images` within the budgets (see the module docstring),
-    ending with the suffix tokens (counted in `length`)."""
-    images = list(images)
+             cut_text: bool = False, cut_images: bool = False, source: str = "row",
+             videos: Sequence[Any] = (), video_fps: Optional[float] = None) -> EncodedRow:
+    """The EncodedRow of `text` and its `images` and `videos` within the budgets (see the module
+    docstring; `max_images` counts videos too), ending with the suffix tokens (counted in
+    `length`); `video_fps`: the rate of videos given as frame lists."""
+    images, videos = list(images), list(videos)
     suffix = self.extra_ids(self.suffix_tokens)
     length -= len(suffix)
-    pieces = self._pieces(text, len(images))
+    pieces, markers = self._pieces(text, len(images), len(videos))
+    media = iter(images)
+    clips = iter(videos)
     ids = self.text_ids(pieces[0])
     patches: List[np.ndarray] = []
     grids: List[np.ndarray] = []
+    intervals: List[Optional[float]] = []
     num_patches = 0
-    for k, image in enumerate(images):
+    for k, marker in enumerate(markers):
+      image = next(media) if marker == IMAGE_MARKER else next(clips)
       if max_images is not None and k >= max_images:
         detail = f"max_images is {max_images}"
       else:
-        image_patches, grid = self.image(image, k)
-        span = self._vision_span(grid)
+        if marker == IMAGE_MARKER:
+          image_patches, grid = self.image(image, k)
+          span = self._vision_span(grid)
+          interval = None
+        else:
+          image_patches, grid, sample_fps = self.video(image, k, video_fps)
+          span = self._vision_span(grid, VIDEO_PAD)
+          interval = mrope.video_time_interval(self.tokens_per_second, sample_fps,
+                                               self.video_config.temporal_patch_size)
         detail = ""
         if cut_text and len(ids) + len(span) > length or (
             max_patches is not None and num_patches + image_patches.shape[0] > max_patches):
@@ -273,11 +327,13 @@ class SequenceEncoder:
       if detail:
         if cut_images and k > 0:
           break  # cut before this image's vision start; later images are dropped too
-        raise BadRecord(f"image {k} ({_image_name(image)}) does not fit the budget (length "
+        what = "image" if marker == IMAGE_MARKER else "video"
+        raise BadRecord(f"{what} {k} ({_image_name(image)}) does not fit the budget (length "
                         f"{length}, max_patches {max_patches}): it needs {detail}")
       ids += span
       patches.append(image_patches)
       grids.append(grid)
+      intervals.append(interval)
       num_patches += image_patches.shape[0]
       ids += self.text_ids(pieces[k + 1])
     if len(ids) > length:
@@ -295,7 +351,9 @@ class SequenceEncoder:
     pixel_patches = (np.concatenate(patches) if patches
                      else np.zeros((0, inputs.PATCH_DIM), np.float32))  # [p, 1176]
     positions = mrope.mrope_positions(input_ids, grid_thw, self.vision_ids[IMAGE_PAD],
-                                      self.image_config.merge_size)
+                                      self.image_config.merge_size,
+                                      video_token_id=self.vision_ids[VIDEO_PAD],
+                                      time_intervals=intervals[:len(grids)])
     return EncodedRow(input_ids, pixel_patches, grid_thw, positions, source)
 
 

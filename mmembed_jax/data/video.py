@@ -43,6 +43,8 @@ from mmembed_jax.data import images as images_lib
 
 FRAME_FACTOR = 2  # sampled frame counts are even: one temporal patch holds 2 frames
 FACTOR = 28  # patch_size * merge_size of the Qwen-VL vision towers
+VIDEO_MIN_PIXELS = 128 * FACTOR * FACTOR  # transformers' video processor size bounds
+VIDEO_MAX_PIXELS = 768 * FACTOR * FACTOR
 
 
 @dataclasses.dataclass(frozen=True)
@@ -301,8 +303,7 @@ def video_processor_config(path_or_dict: Union[str, os.PathLike, dict]
   """The video processor's settings from a HF directory: `video_preprocessor_config.json` if
   present, else transformers' video defaults (min 128 * 28**2, max 768 * 28**2 pixels) with the
   image processor's patch sizes and normalisation."""
-  defaults = {"size": {"shortest_edge": 128 * FACTOR * FACTOR,
-                       "longest_edge": 768 * FACTOR * FACTOR}}
+  defaults = {"size": {"shortest_edge": VIDEO_MIN_PIXELS, "longest_edge": VIDEO_MAX_PIXELS}}
   if isinstance(path_or_dict, dict):
     return images_lib.ImageProcessingConfig.from_preprocessor_config({**defaults, **path_or_dict})
   path = images_lib._as_path(path_or_dict)  # pylint: disable=protected-access

@@ -29,6 +29,7 @@ class VisionConfig:
   fullatt_block_indexes: tuple[int, ...] = ()  # blocks with full attention when windowed
   rope_theta: float = 10000.0
   norm_eps: float = 1e-6
+  tokens_per_second: int = 2  # Qwen2.5-VL: M-RoPE time steps per second of video
 
   @property
   def head_dim(self) -> int:
@@ -103,6 +104,12 @@ class ModelConfig:
       raise ValueError(f"mrope_section {self.text.mrope_section} must sum to head_dim/2 = "
                        f"{self.text.head_dim // 2}")
 
+  @property
+  def video_tokens_per_second(self) -> Optional[int]:
+    """M-RoPE time steps per second of video (Qwen2.5-VL), None where a frame pair is one step
+    (Qwen2-VL)."""
+    return self.vision.tokens_per_second if self.family == "qwen2_5_vl" else None
+
   def replace(self, **changes: Any) -> "ModelConfig":
     """Returns a copy with some top-level fields changed (e.g. attention='bidirectional')."""
     return dataclasses.replace(self, **changes)
@@ -158,7 +165,9 @@ def from_hf_config(hf_config: Any, **run_options: Any) -> ModelConfig:
                           intermediate_size=vision_cfg.intermediate_size,
                           out_hidden_size=vision_cfg.out_hidden_size,
                           window_size=vision_cfg.window_size,
-                          fullatt_block_indexes=tuple(vision_cfg.fullatt_block_indexes), **common)
+                          fullatt_block_indexes=tuple(vision_cfg.fullatt_block_indexes),
+                          tokens_per_second=int(_get(vision_cfg, "tokens_per_second", default=2)),
+                          **common)
   else:  # Qwen2-VL names the vision width embed_dim and the merger output hidden_size
     vision = VisionConfig(hidden_size=vision_cfg.embed_dim,
                           intermediate_size=int(vision_cfg.embed_dim * vision_cfg.mlp_ratio),
@@ -211,7 +220,8 @@ def to_hf_config_dict(config: ModelConfig, dtype: Optional[str] = None) -> dict:
     vision_dict = dict(common_vision, hidden_size=vision.hidden_size,
                        intermediate_size=vision.intermediate_size,
                        out_hidden_size=vision.out_hidden_size, window_size=vision.window_size,
-                       fullatt_block_indexes=list(vision.fullatt_block_indexes))
+                       fullatt_block_indexes=list(vision.fullatt_block_indexes),
+                       tokens_per_second=vision.tokens_per_second)
   else:
     if vision.intermediate_size % vision.hidden_size:
       raise ValueError("Qwen2-VL vision MLP width must be a multiple of its width (mlp_ratio)")

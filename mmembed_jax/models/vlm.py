@@ -18,12 +18,12 @@ from mmembed_jax.models.vision import VisionTower
 
 
 def place_visual_tokens(text_embeds: jax.Array, visual_tokens: jax.Array, input_ids: jax.Array,
-                        image_token_id: int) -> jax.Array:
-  """The k-th image token of each row takes the row's k-th visual token; static shapes only.
+                        image_token_id: int, video_token_id: int) -> jax.Array:
+  """The k-th image or video token of each row takes the row's k-th visual token; static shapes.
 
   text_embeds [batch, length, embed]; visual_tokens [batch, merged, embed]; input_ids [batch, length].
   """
-  is_image = input_ids == image_token_id
+  is_image = (input_ids == image_token_id) | (input_ids == video_token_id)
   index = jnp.clip(jnp.cumsum(is_image, axis=1) - 1, 0, visual_tokens.shape[1] - 1)
   gathered = jnp.take_along_axis(visual_tokens, index[..., None], axis=1)
   return jnp.where(is_image[..., None], gathered.astype(text_embeds.dtype), text_embeds)
@@ -49,11 +49,13 @@ class VisionLanguageModel(nn.Module):
           (config.text.hidden_size, config.text.vocab_size), dtype_of(config.param_dtype))
 
   def embed_inputs(self, batch: Mapping[str, jax.Array]) -> jax.Array:
-    """Token embeddings with visual tokens in place of `<|image_pad|>`: [batch, length, embed]."""
+    """Token embeddings with visual tokens in place of `<|image_pad|>` and `<|video_pad|>`:
+    [batch, length, embed]."""
     embeds = self.embed_tokens(batch["input_ids"])
     if batch["pixel_patches"].shape[1] > 0:
       visual = self.visual(batch["pixel_patches"], batch["patch_image_ids"], batch["image_grid_thw"])
-      embeds = place_visual_tokens(embeds, visual, batch["input_ids"], self.config.image_token_id)
+      embeds = place_visual_tokens(embeds, visual, batch["input_ids"], self.config.image_token_id,
+                                   self.config.video_token_id)
     return nn.with_logical_constraint(embeds, ("batch", "length", "act_embed"))
 
   def __call__(self, batch: Mapping[str, jax.Array],

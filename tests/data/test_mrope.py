@@ -136,3 +136,60 @@ def test_mismatched_image_tokens():
     mrope.mrope_positions(np.array([IMAGE] * 4), [[1, 4, 4], [1, 2, 2]], IMAGE)
   with pytest.raises(ValueError, match="divisible by spatial_merge_size 2"):
     mrope.mrope_positions(np.array([IMAGE] * 4), [[1, 3, 4]], IMAGE)
+
+
+def _video(grid):
+  """The tokens of one video: vision_start, t*h*w/4 video tokens, vision_end."""
+  t, h, w = grid
+  return [VSTART] + [VIDEO] * (t * h * w // 4) + [VEND]
+
+
+@pytest.mark.parametrize("seed", range(6))
+def test_videos_and_images_match_hf(hf_model, seed):
+  """Rows mixing images and videos of several frame counts and sample rates (the time axis of
+  Qwen2.5-VL scales by tokens_per_second * 2 / sample_fps), left-padded in a batch of 2."""
+  import torch  # pylint: disable=g-import-not-at-top
+  rng = np.random.default_rng(seed)
+  tokens_per_second = (hf_model.config.vision_config.tokens_per_second
+                       if hf_model.config.model_type == "qwen2_5_vl" else None)
+  rows = []
+  for _ in range(2):
+    ids, grids, kinds, fps = [], [], [], []
+    for _ in range(int(rng.integers(1, 4))):
+      ids += _text(int(rng.integers(0, 4)))
+      is_video = bool(rng.integers(0, 2)) or not kinds
+      grid = [int(rng.integers(1, 7)) if is_video else 1, 2 * int(rng.integers(1, 4)),
+              2 * int(rng.integers(1, 4))]
+      ids += _video(grid) if is_video else _image(grid)
+      grids.append(grid)
+      kinds.append(is_video)
+      fps.append(float(rng.choice([2.0, 1.0, 0.37, 29.97 / 14, 5.5])) if is_video else None)
+    ids += _text(int(rng.integers(1, 4)))
+    rows.append((ids, grids, kinds, fps))
+  length = max(len(r[0]) for r in rows) + 2
+  batch = [[PAD] * (length - len(r[0])) + r[0] for r in rows]
+  masks = [[0] * (length - len(r[0])) + [1] * len(r[0]) for r in rows]
+  ids_t = torch.tensor(batch)
+  all_grids = [g for r in rows for g in r[1]]
+  all_kinds = [k for r in rows for k in r[2]]
+  kwargs = dict(mm_token_type_ids=(ids_t == IMAGE).int() + 2 * (ids_t == VIDEO).int(),
+                attention_mask=torch.tensor(masks))
+  images = [g for g, k in zip(all_grids, all_kinds) if not k]
+  videos = [g for g, k in zip(all_grids, all_kinds) if k]
+  if images:
+    kwargs["image_grid_thw"] = torch.tensor(images)
+  if videos:
+    kwargs["video_grid_thw"] = torch.tensor(videos)
+    if tokens_per_second is not None:  # the processor's second_per_grid_ts: 2 / sample_fps
+      kwargs["second_per_grid_ts"] = torch.tensor(
+          [2 / f for r in rows for f, k in zip(r[3], r[2]) if k])
+  with torch.no_grad():
+    expected, _ = hf_model.get_rope_index(ids_t, **kwargs)
+  expected = expected.numpy().transpose(1, 0, 2)
+  for i, (ids, grids, kinds, fps) in enumerate(rows):
+    intervals = [mrope.video_time_interval(tokens_per_second, f) if k else None
+                 for f, k in zip(fps, kinds)]
+    got = mrope.mrope_positions(np.array(batch[i]), np.array(grids), IMAGE,
+                                attention_mask=np.array(masks[i]), video_token_id=VIDEO,
+                                time_intervals=intervals)
+    np.testing.assert_array_equal(got, expected[i], err_msg=f"row {i}: {grids} {kinds} {fps}")

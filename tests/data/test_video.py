@@ -9,32 +9,7 @@ import torch
 from mmembed_jax.data import images as images_lib
 from mmembed_jax.data import video
 
-# (frames, fps, height, width, keyframe interval): lengths, rates and sizes that differ.
-CLIPS = [(9, 5, 64, 96, 4), (31, 12, 90, 120, 8), (50, 24, 144, 176, 12), (75, 30, 120, 64, 30),
-         (121, 29.97, 72, 128, 50)]
-
-
-def _frames(n, height, width, seed):
-  """uint8 [n, height, width, 3]: smooth moving gradients plus noise (codec-friendly)."""
-  rng = np.random.default_rng(seed)
-  y, x = np.mgrid[:height, :width]
-  out = []
-  for k in range(n):
-    base = np.stack([(x * 2 + k * 5) % 256, (y * 3 + k * 7) % 256, ((x + y) + k * 11) % 256], -1)
-    out.append(np.clip(base + rng.normal(0, 6, base.shape), 0, 255))
-  return np.asarray(out, np.uint8)
-
-
-@pytest.fixture(scope="module")
-def clips(tmp_path_factory):
-  """Paths and settings of the CLIPS videos, encoded here with libx264."""
-  root = tmp_path_factory.mktemp("videos")
-  out = []
-  for k, (n, fps, h, w, gop) in enumerate(CLIPS):
-    path = str(root / f"clip{k}.mp4")
-    video.write_video(path, _frames(n, h, w, k), fps=fps, keyframe_interval=gop)
-    out.append((path, n, fps, h, w))
-  return out
+from tiny_models import video_frames as _frames
 
 
 def _decode_all(path):
@@ -46,8 +21,8 @@ def _decode_all(path):
     return np.stack(frames), float(stream.average_rate)
 
 
-def test_seek_decode_equals_decoding_every_frame(clips):
-  for path, n, fps, h, w in clips:
+def test_seek_decode_equals_decoding_every_frame(test_videos):
+  for path, n, fps, h, w in test_videos:
     everything, rate = _decode_all(path)
     assert everything.shape == (n, h, w, 3) and math.isclose(rate, fps, rel_tol=1e-3)
     for indices in ([0, n - 1], list(range(0, n, 3)), [n - 1, 2, 2, n // 2],
@@ -80,7 +55,7 @@ def test_sampling_matches_qwen_vl_utils():
 @pytest.mark.parametrize("ele", [{}, {"fps": 1.0, "min_frames": 4, "max_frames": 12,
                                       "max_pixels": 240 * 320, "min_pixels": 64 * 28 * 28},
                                  {"total_pixels": 20 * 28 * 28 * 10, "min_pixels": 16 * 28 * 28}])
-def test_read_video_matches_qwen_vl_utils_fetch_video(clips, monkeypatch, ele):
+def test_read_video_matches_qwen_vl_utils_fetch_video(test_videos, monkeypatch, ele):
   """qwen-vl-utils' fetch_video with its torchvision reader replaced by a decode of every frame
   (torchvision 0.28 has no video reader): same frame count, sample fps and frames; the resize's
   float32 sums may round one value in ~10^5 to the neighbouring level."""
@@ -97,7 +72,7 @@ def test_read_video_matches_qwen_vl_utils_fetch_video(clips, monkeypatch, ele):
   monkeypatch.setitem(vision_process.VIDEO_READER_BACKENDS, "torchvision", read_every_frame)
   monkeypatch.setattr(vision_process, "get_video_reader_backend", lambda: "torchvision")
   sampling = video.VideoSampling(**ele)
-  for path, *_ in clips:
+  for path, *_ in test_videos:
     expected, sample_fps = vision_process.fetch_video({"video": path, **ele},
                                                       return_video_sample_fps=True)
     clip = video.read_video(path, sampling)

@@ -134,3 +134,104 @@ def test_padding_does_not_change_real_tokens(tiny_hf_dirs, tokenizer, image_dir)
   padded = np.asarray(model.apply({"params": params}, wider))[:, :length]
   valid = batch["segment_ids"] > 0
   assert np.abs(base - padded)[valid].max() <= 1e-5
+
+
+VIDEO_FPS = 1.5  # frames sampled per second of the test clips
+VIDEO_ROWS = [
+    {"text": "<video> a clip of moving stripes", "video": "clip1.mp4"},
+    {"text": "first <image> then <video> and the end", "image": "wide.png", "video": "clip0.mp4"},
+    {"text": "three frames <video>", "video": ["f0.png", "f1.png", "f2.png"], "fps": 1.0},
+    {"text": "a text row between videos"},
+    {"text": "<video> two clips <video>", "videos": ["clip3.mp4", "clip4.mp4"]},
+]
+
+
+@pytest.fixture(scope="module")
+def video_row_dir(tmp_path_factory, image_dir, test_videos):
+  """One directory with the images, the clips and three frame images (links)."""
+  import os  # pylint: disable=g-import-not-at-top
+  from PIL import Image  # pylint: disable=g-import-not-at-top
+  from tiny_models import video_frames  # pylint: disable=g-import-not-at-top
+  root = tmp_path_factory.mktemp("video_rows")
+  for name in os.listdir(image_dir):
+    os.symlink(os.path.join(image_dir, name), root / name)
+  for path, *_ in test_videos:
+    os.symlink(path, root / os.path.basename(path))
+  for k, frame in enumerate(video_frames(3, 70, 110, 9)):
+    Image.fromarray(frame).save(root / f"f{k}.png")
+  return str(root)
+
+
+def _encode_videos(tokenizer, row_dir, hf_config):
+  """The VIDEO_ROWS encoded with small frame budgets (2-12 frames of 4-16 merged tokens)."""
+  from mmembed_jax.data import sequences, video  # pylint: disable=g-import-not-at-top
+  tokens_per_second = (hf_config.vision_config.tokens_per_second
+                       if hf_config.model_type == "qwen2_5_vl" else None)
+  encoder = sequences.SequenceEncoder(
+      tokenizer, ImageProcessingConfig(**TEST_PIXELS),
+      video_config=ImageProcessingConfig(min_pixels=4 * 28 * 28, max_pixels=24 * 28 * 28),
+      video_sampling=video.VideoSampling(min_pixels=4 * 28 * 28, frame_max_pixels=16 * 28 * 28,
+                                         max_frames=12, fps=VIDEO_FPS),
+      tokens_per_second=tokens_per_second)
+  encoded = [rows_lib.encode_row(row, encoder, None, 1024, row_dir) for row in VIDEO_ROWS]
+  length, patches, images = collate_lib.bucket_sizes(encoded)
+  return encoded, collate_lib.collate(encoded, tokenizer.pad_token_id, length + 3, patches, images)
+
+
+@pytest.mark.parametrize("family", ["qwen2_5_vl", "qwen2_vl"])
+@pytest.mark.parametrize("attention", ["causal", "bidirectional"])
+def test_video_rows_match_transformers(family, attention, tiny_hf_dirs, tokenizer, video_row_dir):
+  """Rows with videos (files of several lengths and rates, a frame list, two videos in a row),
+  an image and a video mixed, and a text row, padded: M-RoPE positions equal transformers'
+  get_rope_index (given each video's second_per_grid_ts) and hidden states and pooled
+  embeddings equal transformers' model fed pixel_values_videos, <= 1e-4."""
+  model = _hf_model(tiny_hf_dirs[family])
+  encoded, batch = _encode_videos(tokenizer, video_row_dir, model.config)
+  assert sum(int((row.grid_thw[:, 0] > 1).sum()) for row in encoded) >= 4  # several frame pairs
+  input_ids = torch.as_tensor(batch["input_ids"]).long()
+  valid = batch["segment_ids"] > 0
+  grids = np.concatenate([row.grid_thw for row in encoded if row.num_images])
+  video_id, image_id = model.config.video_token_id, model.config.image_token_id
+  from mmembed_jax.convert.torch_embed import _video_items  # pylint: disable=g-import-not-at-top
+  is_video = _video_items(batch["input_ids"], valid, grids, image_id, video_id, 2)
+  fps = [f for row in VIDEO_ROWS for f in _row_sample_fps(row, video_row_dir)]
+  kwargs = dict(mm_token_type_ids=(input_ids == image_id).long() + 2 * (input_ids == video_id).long(),
+                image_grid_thw=torch.as_tensor(grids[~is_video]),
+                video_grid_thw=torch.as_tensor(grids[is_video]),
+                attention_mask=torch.as_tensor(valid).long())
+  if family == "qwen2_5_vl":
+    kwargs["second_per_grid_ts"] = torch.tensor([2 / f for f in fps])
+  positions, _ = model.model.get_rope_index(input_ids, **kwargs)
+  positions = positions.permute(1, 0, 2).numpy() * valid[:, None, :]
+  np.testing.assert_array_equal(positions, batch["positions"])
+  pixels = np.concatenate([row.patches for row in encoded if row.num_images])
+  reference = forward_hidden(model, batch["input_ids"], valid, positions, pixels, grids, attention)
+  config, params = import_hf(tiny_hf_dirs[family], attention=attention)
+  hidden = np.asarray(VisionLanguageModel(config).apply({"params": params}, batch))
+  hidden_error = np.abs(hidden - reference.numpy())[valid].max()
+  print(f"{family} {attention} videos: hidden max abs diff {hidden_error:.2e}")
+  assert hidden_error <= TOLERANCE
+  for pooling in ("mean", "last"):
+    ours = np.asarray(pool(hidden, batch["segment_ids"], pooling))
+    assert np.abs(ours - _pool_torch(reference, valid, pooling)).max() <= TOLERANCE, pooling
+
+
+def _row_sample_fps(row, row_dir):
+  """The sample fps of the row's videos (qwen-vl-utils' rule): a frame list's is the row's
+  fps; a file's is n / T * its rate, n from qwen-vl-utils' smart_nframes."""
+  import os  # pylint: disable=g-import-not-at-top
+  import av  # pylint: disable=g-import-not-at-top
+  from qwen_vl_utils import vision_process  # pylint: disable=g-import-not-at-top
+  videos = [row["video"]] if "video" in row else row.get("videos", [])
+  out = []
+  for item in videos:
+    if isinstance(item, list):
+      out.append(row.get("fps", 2.0))
+      continue
+    with av.open(os.path.join(row_dir, item)) as container:
+      stream = container.streams.video[0]
+      total = sum(1 for _ in container.decode(stream))
+      rate = float(stream.average_rate)
+    n = vision_process.smart_nframes({"fps": VIDEO_FPS, "max_frames": 12}, total, rate)
+    out.append(n / total * rate)
+  return out
