@@ -34,6 +34,7 @@ from mmembed_jax.data.bad_records import printable
 from mmembed_jax.data import collate as collate_lib
 from mmembed_jax.data import images as images_lib
 from mmembed_jax.data import rows as rows_lib
+from mmembed_jax.data import video as video_lib
 from mmembed_jax.data.sequences import SequenceEncoder
 from mmembed_jax.data.special_tokens import compression_tokens
 from mmembed_jax.models import embedder as embedder_lib
@@ -200,7 +201,7 @@ class JaxEmbedder:
     self.image_config = image_config or images_lib.ImageProcessingConfig()
     self.encoder = SequenceEncoder(  # shared with training
         tokenizer, self.image_config, suffix_tokens=compression_tokens(num_ctokens),
-        tokens_per_second=config.video_tokens_per_second)
+        video=video_lib.VideoSettings(tokens_per_second=config.video_tokens_per_second))
     self._check_compatible()
     pad_id = tokenizer.pad_token_id
     self.pad_id = int(pad_id if pad_id is not None else (tokenizer.eos_token_id or 0))

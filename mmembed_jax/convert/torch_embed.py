@@ -16,6 +16,7 @@ import numpy as np
 
 from mmembed_jax.data import images as images_lib
 from mmembed_jax.data import rows as rows_lib
+from mmembed_jax.data import video as video_lib
 from mmembed_jax.data.sequences import SequenceEncoder
 from mmembed_jax.data.special_tokens import compression_tokens
 
@@ -101,8 +102,9 @@ class TorchEmbedder:
     hf_config = model.config
     self.encoder = SequenceEncoder(  # the JAX side's encoder
         tokenizer, image_config, suffix_tokens=compression_tokens(num_ctokens),
-        tokens_per_second=(hf_config.vision_config.tokens_per_second
-                           if hf_config.model_type == "qwen2_5_vl" else None))
+        video=video_lib.VideoSettings(tokens_per_second=(
+            hf_config.vision_config.tokens_per_second
+            if hf_config.model_type == "qwen2_5_vl" else None)))
     self.attention, self.pooling, self.num_ctokens = attention, pooling, num_ctokens
     self.max_length, self.batch_size = max_length, batch_size
 

@@ -39,7 +39,8 @@ def torch_batch(batch: Mapping[str, np.ndarray], config: ModelConfig) -> Dict[st
       "position_ids": torch.as_tensor(np.asarray(batch["positions"]), dtype=torch.long
                                       ).permute(1, 0, 2),
       "token_of_slot": torch.tensor(np.asarray(token_of_slot(
-          np.asarray(batch["input_ids"]), config.image_token_id, slots)), dtype=torch.long),
+          np.asarray(batch["input_ids"]), config.image_token_id, slots, config.video_token_id)),
+          dtype=torch.long),
   }
   return out
 

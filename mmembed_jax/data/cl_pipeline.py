@@ -56,6 +56,7 @@ import numpy as np
 
 from mmembed_jax.data import collate, cpt_pipeline, images as images_lib, mixture, pairs
 from mmembed_jax.data import task_batching as task_batching_lib
+from mmembed_jax.data import video as video_lib
 from mmembed_jax.data import bad_records
 from mmembed_jax.data.bad_records import BadRecord
 from mmembed_jax.data.sequences import EncodedRow, SequenceEncoder, tokenizer_pad_id
@@ -91,13 +92,14 @@ class PairEncoder:
   def __init__(self, sources: Sequence[pairs.PairSource], tokenizer_dir: str,
                image_config: images_lib.ImageProcessingConfig, query_shape: SideShape,
                target_shape: SideShape, num_negatives: int, seed: int, pad_id: int,
-               sample_negatives: bool = True, num_ctokens: int = 0):
+               sample_negatives: bool = True, num_ctokens: int = 0,
+               video: video_lib.VideoSettings = video_lib.VideoSettings()):
     self.sources, self.query_shape, self.target_shape = list(sources), query_shape, target_shape
     self.num_negatives, self.seed, self.pad_id = int(num_negatives), int(seed), int(pad_id)
     self.sample_negatives = sample_negatives
     # CoMa: every query and target ends with the compression tokens.
     self.sequences = SequenceEncoder(tokenizer_dir, image_config,
-                                     suffix_tokens=compression_tokens(num_ctokens))
+                                     suffix_tokens=compression_tokens(num_ctokens), video=video)
 
   def _encode(self, side: Mapping[str, Any], shape: SideShape, what: str,
               where: str) -> EncodedRow:
@@ -105,7 +107,8 @@ class PairEncoder:
     try:
       return self.sequences.encode(side["text"], side["images"], length=shape.length,
                                    max_patches=shape.max_patches, max_images=shape.max_images,
-                                   cut_text=True, source=f"{where} {what}")
+                                   cut_text=True, source=f"{where} {what}",
+                                   videos=side.get("videos", ()), video_fps=side.get("fps"))
     except BadRecord as e:
       raise BadRecord(f"{what}: {e}") from e
 
@@ -232,7 +235,8 @@ def _shapes(query_length: int, target_length: int, query_max_patches: int,
 def _encoder(sources: Sequence[pairs.PairSource], tokenizer_dir: str, seed: int,
              sample_negatives: bool, num_negatives: int, query_length: int, target_length: int,
              query_max_patches: int, target_max_patches: int, max_images: int, min_pixels: int,
-             max_pixels: int, num_ctokens: int = 0, vocab_size: Optional[int] = None) -> PairEncoder:
+             max_pixels: int, num_ctokens: int = 0, vocab_size: Optional[int] = None,
+             video: video_lib.VideoSettings = video_lib.VideoSettings()) -> PairEncoder:
   """The PairEncoder for these encoding arguments (vocab_size: checks the compression tokens'
   ids fall inside it)."""
   image_config = images_lib.ImageProcessingConfig(min_pixels=min_pixels, max_pixels=max_pixels)
@@ -241,7 +245,7 @@ def _encoder(sources: Sequence[pairs.PairSource], tokenizer_dir: str, seed: int,
                                       image_config.merge_size**2)
   pad_id = tokenizer_pad_id(tokenizer_dir)
   encoder = PairEncoder(sources, tokenizer_dir, image_config, query_shape, target_shape,
-                        num_negatives, seed, pad_id, sample_negatives, num_ctokens)
+                        num_negatives, seed, pad_id, sample_negatives, num_ctokens, video)
   if num_ctokens and vocab_size is not None:
     check_ctoken_ids(encoder.sequences, num_ctokens, vocab_size)
   return encoder
@@ -251,6 +255,7 @@ def cl_dataset(sources: Any, tokenizer_dir: str, global_batch_size: int, seed: i
                num_negatives: int, query_length: int, target_length: int,
                query_max_patches: int, target_max_patches: int, max_images: int = 1,
                min_pixels: int, max_pixels: int, num_ctokens: int = 0,
+               video: video_lib.VideoSettings = video_lib.VideoSettings(),
                vocab_size: Optional[int] = None, task_batching: bool = True,
                num_workers: int = 0, read_threads: int = 4, read_buffer: Optional[int] = None,
                worker_buffer: int = 2, process_index: Optional[int] = None,
@@ -272,7 +277,7 @@ def cl_dataset(sources: Any, tokenizer_dir: str, global_batch_size: int, seed: i
                                            process_index, process_count)
   encoder = _encoder(opened, tokenizer_dir, seed, True, num_negatives, query_length,
                      target_length, query_max_patches, target_max_patches, max_images,
-                     min_pixels, max_pixels, num_ctokens, vocab_size)
+                     min_pixels, max_pixels, num_ctokens, vocab_size, video)
   # Batch before to_iter_dataset: Grain threads and worker processes then take whole batches
   # (worker w every W-th), so a batch is always one global batch's slice and num_workers does
   # not change the stream; rows within a batch are encoded one after the other.
@@ -311,7 +316,9 @@ def cl_eval_batches(sources: Any, tokenizer_dir: str, batch_size: int, *,
                     max_rows_per_dataset: int, num_negatives: int, query_length: int,
                     target_length: int, query_max_patches: int, target_max_patches: int,
                     max_images: int = 1, min_pixels: int, max_pixels: int,
-                    num_ctokens: int = 0, read_threads: int = 4) -> List[Dict[str, Any]]:
+                    num_ctokens: int = 0, read_threads: int = 4,
+                    video: video_lib.VideoSettings = video_lib.VideoSettings()
+                    ) -> List[Dict[str, Any]]:
   """Held-out batches: the first rows of every dataset in file order, same format as cl_dataset."""
   # No shuffle and no sharding (every process gets every batch; the caller shards them), the
   # first K hard negatives of each row, the last batch padded with rows of valid 0,
@@ -322,7 +329,7 @@ def cl_eval_batches(sources: Any, tokenizer_dir: str, batch_size: int, *,
   opened, _ = open_pair_sources(sources)
   encoder = _encoder(opened, tokenizer_dir, 0, False, num_negatives, query_length, target_length,
                      query_max_patches, target_max_patches, max_images, min_pixels, max_pixels,
-                     num_ctokens)
+                     num_ctokens, video=video)
   slots = [{"dataset_index": i, "record_index": r, "example_id": mixture.example_id(i, r),
             "epoch": 0}
            for i, source in enumerate(opened)

@@ -31,10 +31,12 @@ import grain
 import numpy as np
 
 from mmembed_jax.data import images as images_lib
-from mmembed_jax.data import mrope, packing
+from mmembed_jax.data import packing
+from mmembed_jax.data import video as video_lib
 from mmembed_jax.data.bad_records import BadRecord
 from mmembed_jax.data.cpt_pipeline import open_sources, packed_dataset
-from mmembed_jax.data.sequences import IMAGE_MARKER, IMAGE_PAD, SequenceEncoder, tokenizer_pad_id
+from mmembed_jax.data.sequences import (IMAGE_MARKER, VIDEO_MARKER, SequenceEncoder,
+                                        tokenizer_pad_id)
 from mmembed_jax.data.special_tokens import check_ctoken_ids, compression_tokens
 
 PREFIX, CTOKENS, FIRST_QUESTION, DIALOGUE = 0, 1, 2, 3  # attention regions
@@ -55,21 +57,23 @@ def check_dialogue(dialogue: Any) -> List[Dict[str, str]]:
   return [{"q": turn["q"], "a": turn["a"]} for turn in dialogue]
 
 
-def prefix_text(text: str, num_images: int) -> str:
-  """The text before the compression tokens: images first, then "\n" + text, then the prompt."""
-  if IMAGE_MARKER in text:
+def prefix_text(text: str, num_images: int, num_videos: int = 0) -> str:
+  """The text before the compression tokens: images (then videos) first, then "\n" + text, then
+  the prompt (the image prompt for videos too: CoMa trains on no video)."""
+  if IMAGE_MARKER in text or VIDEO_MARKER in text:
     return text + IMAGE_PROMPT
-  markers = IMAGE_MARKER * num_images
-  return markers + ("\n" + text if text else "") + (IMAGE_PROMPT if num_images else TEXT_PROMPT)
+  markers = IMAGE_MARKER * num_images + VIDEO_MARKER * num_videos
+  return markers + ("\n" + text if text else "") + (IMAGE_PROMPT if markers else TEXT_PROMPT)
 
 
 class ComaEncoder:
   """Record -> encoded example, or {"bad_record": "FILE:LINE: why"} (picklable, thread-safe)."""
 
   def __init__(self, tokenizer_dir: str, budget: packing.PackingBudget,
-               image_config: images_lib.ImageProcessingConfig, num_ctokens: int):
+               image_config: images_lib.ImageProcessingConfig, num_ctokens: int,
+               video: video_lib.VideoSettings = video_lib.VideoSettings()):
     self.ctokens = compression_tokens(num_ctokens)
-    self.sequences = SequenceEncoder(tokenizer_dir, image_config, self.ctokens)
+    self.sequences = SequenceEncoder(tokenizer_dir, image_config, self.ctokens, video=video)
     self.budget = budget
 
   def encode(self, record: Mapping[str, Any]) -> Dict[str, Any]:
@@ -79,9 +83,11 @@ class ComaEncoder:
     dialogue = check_dialogue(record.get("dialogue"))
     budget, sequences = self.budget, self.sequences
     room = budget.length - len(self.ctokens)
-    prefix = sequences.encode(prefix_text(record["text"] or "", len(record["images"])),
+    videos = record.get("videos", ())
+    prefix = sequences.encode(prefix_text(record["text"] or "", len(record["images"]), len(videos)),
                               record["images"], length=room, max_patches=budget.max_patches,
-                              max_images=budget.max_images)
+                              max_images=budget.max_images, videos=videos,
+                              video_fps=record.get("fps"))
     ids = [prefix.input_ids, np.asarray(sequences.extra_ids(self.ctokens), np.int32)]
     regions = [np.full(prefix.num_tokens, PREFIX), np.full(len(self.ctokens), CTOKENS)]
     answers = [np.zeros(prefix.num_tokens + len(self.ctokens))]
@@ -99,8 +105,10 @@ class ComaEncoder:
     if not answer_mask.any():
       raise BadRecord(f"the first answer does not fit in length {budget.length} after "
                       f"{prefix.num_tokens} prefix and {len(self.ctokens)} compression tokens")
-    positions = mrope.mrope_positions(input_ids, prefix.grid_thw, sequences.vision_ids[IMAGE_PAD],
-                                      sequences.image_config.merge_size)
+    # The prefix's own positions (its videos' time axis included); the text after it goes on
+    # one past its last token, which is text (the prompt).
+    rest = np.arange(1, len(input_ids) - prefix.num_tokens + 1, dtype=np.int32)
+    positions = np.concatenate([prefix.positions, prefix.positions[:, -1:] + rest[None]], axis=1)
     return {"input_ids": input_ids, "positions": positions, "pixel_patches": prefix.patches,
             "image_grid_thw": prefix.grid_thw,
             "attention_regions": np.concatenate(regions).astype(np.int32)[:budget.length],
@@ -121,13 +129,15 @@ def coma_budget(length: int, max_patches: int, max_images: int, max_segments: in
 def coma_dataset(sources: Any, tokenizer_dir: str, global_batch_size: int, length: int,
                  max_patches: int, max_images: int, min_pixels: int, max_pixels: int,
                  num_ctokens: int, seed: int, vocab_size: int, max_segments: int = 64,
-                 packing_bins: Optional[int] = None, **stream: Any) -> grain.IterDataset:
+                 packing_bins: Optional[int] = None,
+                 video: video_lib.VideoSettings = video_lib.VideoSettings(),
+                 **stream: Any) -> grain.IterDataset:
   """This process's endless dataset of packed CoMa stage-1 batches (see the module docstring);
   `stream`: packed_dataset's keyword arguments (workers, threads, processes, data shards)."""
   image_config = images_lib.ImageProcessingConfig(min_pixels=min_pixels, max_pixels=max_pixels)
   budget = coma_budget(length, max_patches, max_images, max_segments,
                        tokenizer_pad_id(tokenizer_dir))
-  encoder = ComaEncoder(tokenizer_dir, budget, image_config, num_ctokens)
+  encoder = ComaEncoder(tokenizer_dir, budget, image_config, num_ctokens, video)
   check_ctoken_ids(encoder.sequences, num_ctokens, vocab_size)
   return packed_dataset(open_sources(sources), encoder, budget, global_batch_size, seed,
                         packing_bins=packing_bins, **stream)

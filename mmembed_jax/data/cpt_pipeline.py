@@ -36,6 +36,7 @@ import grain
 import numpy as np
 
 from mmembed_jax.data import images as images_lib
+from mmembed_jax.data import video as video_lib
 from mmembed_jax.data import masking, mixture, packing, sources as sources_lib
 from mmembed_jax.data.bad_records import BadRecord
 from mmembed_jax.data.sequences import SequenceEncoder, tokenizer_pad_id
@@ -50,9 +51,12 @@ class CptEncoder:
 
   def __init__(self, tokenizer_dir: str, budget: packing.PackingBudget,
                image_config: images_lib.ImageProcessingConfig, text_mask_prob: float,
-               image_mask_prob: float, mask_seed: int, extra_never_mask: Sequence[int] = ()):
+               image_mask_prob: float, mask_seed: int, extra_never_mask: Sequence[int] = (),
+               mae_on_video: bool = True,
+               video: video_lib.VideoSettings = video_lib.VideoSettings()):
     # <|mask|> is added as the objective adds it, so its id is never chosen for masking.
-    self.sequences = SequenceEncoder(tokenizer_dir, image_config, (MASK_TOKEN,))
+    self.sequences = SequenceEncoder(tokenizer_dir, image_config, (MASK_TOKEN,), video=video)
+    self.mae_on_video = bool(mae_on_video)
     self.budget = budget
     self.text_mask_prob, self.image_mask_prob = text_mask_prob, image_mask_prob
     self.mask_seed, self.extra_never_mask = int(mask_seed), tuple(extra_never_mask)
@@ -64,12 +68,14 @@ class CptEncoder:
     budget = self.budget
     row = self.sequences.encode(record["text"], record["images"], length=budget.length,
                                 max_patches=budget.max_patches, max_images=budget.max_images,
-                                cut_text=True, cut_images=True)
+                                cut_text=True, cut_images=True, videos=record.get("videos", ()),
+                                video_fps=record.get("fps"))
     # Never masked: every added (special) token and extra_never_mask.
     never_mask = set(self.sequences.added_token_ids()) | set(self.extra_never_mask)
     mlm_mask, mae_mask = masking.mask_example(
         self.mask_seed, record["example_id"], row.input_ids, row.num_patches, never_mask,
-        self.text_mask_prob, self.image_mask_prob, self.sequences.image_config.merge_size**2)
+        self.text_mask_prob, self.image_mask_prob, self.sequences.image_config.merge_size**2,
+        None if self.mae_on_video else ~row.video_patches)
     return {"input_ids": row.input_ids, "positions": row.positions,
             "pixel_patches": row.patches, "image_grid_thw": row.grid_thw, "mlm_mask": mlm_mask,
             "mae_mask": mae_mask, "example_id": int(record["example_id"]),
@@ -107,7 +113,9 @@ def cpt_dataset(sources: Any, tokenizer_dir: str, global_batch_size: int,
                 read_threads: int = 4, read_buffer: int = 16, worker_buffer: int = 2,
                 process_index: Optional[int] = None,
                 process_count: Optional[int] = None,
-                extra_never_mask: Sequence[int] = (), data_shards: int = 0) -> grain.IterDataset:
+                extra_never_mask: Sequence[int] = (), data_shards: int = 0,
+                video: video_lib.VideoSettings = video_lib.VideoSettings(),
+                mae_on_video: bool = True) -> grain.IterDataset:
   """This process's endless dataset of packed CPT batches (see the module docstring)."""
   # sources: dicts {name, path (file, glob or list), kind (jsonl | parquet | array_record |
   #   tfds), weight (default 1), cap (default: all records), options (kwargs of the source)},
@@ -123,7 +131,7 @@ def cpt_dataset(sources: Any, tokenizer_dir: str, global_batch_size: int,
   budget = packing.PackingBudget(length, max_patches, max_images, max_segments, pad_id,
                                  image_config.merge_size**2)
   encoder = CptEncoder(tokenizer_dir, budget, image_config, text_mask_prob, image_mask_prob,
-                       seed, tuple(extra_never_mask) + (pad_id,))
+                       seed, tuple(extra_never_mask) + (pad_id,), mae_on_video, video)
   return packed_dataset(open_sources(sources), encoder, budget, global_batch_size, seed,
                         num_workers=num_workers, packing_bins=packing_bins,
                         read_threads=read_threads, read_buffer=read_buffer,

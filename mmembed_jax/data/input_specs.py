@@ -46,6 +46,13 @@ class InputSpec(abc.ABC):
   def dataset(self, model_config: ModelConfig, seed: int, tokenizer_dir: str) -> Any:
     """This process's endless Grain IterDataset of batches."""
 
+  def video_settings(self, model_config: ModelConfig) -> Any:
+    """The `video` field (frame sampling and processor bounds, data/video.py) with the model's
+    M-RoPE time scale."""
+    from mmembed_jax.data.video import VideoSettings  # pylint: disable=g-import-not-at-top
+    return VideoSettings.from_spec(getattr(self, "video", None),
+                                   model_config.video_tokens_per_second)
+
   @abc.abstractmethod
   def batch_row(self, model_config: ModelConfig) -> Dict[str, Any]:
     """One row of the batches (host arrays, no batch axis, host-only keys included), read from
@@ -69,11 +76,13 @@ class PackedInput(InputSpec):
   read_buffer: int = 16
   worker_buffer: int = 2
   data_shards: int = 0  # 0: one per process
+  video: Any = None  # {fps, min_frames, max_frames, ...}: data/video.py SETTING_FIELDS
 
-  def pipeline_fields(self) -> Dict[str, Any]:
+  def pipeline_fields(self, model_config: ModelConfig) -> Dict[str, Any]:
     """The fields as the pipeline's keyword arguments (all but `sources`)."""
     fields = {k: v for k, v in dataclasses.asdict(self).items() if k != "sources"}
     fields["packing_bins"] = fields["packing_bins"] or None
+    fields["video"] = self.video_settings(model_config)
     return fields
 
 
@@ -85,11 +94,12 @@ class CptInput(PackedInput):
   text_mask_prob: float
   image_mask_prob: float
   extra_never_mask: Tuple[int, ...] = ()
+  mae_on_video: bool = True  # video patches masked for MAE like image patches (else never)
 
   def dataset(self, model_config, seed, tokenizer_dir):
     from mmembed_jax.data.cpt_pipeline import cpt_dataset  # pylint: disable=g-import-not-at-top
     return cpt_dataset(source_specs(self.sources, "input.sources"), tokenizer_dir, seed=seed,
-                       **self.pipeline_fields())
+                       **self.pipeline_fields(model_config))
 
   def batch_row(self, model_config):
     from mmembed_jax.data.cpt_pipeline import batch_row  # pylint: disable=g-import-not-at-top
@@ -106,7 +116,8 @@ class ComaInput(PackedInput):
   def dataset(self, model_config, seed, tokenizer_dir):
     from mmembed_jax.data.coma_pipeline import coma_dataset  # pylint: disable=g-import-not-at-top
     return coma_dataset(source_specs(self.sources, "input.sources"), tokenizer_dir, seed=seed,
-                        vocab_size=model_config.text.vocab_size, **self.pipeline_fields())
+                        vocab_size=model_config.text.vocab_size,
+                        **self.pipeline_fields(model_config))
 
   def batch_row(self, model_config):
     from mmembed_jax.data.coma_pipeline import batch_row  # pylint: disable=g-import-not-at-top
@@ -134,19 +145,20 @@ class PairInput(InputSpec):
   read_threads: int = 4
   read_buffer: int = 0  # 0: read_threads
   worker_buffer: int = 2
+  video: Any = None  # {fps, min_frames, max_frames, ...}: data/video.py SETTING_FIELDS
 
-  def encoding(self) -> Dict[str, Any]:
+  def encoding(self, model_config: ModelConfig) -> Dict[str, Any]:
     """The fields that say how pairs are encoded; held-out evaluation encodes the same way."""
     return dict(num_negatives=self.num_negatives, query_length=self.query_length,
                 target_length=self.target_length, query_max_patches=self.query_max_patches,
                 target_max_patches=self.target_max_patches, max_images=self.max_images,
                 min_pixels=self.min_pixels, max_pixels=self.max_pixels,
-                num_ctokens=self.num_ctokens)
+                num_ctokens=self.num_ctokens, video=self.video_settings(model_config))
 
   def dataset(self, model_config, seed, tokenizer_dir):
     from mmembed_jax.data.cl_pipeline import cl_dataset  # pylint: disable=g-import-not-at-top
     return cl_dataset(source_specs(self.sources, "input.sources"), tokenizer_dir,
-                      self.global_batch_size, seed, **self.encoding(),
+                      self.global_batch_size, seed, **self.encoding(model_config),
                       vocab_size=model_config.text.vocab_size,
                       task_batching=self.task_batching, num_workers=self.num_workers,
                       read_threads=self.read_threads, read_buffer=self.read_buffer or None,
@@ -158,10 +170,10 @@ class PairInput(InputSpec):
                      self.query_max_patches, self.target_max_patches, self.max_images)
 
 
-def eval_batches(spec: PairInput, sources: Any, tokenizer_dir: str,
+def eval_batches(spec: PairInput, model_config: ModelConfig, sources: Any, tokenizer_dir: str,
                  max_rows_per_dataset: int) -> Any:
   """Held-out batches of `sources`, encoded as `spec` encodes training pairs."""
   from mmembed_jax.data.cl_pipeline import cl_eval_batches  # pylint: disable=g-import-not-at-top
   return cl_eval_batches(source_specs(sources, "eval.sources"), tokenizer_dir,
                          spec.global_batch_size, max_rows_per_dataset=max_rows_per_dataset,
-                         **spec.encoding())
+                         **spec.encoding(model_config))

@@ -5,9 +5,14 @@ A row (one JSON object per JSONL line, or one Parquet row) has the fields
   qry, qry_image_path           the query's text and image(s)
   pos_text, pos_image_path      the positive target's text and image(s)
   neg_text, neg_image_path      optional hard negatives: a value (one negative) or parallel lists
+  qry_video_path, pos_video_path, neg_video_path, fps
+                                optional videos (UNITE, VLM2Vec-V2): a video file, or a list of
+                                videos each a file or a list of frame images; neg_video_path is
+                                parallel to the other negative fields; fps: frame lists' rate
 
 An image field holds a path, a list of paths (several images on one side) or "" / null (none);
-Parquet rows may also hold encoded bytes or Hugging Face `Image` dicts. A text field holds a
+Parquet rows may also hold encoded bytes or Hugging Face `Image` dicts. A side's videos are
+marked `<video>` in its text, or prepended after its images (data/sequences.py). A text field holds a
 string, "" or null. Format "mmE5" differs only in that neg_text / neg_image_path may be strings
 holding a Python list literal ("['a', 'b']"), parsed with `ast.literal_eval` (there, a string
 starting with "[" must be such a literal; one that does not parse makes a bad row). Other fields
@@ -21,8 +26,8 @@ Per-source settings (`PairSettings`, from the config; nothing here is model code
   query_template   str.format template applied to the query text, with {text} (default "{text}")
   target_template  the same for the positive and negative texts; per-dataset instructions go here
   target_modal     the positive's modality bitmask (text 1, image 2, video 4), for UNITE's
-                   modality-aware masking; None infers it from the positive: 2 if it has an image,
-                   else 1. Text+image (3) is never inferred, because MMEB image targets carry
+                   modality-aware masking; None infers it from the positive: 2 if it has an
+                   image, 4 if it has a video (6 both), else 1. Text+image (3) is never inferred, because MMEB image targets carry
                    instruction text ("<|image_1|> Represent the given image."): set it explicitly.
 
 Texts: the template is applied first, then Phi-3.5-V placeholders `<|image_N|>` become the
@@ -32,7 +37,7 @@ negatives with neither text nor image are dropped (padding in list fields).
 
 `PairSource(kind, path, name, settings)[i]` is the pair record of row i:
 
-  {"query": {"text", "images"}, "positive": {"text", "images"}, "negatives": [{"text", "images"}],
+  {"query": {"text", "images"[, "videos", "fps"]}, "positive": {...}, "negatives": [{...}],
    "target_modal": int, "source": name, "where": "FILE:LINE", "error": None | str}
 
 A row that cannot be read (malformed JSON, a missing side, a field of the wrong type, a list
@@ -50,11 +55,13 @@ import numpy as np
 
 from mmembed_jax.data import sources as sources_lib
 from mmembed_jax.data.rows import IMAGE_MARKER
+from mmembed_jax.data.sequences import VIDEO_MARKER
 
 FORMATS = ("mmeb", "mmE5")
 TEXT_MODALITY, IMAGE_MODALITY, VIDEO_MODALITY = 1, 2, 4
 SETTING_FIELDS = ("format", "image_root", "query_template", "target_template", "target_modal")
-PAIR_FIELDS = ("qry", "qry_image_path", "pos_text", "pos_image_path", "neg_text", "neg_image_path")
+PAIR_FIELDS = ("qry", "qry_image_path", "pos_text", "pos_image_path", "neg_text", "neg_image_path",
+               "qry_video_path", "pos_video_path", "neg_video_path", "fps")
 # Phi-3.5-V's `<|image_1|>`, `<|image_2|>`... (MMEB / mmE5 rows); not Qwen's `<|image_pad|>`.
 _PLACEHOLDER = re.compile(r"<\|image_\d+\|>")
 
@@ -224,16 +231,41 @@ def _entries(value: Any) -> List[Any]:
   return list(value) if isinstance(value, (list, tuple)) else [value]
 
 
-def make_side(text: str, images: List[Any], template: str, field: str) -> Dict[str, Any]:
-  """{"text", "images"}: templated, placeholders turned into `<image>`, markers checked."""
+def _videos(value: Any, field: str, roots: Sequence[str], base_dir: str) -> List[Any]:
+  """A video field as a list of videos, each a resolved path or a list of frame paths."""
+  if value is None or (isinstance(value, str) and not value):
+    return []
+  items = [value] if isinstance(value, str) else list(value)
+  out = []
+  for i, item in enumerate(items):
+    if isinstance(item, str):
+      if item:
+        out.append(resolve_image_path(item, roots, base_dir))
+    elif isinstance(item, (list, tuple)) and item and all(isinstance(f, str) for f in item):
+      out.append([resolve_image_path(f, roots, base_dir) for f in item])
+    else:
+      raise ValueError(f"field '{field}[{i}]' must be a video path or a list of frame paths, "
+                       f"found {_type_name(item)}")
+  return out
+
+
+def make_side(text: str, images: List[Any], template: str, field: str,
+              videos: Sequence[Any] = (), fps: Optional[float] = None) -> Dict[str, Any]:
+  """{"text", "images"} (+ "videos", "fps" when it has videos): templated, placeholders turned
+  into `<image>`, markers checked."""
   text = _PLACEHOLDER.sub(IMAGE_MARKER, template.format(text=text))
-  markers = text.count(IMAGE_MARKER)
-  if markers == 0 and images:
-    text = IMAGE_MARKER * len(images) + text  # the prepend rule of rows.py
-  elif markers != len(images):
+  markers, video_markers = text.count(IMAGE_MARKER), text.count(VIDEO_MARKER)
+  if markers == video_markers == 0 and (images or videos):
+    text = IMAGE_MARKER * len(images) + VIDEO_MARKER * len(videos) + text  # rows.py's rule
+  elif markers != len(images) or video_markers != len(videos):
+    video_detail = (f", and {video_markers} video markers for {len(videos)} videos"
+                    if videos or video_markers else "")
     raise ValueError(f"field '{field}' has {markers} image markers after templating but "
-                     f"{len(images)} images; expected one per image (or none, to prepend)")
-  return {"text": text, "images": images}
+                     f"{len(images)} images{video_detail}; expected one per image and video (or "
+                     f"none, to prepend)")
+  if not videos:
+    return {"text": text, "images": images}
+  return {"text": text, "images": images, "videos": list(videos), "fps": fps}
 
 
 def parse_pair(row: Any, settings: PairSettings, base_dir: str) -> Dict[str, Any]:
@@ -241,33 +273,49 @@ def parse_pair(row: Any, settings: PairSettings, base_dir: str) -> Dict[str, Any
   if not isinstance(row, dict):
     raise ValueError(f"expected an object with fields {list(PAIR_FIELDS)}, found {_type_name(row)}")
   roots = settings.image_roots
+  fps = row.get("fps")
+  if fps is not None and (isinstance(fps, bool) or not isinstance(fps, (int, float)) or fps <= 0):
+    raise ValueError(f"field 'fps' must be a positive number, found {fps!r}")
   sides = {}
-  for side, text_field, image_field in (("query", "qry", "qry_image_path"),
-                                        ("positive", "pos_text", "pos_image_path")):
+  for side, text_field, image_field, video_field in (
+      ("query", "qry", "qry_image_path", "qry_video_path"),
+      ("positive", "pos_text", "pos_image_path", "pos_video_path")):
     text = _text(row.get(text_field), text_field)
     images = _images(row.get(image_field), image_field, roots, base_dir)
-    if not text and not images:
-      raise ValueError(f"the {side} is empty: fields '{text_field}' and '{image_field}' are both "
-                       f"missing, null or empty (found fields {sorted(row)})")
+    videos = _videos(row.get(video_field), video_field, roots, base_dir)
+    if not text and not images and not videos:
+      raise ValueError(f"the {side} is empty: fields '{text_field}', '{image_field}' and "
+                       f"'{video_field}' are all missing, null or empty (found fields "
+                       f"{sorted(row)})")
     template = settings.query_template if side == "query" else settings.target_template
-    sides[side] = make_side(text, images, template, text_field)
+    sides[side] = make_side(text, images, template, text_field, videos, fps)
   neg_text, neg_images = row.get("neg_text"), row.get("neg_image_path")
   if settings.format == "mmE5":
     neg_text = _list_literal(neg_text, "neg_text")
     neg_images = _list_literal(neg_images, "neg_image_path")
   texts, images = _entries(neg_text), _entries(neg_images)
-  if texts and images and len(texts) != len(images):
-    raise ValueError(f"field 'neg_text' has {len(texts)} entries but 'neg_image_path' has "
-                     f"{len(images)}; expected parallel lists")
+  videos = _entries(row.get("neg_video_path"))
+  counts = {name: len(entries) for name, entries in (("neg_text", texts),
+                                                      ("neg_image_path", images),
+                                                      ("neg_video_path", videos)) if entries}
+  names = list(counts)
+  for name in names[1:]:
+    if counts[name] != counts[names[0]]:
+      raise ValueError(f"field '{names[0]}' has {counts[names[0]]} entries but '{name}' has "
+                       f"{counts[name]}; expected parallel lists")
   negatives = []
-  for k in range(max(len(texts), len(images))):
+  for k in range(max(counts.values(), default=0)):
     text = _text(texts[k] if texts else None, f"neg_text[{k}]")
     neg_images = _images(images[k] if images else None, f"neg_image_path[{k}]", roots, base_dir)
-    if text or neg_images:
-      negatives.append(make_side(text, neg_images, settings.target_template, f"neg_text[{k}]"))
+    neg_videos = _videos(videos[k] if videos else None, f"neg_video_path[{k}]", roots, base_dir)
+    if text or neg_images or neg_videos:
+      negatives.append(make_side(text, neg_images, settings.target_template, f"neg_text[{k}]",
+                                 neg_videos, fps))
   target_modal = settings.target_modal
   if target_modal is None:
-    target_modal = IMAGE_MODALITY if sides["positive"]["images"] else TEXT_MODALITY
+    positive = sides["positive"]
+    target_modal = ((IMAGE_MODALITY if positive["images"] else 0)
+                    | (VIDEO_MODALITY if positive.get("videos") else 0)) or TEXT_MODALITY
   return {"query": sides["query"], "positive": sides["positive"], "negatives": negatives,
           "target_modal": int(target_modal)}
 

@@ -60,6 +60,7 @@ class EncodedRow:
   grid_thw: np.ndarray  # int32 [num_images, 3]: images and videos in order of appearance
   positions: np.ndarray  # int32 [3, n]
   source: str = "row"  # names the row in error messages, e.g. "row 7 (line 7) of data.jsonl"
+  is_video: Optional[np.ndarray] = None  # bool [num_images]: which items are videos (None: none)
 
   @property
   def num_tokens(self) -> int:
@@ -73,8 +74,15 @@ class EncodedRow:
 
   @property
   def num_images(self) -> int:
-    """Returns the number of images."""
+    """Returns the number of images and videos."""
     return int(self.grid_thw.shape[0])
+
+  @property
+  def video_patches(self) -> np.ndarray:
+    """bool [p]: which patches belong to videos."""
+    if self.is_video is None:
+      return np.zeros(self.num_patches, bool)
+    return np.repeat(np.asarray(self.is_video, bool), self.grid_thw.prod(-1).astype(np.int64))
 
 
 def _image_name(image: Any) -> str:
@@ -94,25 +102,20 @@ class SequenceEncoder:
   def __init__(self, tokenizer: Union[str, Any],
                image_config: Optional[images_lib.ImageProcessingConfig] = None,
                extra_special_tokens: Sequence[str] = (), suffix_tokens: Sequence[str] = (),
-               video_config: Optional[images_lib.ImageProcessingConfig] = None,
-               video_sampling: video_lib.VideoSampling = video_lib.VideoSampling(),
-               tokens_per_second: Optional[int] = None):
+               video: video_lib.VideoSettings = video_lib.VideoSettings()):
     """tokenizer: a tokenizer directory (its tokenizer.json, local or gs://) or a loaded
     transformers tokenizer; image_config: the image preprocessing (default: Qwen2-VL's);
     extra_special_tokens: added to the tokenizer when absent, as `data/special_tokens.py` adds
     them to the objective's (`<|mask|>`: the same ids on both sides); suffix_tokens: special
     tokens ending every sequence `encode` makes (CoMa's compression tokens; added too), kept
-    when the text is cut; video_config: the video processor (default: transformers' video
-    bounds with the image patch settings); video_sampling: how frames are taken (qwen-vl-utils);
-    tokens_per_second: the model's M-RoPE time scale for videos (`ModelConfig.
-    video_tokens_per_second`; None for Qwen2-VL)."""
+    when the text is cut; video: frame sampling, the video processor's bounds and the model's
+    M-RoPE time scale (`video.VideoSettings`; set its tokens_per_second from `ModelConfig.
+    video_tokens_per_second`)."""
     self.tokenizer_dir = tokenizer if isinstance(tokenizer, str) else None
     self.image_config = image_config or images_lib.ImageProcessingConfig()
-    self.video_config = video_config or dataclasses.replace(
-        self.image_config, min_pixels=video_lib.VIDEO_MIN_PIXELS,
-        max_pixels=video_lib.VIDEO_MAX_PIXELS)
-    self.video_sampling = video_sampling
-    self.tokens_per_second = tokens_per_second
+    self.video_config = video.processor_config(self.image_config)
+    self.video_sampling = video.sampling
+    self.tokens_per_second = video.tokens_per_second
     self.suffix_tokens = tuple(suffix_tokens)
     self.extra_special_tokens = tuple(extra_special_tokens) + tuple(
         t for t in suffix_tokens if t not in extra_special_tokens)
@@ -354,7 +357,9 @@ class SequenceEncoder:
                                       self.image_config.merge_size,
                                       video_token_id=self.vision_ids[VIDEO_PAD],
                                       time_intervals=intervals[:len(grids)])
-    return EncodedRow(input_ids, pixel_patches, grid_thw, positions, source)
+    is_video = np.asarray([m == VIDEO_MARKER for m in markers[:len(grids)]], bool)  # [k]
+    return EncodedRow(input_ids, pixel_patches, grid_thw, positions, source,
+                      is_video if is_video.any() else None)
 
 
 def tokenizer_pad_id(tokenizer_dir: str) -> int:

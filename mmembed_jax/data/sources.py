@@ -2,14 +2,15 @@
 
 Every source has `len()` and `source[i]`, which returns one record
 
-  {"text": str | None, "images": [image, ...], "source": name, "where": "FILE:LINE",
-   "error": None | str}
+  {"text": str | None, "images": [image, ...], "videos": [video, ...], "fps": float | None,
+   "source": name, "where": "FILE:LINE", "error": None | str}
 
 plus "dialogue" (the row's value, checked by its pipeline: CoMa's [{"q", "a"}, ...]) when the
 row has one; such rows may leave out 'text'.
 
 An image is an absolute path (local or gs://), or, for Parquet and TFDS, the encoded bytes or
-a decoded array. Relative paths are joined to the directory of the file holding the record.
+a decoded array. A video ("video" or "videos" in the row) is a video file's path or a list of
+frame images' paths; "fps" is the rate of frame-list videos (data/sequences.py). Relative paths are joined to the directory of the file holding the record.
 `where` names the record: "data.jsonl:7" (1-based line), "data.parquet:row 3",
 "data.array_record:record 3" (1-based), "tfds NAME:SPLIT:record 3".
 
@@ -29,6 +30,7 @@ from typing import Any, Dict, List, Optional, Sequence
 import numpy as np
 
 IMAGE_FIELDS = ("images", "image")
+VIDEO_FIELDS = ("videos", "video")
 
 
 def _is_url(path: str) -> bool:
@@ -77,7 +79,8 @@ def _as_image(value: Any, base_dir: str, field: str) -> Any:
 
 def error_record(source: str, where: str, error: str) -> Dict[str, Any]:
   """A record that could not be read: the pipeline skips, counts and names it."""
-  return {"text": None, "images": [], "source": source, "where": where, "error": error}
+  return {"text": None, "images": [], "videos": [], "fps": None, "source": source,
+          "where": where, "error": error}
 
 
 def make_record(raw: Any, base_dir: str, source: str, where: str) -> Dict[str, Any]:
@@ -108,11 +111,39 @@ def make_record(raw: Any, base_dir: str, source: str, where: str) -> Dict[str, A
       images = [_as_image(x, base_dir, f"images[{i}]") for i, x in enumerate(images)]
     else:
       raise ValueError(f"field 'images' must be an array of image paths, found {_type_name(images)}")
+    videos = _videos(raw, base_dir)
+    fps = raw.get("fps")
+    if fps is not None and (isinstance(fps, bool) or not isinstance(fps, (int, float)) or fps <= 0):
+      raise ValueError(f"field 'fps' must be a positive number, found {fps!r}")
   except (ValueError, UnicodeDecodeError) as e:
     record["error"] = str(e)
     return record
-  record.update(text=text, images=images)
+  record.update(text=text, images=images, videos=videos, fps=fps)
   return record
+
+
+def _as_video(value: Any, base_dir: str, field: str) -> Any:
+  """A video entry as a resolved path or a list of resolved frame paths."""
+  if isinstance(value, str) and value:
+    return _join(base_dir, value)
+  if isinstance(value, (list, tuple, np.ndarray)) and len(value):
+    return [_as_image(x, base_dir, f"{field}[{i}]") for i, x in enumerate(value)]
+  raise ValueError(f"field '{field}' must be a video path or a non-empty array of frame paths, "
+                   f"found {_type_name(value)}")
+
+
+def _videos(raw: Dict[str, Any], base_dir: str) -> List[Any]:
+  """The row's videos ("video": one, "videos": a list)."""
+  video, videos = raw.get("video"), raw.get("videos")
+  if video is not None and videos is not None:
+    raise ValueError("fields 'video' and 'videos' are both set; expected at most one")
+  if video is not None:
+    return [_as_video(video, base_dir, "video")]
+  if videos is None:
+    return []
+  if not isinstance(videos, (list, tuple, np.ndarray)):
+    raise ValueError(f"field 'videos' must be an array of videos, found {_type_name(videos)}")
+  return [_as_video(v, base_dir, f"videos[{i}]") for i, v in enumerate(videos)]
 
 
 def _open(path: str, mode: str = "rb"):
@@ -214,7 +245,7 @@ class ParquetSource:
     if "text" not in columns and "dialogue" not in columns:
       raise ValueError(f"{self.path}: Parquet file has no column 'text' (found {sorted(columns)}); "
                        f"expected columns text and images (or image)")
-    return [c for c in ("text", "dialogue") + IMAGE_FIELDS if c in columns]
+    return [c for c in ("text", "dialogue", "fps") + IMAGE_FIELDS + VIDEO_FIELDS if c in columns]
 
   def __getstate__(self):
     state = dict(self.__dict__)
@@ -255,7 +286,7 @@ class ParquetSource:
 
   def __getitem__(self, index: int) -> Dict[str, Any]:
     raw, where, _ = self.read_row(index)
-    raw = {k: v for k, v in raw.items() if not (k in IMAGE_FIELDS and v is None)}
+    raw = {k: v for k, v in raw.items() if not (k in IMAGE_FIELDS + VIDEO_FIELDS and v is None)}
     return make_record(raw, self._base_dir, self.name, where)
 
 

@@ -35,7 +35,7 @@ rounding to uint8 about 1 value in 10^5 differs by one level.
 import dataclasses
 import math
 import os
-from typing import Any, List, Optional, Sequence, Union
+from typing import Any, List, Mapping, Optional, Sequence, Union
 
 import numpy as np
 
@@ -54,7 +54,7 @@ class VideoSampling:
   fps: float = 2.0  # frames sampled per second of video
   min_frames: int = 4
   max_frames: int = 768
-  min_pixels: int = 128 * FACTOR * FACTOR  # per frame
+  min_pixels: int = VIDEO_MIN_PIXELS  # per frame
   max_pixels: Optional[int] = None  # per frame, caps the budget below (a row's "max_pixels")
   frame_max_pixels: int = 768 * FACTOR * FACTOR  # VIDEO_MAX_TOKEN_NUM * 28**2
   total_pixels: float = 128000 * FACTOR * FACTOR * 0.9  # shared by all frames of a video
@@ -71,6 +71,40 @@ class VideoSampling:
     budget = max(min(self.frame_max_pixels, self.total_pixels / num_frames * FRAME_FACTOR),
                  int(self.min_pixels * 1.05))
     return budget if self.max_pixels is None else min(self.max_pixels, budget)
+
+
+SETTING_FIELDS = ("fps", "min_frames", "max_frames", "min_pixels", "max_pixels",
+                  "frame_max_pixels", "total_pixels", "processor_min_pixels",
+                  "processor_max_pixels")
+
+
+@dataclasses.dataclass(frozen=True)
+class VideoSettings:
+  """How a pipeline turns videos into model input: frame sampling, the video processor's pixel
+  bounds, and the model's M-RoPE time scale."""
+  sampling: VideoSampling = VideoSampling()
+  processor_min_pixels: int = VIDEO_MIN_PIXELS  # transformers' video processor bounds
+  processor_max_pixels: int = VIDEO_MAX_PIXELS
+  tokens_per_second: Optional[int] = None  # ModelConfig.video_tokens_per_second (None: Qwen2-VL)
+
+  @classmethod
+  def from_spec(cls, spec: Optional[Mapping[str, Any]], tokens_per_second: Optional[int] = None,
+                where: str = "input.video") -> "VideoSettings":
+    """Settings from a config's `video` dict (SETTING_FIELDS; None: the defaults)."""
+    spec = dict(spec or {})
+    unknown = set(spec) - set(SETTING_FIELDS)
+    if unknown:
+      raise ValueError(f"{where}: unknown fields {sorted(unknown)}; expected some of "
+                       f"{list(SETTING_FIELDS)}")
+    processor = {k: spec.pop(k) for k in ("processor_min_pixels", "processor_max_pixels")
+                 if k in spec}
+    return cls(VideoSampling(**spec), **processor, tokens_per_second=tokens_per_second)
+
+  def processor_config(self, image_config: images_lib.ImageProcessingConfig
+                       ) -> images_lib.ImageProcessingConfig:
+    """The video processor: the image processor's patches and normalisation, video bounds."""
+    return dataclasses.replace(image_config, min_pixels=self.processor_min_pixels,
+                               max_pixels=self.processor_max_pixels)
 
 
 @dataclasses.dataclass(frozen=True)

@@ -58,9 +58,11 @@ class MaeDecoder(nn.Module):
     return jnp.swapaxes(out.reshape(out.shape[:2] + (config.vision.patch_dim, unit)), -1, -2)
 
 
-def token_of_slot(input_ids: jax.Array, image_token_id: int, num_slots: int) -> jax.Array:
-  """Index of the token holding each merged visual token: int32 [batch, num_slots] (0 if none)."""
-  is_image = input_ids == image_token_id
+def token_of_slot(input_ids: jax.Array, image_token_id: int, num_slots: int,
+                  video_token_id: int = -1) -> jax.Array:
+  """Index of the token holding each merged visual token (of an image or a video): int32
+  [batch, num_slots] (0 if none)."""
+  is_image = (input_ids == image_token_id) | (input_ids == video_token_id)
   slot = jnp.where(is_image, jnp.cumsum(is_image, axis=1) - 1, num_slots)  # overflow -> dropped
   batch, length = input_ids.shape
   table = jnp.zeros((batch, num_slots + 1), jnp.int32)
@@ -168,7 +170,8 @@ class MocaCpt(Objective):
       slots = patches.shape[1] // unit
       prediction = MaeDecoder(config, self.mae_head_layout).apply(
           {"params": params[MAE_DECODER]}, hidden, segment_ids, batch["positions"],
-          token_of_slot(input_ids, config.image_token_id, slots))  # [batch, slots, 4, 1176]
+          token_of_slot(input_ids, config.image_token_id, slots,
+                        config.video_token_id))  # [batch, slots, 4, 1176]
       target = patches.reshape(prediction.shape).astype(jnp.float32)
       patch_weights = mae_mask.reshape(prediction.shape[:3]).astype(jnp.float32)
       squared = jnp.sum(jnp.square(prediction.astype(jnp.float32) - target), axis=-1)

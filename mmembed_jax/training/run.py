@@ -131,8 +131,8 @@ class RunSetup:
     sources = config.eval.sources
     if sources == "demo":
       sources = demo_entry.demo().sources("held_out_pairs")
-    batches = eval_batches(self.input_spec, sources, self.resolved.tokenizer_dir,
-                           config.eval.max_rows_per_dataset)
+    batches = eval_batches(self.input_spec, self.model_config, sources,
+                           self.resolved.tokenizer_dir, config.eval.max_rows_per_dataset)
     return RetrievalEval(self.objective.embed, batches, list(sources),
                          sharding_lib.batch_sharding(self.mesh))
 

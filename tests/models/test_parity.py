@@ -137,6 +137,10 @@ def test_padding_does_not_change_real_tokens(tiny_hf_dirs, tokenizer, image_dir)
 
 
 VIDEO_FPS = 1.5  # frames sampled per second of the test clips
+# Small frame budgets: 2-12 frames of 4-16 merged tokens.
+VIDEO_SETTINGS = dict(fps=VIDEO_FPS, max_frames=12, min_pixels=4 * 28 * 28,
+                      frame_max_pixels=16 * 28 * 28, processor_min_pixels=4 * 28 * 28,
+                      processor_max_pixels=24 * 28 * 28)
 VIDEO_ROWS = [
     {"text": "<video> a clip of moving stripes", "video": "clip1.mp4"},
     {"text": "first <image> then <video> and the end", "image": "wide.png", "video": "clip0.mp4"},
@@ -167,12 +171,9 @@ def _encode_videos(tokenizer, row_dir, hf_config):
   from mmembed_jax.data import sequences, video  # pylint: disable=g-import-not-at-top
   tokens_per_second = (hf_config.vision_config.tokens_per_second
                        if hf_config.model_type == "qwen2_5_vl" else None)
-  encoder = sequences.SequenceEncoder(
-      tokenizer, ImageProcessingConfig(**TEST_PIXELS),
-      video_config=ImageProcessingConfig(min_pixels=4 * 28 * 28, max_pixels=24 * 28 * 28),
-      video_sampling=video.VideoSampling(min_pixels=4 * 28 * 28, frame_max_pixels=16 * 28 * 28,
-                                         max_frames=12, fps=VIDEO_FPS),
-      tokens_per_second=tokens_per_second)
+  encoder = sequences.SequenceEncoder(tokenizer, ImageProcessingConfig(**TEST_PIXELS),
+                                      video=video.VideoSettings.from_spec(
+                                          VIDEO_SETTINGS, tokens_per_second))
   encoded = [rows_lib.encode_row(row, encoder, None, 1024, row_dir) for row in VIDEO_ROWS]
   length, patches, images = collate_lib.bucket_sizes(encoded)
   return encoded, collate_lib.collate(encoded, tokenizer.pad_token_id, length + 3, patches, images)
