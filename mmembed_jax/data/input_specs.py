@@ -25,6 +25,12 @@ def source_specs(sources: Any, what: str) -> Dict[str, Dict[str, Any]]:
   return specs
 
 
+def is_demo(sources: Any) -> bool:
+  """Whether a `sources` value asks for the demo's files ("demo", or "demo+video" for the pairs
+  with the demo's video clips)."""
+  return isinstance(sources, str) and sources in ("demo", "demo+video")
+
+
 class InputSpec(abc.ABC):
   """Base of every input (subclasses are frozen dataclasses, see the module docstring)."""
   name: ClassVar[str]  # `input.name` in configs
@@ -39,8 +45,9 @@ class InputSpec(abc.ABC):
 
   @property
   def uses_demo_data(self) -> bool:
-    """Whether `sources` is "demo" (the run builder then supplies the demo's files)."""
-    return "sources" in self.section_fields() and self.sources == "demo"
+    """Whether `sources` is "demo" or "demo+video" (the run builder then supplies the demo's
+    files)."""
+    return "sources" in self.section_fields() and is_demo(self.sources)
 
   @abc.abstractmethod
   def dataset(self, model_config: ModelConfig, seed: int, tokenizer_dir: str) -> Any:

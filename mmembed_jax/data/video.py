@@ -285,10 +285,12 @@ def read_video(path: str, sampling: VideoSampling = VideoSampling(),
   import av  # pylint: disable=g-import-not-at-top
   try:
     with _open(path) as container:
+      if not container.streams.video:
+        raise ValueError(f"video {path} has no frames (no video stream)")
       stream = container.streams.video[0]
       rate = float(stream.average_rate or stream.guessed_rate or 0)
       total = len(_frame_table(container, stream)[0])
-  except (av.FFmpegError, IndexError, OSError) as e:
+  except (av.FFmpegError, OSError) as e:
     raise ValueError(f"cannot open video {path}: {type(e).__name__}: {e}") from None
   if total == 0 or rate <= 0:
     raise ValueError(f"video {path} has no frames" if total == 0 else f"video {path} has no rate")
@@ -403,6 +405,7 @@ def write_video(path: str, frames: np.ndarray, fps: float = 24.0, keyframe_inter
       stream.options = {"crf": "18", "preset": "veryfast", "bf": "0",
                         "x264-params": f"keyint={keyframe_interval}:min-keyint={keyframe_interval}"
                                        ":scenecut=0"}
+    container.start_encoding()  # the header, even for no frames (a frameless test video)
     for frame in frames:
       container.mux(stream.encode(av.VideoFrame.from_ndarray(frame, format="rgb24")))
     container.mux(stream.encode())

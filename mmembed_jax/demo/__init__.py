@@ -23,10 +23,14 @@ INPUTS = {SyntheticTokens.name: SyntheticTokens}
 # a tiny model cannot learn the training images by heart in a demo's few hundred steps.
 TRAIN_PAIRS = dict(num_scenes=768, num_documents=256, num_passages=384, seed=0, name="pairs")
 HELD_OUT_PAIRS = dict(num_scenes=64, num_documents=32, num_passages=64, seed=1, name="pairs_eval")
+# Caption <-> clip pairs, added by sources="demo+video" (UNITE's demo).
+TRAIN_VIDEO_PAIRS = dict(num_clips=384, seed=0, name="video_pairs")
+HELD_OUT_VIDEO_PAIRS = dict(num_clips=64, seed=1, name="video_pairs_eval")
+DEMO_SOURCES = ("demo", "demo+video")  # the values of `sources` that ask for the demo's files
 # Share of training batches per dataset: the image sets learn from pixels through a vision tower
 # trained from scratch and need more steps than the text set, which learns from shared words.
 PAIR_WEIGHTS = {"caption_scene": 3.0, "scene_caption": 3.0, "query_document": 2.0,
-                "question_passage": 1.0}
+                "question_passage": 1.0, "caption_video": 3.0, "video_caption": 3.0}
 
 
 def cache_dir() -> str:
@@ -45,10 +49,13 @@ def tokenizer_dir() -> str:
   return path
 
 
-def sources(kind: str) -> Dict[str, Dict[str, Any]]:
+def sources(kind: str, variant: str = "demo") -> Dict[str, Dict[str, Any]]:
   """{name: source spec} of the demo's files for `kind`: "moca_cpt" (stage-1 rows),
   "coma_dialogues" (CoMa stage-1 rows),
-  "contrastive_pairs" (training pairs) or "held_out_pairs"; written on first use."""
+  "contrastive_pairs" (training pairs) or "held_out_pairs"; written on first use. variant
+  "demo+video" adds the caption <-> clip pairs to the pairs."""
+  if variant not in DEMO_SOURCES:
+    raise ValueError(f"demo sources {variant!r}: expected one of {DEMO_SOURCES}")
   from mmembed_jax.demo import records  # pylint: disable=g-import-not-at-top
   data = os.path.join(cache_dir(), "data")
   if kind == "moca_cpt":
@@ -58,11 +65,15 @@ def sources(kind: str) -> Dict[str, Dict[str, Any]]:
     files = records.write_demo_dialogues(data, seed=0)
     return {name: dict(path=path, kind="jsonl", weight=1.0) for name, path in files.items()}
   if kind in ("contrastive_pairs", "held_out_pairs"):
-    files = records.write_demo_pairs(data, **(TRAIN_PAIRS if kind == "contrastive_pairs"
-                                              else HELD_OUT_PAIRS))
+    train = kind == "contrastive_pairs"
+    files = records.write_demo_pairs(data, **(TRAIN_PAIRS if train else HELD_OUT_PAIRS))
+    if variant == "demo+video":
+      files.update(records.write_demo_video_pairs(
+          data, **(TRAIN_VIDEO_PAIRS if train else HELD_OUT_VIDEO_PAIRS)))
     return {name: dict(path=path, kind="jsonl", format="mmeb", weight=PAIR_WEIGHTS[name])
             for name, path in files.items()}
   raise ValueError(f"the demo has no sources for '{kind}'")
 
 
-__all__ = ["INPUTS", "PRESETS", "cache_dir", "preset_config", "sources", "tokenizer_dir"]
+__all__ = ["DEMO_SOURCES", "INPUTS", "PRESETS", "cache_dir", "preset_config", "sources",
+           "tokenizer_dir"]

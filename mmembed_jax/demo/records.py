@@ -27,6 +27,9 @@ Layout of cache_dir (image paths in rows are relative to their JSONL file, as ro
   pairs/images/..., pairs/DEMO_PAIRS_COMPLETE
   pairs_eval/...                                  the same for write_demo_pairs(name="pairs_eval"),
                                                   e.g. a held-out split with another seed
+  video_pairs/{caption_video,video_caption}.jsonl  caption <-> clip pairs (write_demo_video_pairs):
+                                                  the pair format with pos_video_path /
+                                                  qry_video_path / neg_video_path; videos/*.mp4
 Every row also carries its items' metadata in an extra "meta" field (readers ignore it). A writer
 reuses a directory whose marker has the same parameters and files and otherwise rebuilds it, so a
 second call is free and an interrupted one is redone. Same seed, same bytes. The demo tokenizer's
@@ -41,14 +44,17 @@ from typing import Any, Dict, List, Optional, Sequence, Tuple
 from mmembed_jax.demo.documents import (IDENTITY_FIELDS, document_qa, document_text,
                                         make_document, make_passage, passage_qa, passage_text,
                                         perturb_fields, render_document)
+from mmembed_jax.demo.clips import (CLIP_ATTRIBUTES, clip_caption, make_clip, perturb_clip,
+                                    render_clip)
 from mmembed_jax.demo.scenes import (item_rng, make_scene, perturb_scene,
                                      render_scene, scene_caption, scene_dialogue)
 
 DATA_MARKER = "DEMO_DATA_COMPLETE"
 PAIRS_MARKER = "DEMO_PAIRS_COMPLETE"
 DIALOGUES_MARKER = "DEMO_DIALOGUES_COMPLETE"
+VIDEO_PAIRS_MARKER = "DEMO_VIDEO_PAIRS_COMPLETE"
 PAIRS_DIR = "pairs"
-_IMAGE_DIRS = ("images/scenes", "images/documents")  # written (and cleared on a rebuild) by the writers
+_IMAGE_DIRS = ("images/scenes", "images/documents", "videos")  # written (and cleared on a rebuild)
 # What a scene's hard negatives change: a colour or a position. At the demo's image sizes (a
 # shape spans 1-2 merged tokens of 28 px) a changed kind or size is close to invisible, and such a
 # "negative" is a near-copy of the positive that no encoder can tell apart.
@@ -63,6 +69,9 @@ PROMPTS = {
     "document_query": "Find a document image that answers the question: {query}",
     "document_target": "<image>\nRepresent the given document image.",
     "question_query": "Given a question, retrieve a passage that answers it: {question}",
+    "video_query": "<video> Find a caption describing the given video.",
+    "caption_video_query": "Find a video that matches the given caption: {caption}",
+    "video_target": "<video> Represent the given video.",
 }
 
 
@@ -214,6 +223,35 @@ def pair_records(seed: int = 0, num_scenes: int = 96, num_documents: int = 48, n
   return datasets, images
 
 
+def video_pair_records(seed: int = 0, num_clips: int = 192, num_negatives: int = 2
+                       ) -> Tuple[Dict[str, List[dict]], Dict[str, dict]]:
+  """({dataset: pair rows}, {relative video path: clip}): caption_video (caption -> clip) and
+  video_caption (clip -> caption); each row's negatives reverse the clip's time order or change
+  a colour (one each)."""
+  datasets: Dict[str, List[dict]] = {"caption_video": [], "video_caption": []}
+  videos: Dict[str, dict] = {}
+  for i in range(num_clips):
+    rng = item_rng(seed, "pair-clip", i)
+    clip = make_clip(rng)
+    negatives = [perturb_clip(clip, rng, a) for a in CLIP_ATTRIBUTES[:num_negatives]]
+    path = f"videos/clip_{i:05d}.mp4"
+    neg_paths = [f"videos/clip_{i:05d}_neg{k}.mp4" for k in range(len(negatives))]
+    videos[path] = clip
+    videos.update({p: n for p, (n, _) in zip(neg_paths, negatives)})
+    extra = {"meta": {"pos": clip, "neg": [n for n, _ in negatives],
+                      "changes": [c for _, c in negatives]}}
+    caption = clip_caption(clip)
+    datasets["caption_video"].append({
+        "qry": PROMPTS["caption_video_query"].format(caption=caption),
+        "pos_text": PROMPTS["video_target"], "pos_video_path": path,
+        "neg_text": [PROMPTS["video_target"]] * len(negatives), "neg_video_path": neg_paths,
+        **extra})
+    datasets["video_caption"].append({
+        "qry": PROMPTS["video_query"], "qry_video_path": path, "pos_text": caption,
+        "neg_text": [clip_caption(n) for n, _ in negatives], **extra})
+  return datasets, videos
+
+
 # --- writing -------------------------------------------------------------------------------------
 
 
@@ -244,6 +282,10 @@ def _write(directory: str, marker: str, params: Dict[str, Any], datasets: Dict[s
   for path, meta in images.items():
     full = os.path.join(directory, path)
     os.makedirs(os.path.dirname(full), exist_ok=True)
+    if meta["type"] == "clip":
+      from mmembed_jax.data.video import write_video  # pylint: disable=g-import-not-at-top
+      write_video(full, render_clip(meta), fps=meta["fps"], keyframe_interval=4)
+      continue
     (render_scene(meta) if meta["type"] == "scene" else render_document(meta)).save(full, format="PNG")
   outputs = {}
   for name, rows in datasets.items():
@@ -316,6 +358,20 @@ def write_demo_pairs(cache_dir: str, num_scenes: int = 96, num_documents: int = 
     return done
   datasets, images = pair_records(seed, num_scenes, num_documents, num_passages, num_negatives, prompts)
   return _write(directory, PAIRS_MARKER, params, datasets, images)
+
+
+def write_demo_video_pairs(cache_dir: str, num_clips: int = 192, num_negatives: int = 2,
+                           seed: int = 0, name: str = "video_pairs") -> Dict[str, str]:
+  """Writes (or reuses) the caption <-> clip pairs under cache_dir/name; returns {dataset: jsonl}."""
+  _check_counts("write_demo_video_pairs", num_clips=num_clips, num_negatives=num_negatives)
+  params = {"version": _VERSION, "seed": seed, "num_clips": num_clips,
+            "num_negatives": num_negatives}
+  directory = os.path.join(cache_dir, name)
+  done = finished_build(directory, VIDEO_PAIRS_MARKER, params)
+  if done is not None:
+    return done
+  datasets, videos = video_pair_records(seed, num_clips, num_negatives)
+  return _write(directory, VIDEO_PAIRS_MARKER, params, datasets, videos)
 
 
 def corpus_sentences(seed: int = 0, num_scenes: int = 240, num_documents: int = 60,

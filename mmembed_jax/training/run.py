@@ -20,7 +20,7 @@ import jax
 import ml_collections
 import numpy as np
 
-from mmembed_jax.data.input_specs import InputSpec, PairInput, eval_batches
+from mmembed_jax.data.input_specs import InputSpec, PairInput, eval_batches, is_demo
 from mmembed_jax.models import adapters
 from mmembed_jax.models.config import ModelConfig
 from mmembed_jax.models.embedder import add_adapters, dummy_batch
@@ -93,7 +93,7 @@ class RunSetup:
     """This process's Grain IterDataset of batches (demo sources replaced by the demo's files)."""
     spec = self.input_spec
     if spec.uses_demo_data:
-      spec = dataclasses.replace(spec, sources=demo_entry.demo().sources(spec.name))
+      spec = dataclasses.replace(spec, sources=demo_entry.demo().sources(spec.name, spec.sources))
     return spec.dataset(self.model_config, self.config.seed, self.resolved.tokenizer_dir)
 
   def batch_spec(self) -> Dict[str, jax.ShapeDtypeStruct]:
@@ -129,8 +129,8 @@ class RunSetup:
                        f"got '{config.objective.name}' / '{config.input.name}'")
     from mmembed_jax.training.retrieval_eval import RetrievalEval  # pylint: disable=g-import-not-at-top
     sources = config.eval.sources
-    if sources == "demo":
-      sources = demo_entry.demo().sources("held_out_pairs")
+    if is_demo(sources):
+      sources = demo_entry.demo().sources("held_out_pairs", sources)
     batches = eval_batches(self.input_spec, self.model_config, sources,
                            self.resolved.tokenizer_dir, config.eval.max_rows_per_dataset)
     return RetrievalEval(self.objective.embed, batches, list(sources),

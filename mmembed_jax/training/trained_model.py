@@ -20,6 +20,7 @@ import ml_collections
 from etils import epath
 
 from mmembed_jax.data import images as images_lib
+from mmembed_jax.data.input_specs import is_demo
 from mmembed_jax.models import adapters
 from mmembed_jax.models.config import ModelConfig
 from mmembed_jax.models.embedder import boxed_param_shapes
@@ -80,7 +81,7 @@ def run_config(workdir: str) -> tuple[ml_collections.ConfigDict, lineage.Resolve
   # Written before runs recorded their lineage: resolve it as such a run did.
   config.tokenizer_dir = (config.get("tokenizer_dir") or config.objective.get("tokenizer_dir")
                           or config.input.get("tokenizer_dir") or "")
-  demo = config.input.get("sources") == "demo"
+  demo = is_demo(config.input.get("sources"))
   return config, lineage.resolve(config, demo_entry.demo().tokenizer_dir if demo else None)
 
 
