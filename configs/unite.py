@@ -89,18 +89,16 @@ def get_config(arg: str = "") -> ml_collections.ConfigDict:
                                             symmetric=paper_stage1,
                                             modality_mask=not paper_stage1)
   config.model.attention = "causal"
-  lr = 1e-4 if stage == "1" else 2e-5
   if size == "demo":
     config.input = recipe_common.demo_pairs_input(num_negatives=0, task_batching=False)
     config.input.update(sources="demo+video", video=DEMO_VIDEO)
-    config = recipe_common.demo_contrastive(config, "tiny_qwen2_vl")
+    config = recipe_common.demo_contrastive(config, "tiny_qwen2_vl")  # lr 3e-4, both stages
     config.eval.sources = "demo+video"
-    config.optimizer.lr = lr * 10  # a tiny model from scratch learns at a larger rate
   else:
     config = recipe_common.pod_contrastive(config, _PRESETS[size], _sources(stage),
                                            global_batch_size=128 if stage == "1" else 512,
                                            num_negatives=0, task_batching=False, length=1024,
-                                           lr=lr, total_steps=2000)
+                                           lr=1e-4 if stage == "1" else 2e-5, total_steps=2000)
     config.input.video = RELEASED_VIDEO
   if adapters == "lora":
     config.adapters.update(recipe_common.ADAPTERS[f"unite_stage{stage}"])

@@ -1,9 +1,11 @@
-r"""Train-step speed of a recipe on this machine, next to the same MoCa CPT step in PyTorch.
+r"""Train-step speed of a recipe on this machine, next to the same MoCa CPT step in PyTorch; or
+video decoding speed.
 
   python launch/benchmark.py --config configs/moca.py [--config.model.preset=small_qwen2_5_vl]
       [--steps 10] [--warmup 2] [--torch] [--json FILE]
+  python launch/benchmark.py --video_decode [--json FILE]
 
-What is measured and how: mmembed_jax/training/benchmark.py.
+What is measured and how: mmembed_jax/training/benchmark.py, mmembed_jax/data/decode_benchmark.py.
 """
 import json
 
@@ -17,14 +19,22 @@ _WARMUP = flags.DEFINE_integer("warmup", 2, "Untimed steps first (compilation, a
 _TORCH = flags.DEFINE_bool("torch", True, "Also time the PyTorch step (MoCa CPT recipes).")
 _MATMUL = flags.DEFINE_integer("matmul_size", 2048, "Side of the square matmul used as yardstick.")
 _JSON = flags.DEFINE_string("json", None, "Write the figures to this JSON file.")
+_VIDEO = flags.DEFINE_bool("video_decode", False, "Time video decoding (sampled frames vs every "
+                           "frame of a 30 s 480p clip) instead of a train step.")
 
 
 def main(argv):
   """Runs the benchmark; prints a summary (and writes --json)."""
   del argv
-  from mmembed_jax.training.benchmark import benchmark  # pylint: disable=g-import-not-at-top
-  result, lines = benchmark(_CONFIG.value, _STEPS.value, _WARMUP.value, _TORCH.value,
-                            _MATMUL.value)
+  if _VIDEO.value:
+    from mmembed_jax.data.decode_benchmark import decode_benchmark  # pylint: disable=g-import-not-at-top
+    result, lines = decode_benchmark()
+  elif _CONFIG.value is None:
+    raise app.UsageError("--config is required (or --video_decode)")
+  else:
+    from mmembed_jax.training.benchmark import benchmark  # pylint: disable=g-import-not-at-top
+    result, lines = benchmark(_CONFIG.value, _STEPS.value, _WARMUP.value, _TORCH.value,
+                              _MATMUL.value)
   print("\n".join(lines))
   if _JSON.value:
     with open(_JSON.value, "w") as f:
@@ -33,5 +43,4 @@ def main(argv):
 
 
 if __name__ == "__main__":
-  flags.mark_flags_as_required(["config"])
   app.run(main)

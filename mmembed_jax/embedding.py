@@ -180,7 +180,7 @@ class JaxEmbedder:
                image_config: Optional[images_lib.ImageProcessingConfig] = None, *,
                pooling: str = "last", max_length: int = DEFAULT_MAX_LENGTH,
                batch_size: int = DEFAULT_BATCH_SIZE, mesh: Optional[Mesh] = None,
-               num_ctokens: int = 0):
+               num_ctokens: int = 0, video: Optional[Mapping[str, Any]] = None):
     """Wraps loaded parts; the model's attention mode and dtype are those of `config`.
 
     mesh: shard every batch's rows over all its devices (params placed as given, e.g. FSDP-sharded
@@ -188,6 +188,8 @@ class JaxEmbedder:
     num_ctokens: CoMa's compression tokens, appended to every row (mmembed.json
     'compression_tokens'); 'ctoken' pooling averages them, 'last' takes the last one (the
     released CoMa evaluation's "eos" pooling).
+    video: how videos are sampled and processed (mmembed.json 'video', data/video.py
+    SETTING_FIELDS; None: qwen-vl-utils' and transformers' defaults).
     """
     self.config = config
     self.pooling = _choice(pooling, POOLINGS, "pooling")
@@ -201,7 +203,8 @@ class JaxEmbedder:
     self.image_config = image_config or images_lib.ImageProcessingConfig()
     self.encoder = SequenceEncoder(  # shared with training
         tokenizer, self.image_config, suffix_tokens=compression_tokens(num_ctokens),
-        video=video_lib.VideoSettings(tokens_per_second=config.video_tokens_per_second))
+        video=video_lib.VideoSettings.from_spec(video, config.video_tokens_per_second,
+                                                "mmembed.json video"))
     self._check_compatible()
     pad_id = tokenizer.pad_token_id
     self.pad_id = int(pad_id if pad_id is not None else (tokenizer.eos_token_id or 0))
@@ -224,7 +227,8 @@ class JaxEmbedder:
                    _load_tokenizer(model.tokenizer_dir), model.image_config,
                    pooling=pooling or model.embedding["pooling"], max_length=max_length,
                    batch_size=batch_size, mesh=model.mesh,
-                   num_ctokens=model.embedding.get("compression_tokens", 0))
+                   num_ctokens=model.embedding.get("compression_tokens", 0),
+                   video=model.embedding.get("video"))
     embedder.step = model.step
     return embedder
 
@@ -277,8 +281,8 @@ class JaxEmbedder:
     image_config = (images_lib.ImageProcessingConfig.from_preprocessor_config(preprocessor)
                     if preprocessor.exists() else images_lib.ImageProcessingConfig())
     return cls(config, params, tokenizer, image_config, pooling=pooling, max_length=max_length,
-               batch_size=batch_size, mesh=mesh,
-               num_ctokens=num_ctokens)
+               batch_size=batch_size, mesh=mesh, num_ctokens=num_ctokens,
+               video=record.get("video"))
 
   @property
   def dim(self) -> int:

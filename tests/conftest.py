@@ -67,3 +67,19 @@ def test_videos(tmp_path_factory):
   """[(path, frames, fps, height, width)] of five short libx264 clips made here (tiny_models)."""
   from tiny_models import write_test_videos
   return write_test_videos(str(tmp_path_factory.mktemp("videos")))
+
+
+@pytest.fixture(scope="session")
+def video_row_dir(tmp_path_factory, image_dir, test_videos):
+  """One directory with the images, the clips and three frame images (links)."""
+  import os  # pylint: disable=g-import-not-at-top
+  from PIL import Image  # pylint: disable=g-import-not-at-top
+  from tiny_models import video_frames  # pylint: disable=g-import-not-at-top
+  root = tmp_path_factory.mktemp("video_rows")
+  for name in os.listdir(image_dir):
+    os.symlink(os.path.join(image_dir, name), root / name)
+  for path, *_ in test_videos:
+    os.symlink(path, root / os.path.basename(path))
+  for k, frame in enumerate(video_frames(3, 70, 110, 9)):
+    Image.fromarray(frame).save(root / f"f{k}.png")
+  return str(root)

@@ -75,3 +75,18 @@ def write_test_videos(root: str):
     video.write_video(path, video_frames(n, h, w, k), fps=fps, keyframe_interval=gop)
     out.append((path, n, fps, h, w))
   return out
+
+
+# Rows with videos (files in video_row_dir, conftest.py), encoded with small frame budgets.
+VIDEO_FPS = 1.5  # frames sampled per second of the test clips
+# Small frame budgets: 2-12 frames of 4-16 merged tokens.
+VIDEO_SETTINGS = dict(fps=VIDEO_FPS, max_frames=12, min_pixels=4 * 28 * 28,
+                      frame_max_pixels=16 * 28 * 28, processor_min_pixels=4 * 28 * 28,
+                      processor_max_pixels=24 * 28 * 28)
+VIDEO_ROWS = [
+    {"text": "<video> a clip of moving stripes", "video": "clip1.mp4"},
+    {"text": "first <image> then <video> and the end", "image": "wide.png", "video": "clip0.mp4"},
+    {"text": "three frames <video>", "video": ["f0.png", "f1.png", "f2.png"], "fps": 1.0},
+    {"text": "a text row between videos"},
+    {"text": "<video> two clips <video>", "videos": ["clip3.mp4", "clip4.mp4"]},
+]

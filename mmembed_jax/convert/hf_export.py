@@ -27,6 +27,7 @@ from mmembed_jax.data.special_tokens import compression_tokens
 from mmembed_jax.models.config import ModelConfig, to_hf_config_dict
 
 EMBEDDING_FILE = "mmembed.json"
+VIDEO_PREPROCESSOR_FILE = "video_preprocessor_config.json"
 # Files copied from the source model directory when present (tokenizer, image processor, chat).
 CARRIED_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "vocab.json",
                  "merges.txt", "added_tokens.json", "chat_template.json", "chat_template.jinja",
@@ -213,6 +214,21 @@ def add_special_tokens(path: epath.Path, tokens: Sequence[str]) -> None:
   path.write_text(tokenizer.to_str())
 
 
+def video_preprocessor_config(preprocessor: Mapping[str, Any], video: Mapping[str, Any]
+                              ) -> dict:
+  """transformers' `Qwen2VLVideoProcessor` settings: the image processor's patches and
+  normalisation, the video processor's pixel bounds (mmembed.json 'video'), no frame sampling
+  (the caller samples, as qwen-vl-utils does; mmembed.json 'video' says how)."""
+  keys = ("do_resize", "resample", "do_rescale", "rescale_factor", "do_normalize", "image_mean",
+          "image_std", "patch_size", "temporal_patch_size", "merge_size", "do_convert_rgb")
+  out = {k: preprocessor[k] for k in keys if k in preprocessor}
+  out.update(video_processor_type="Qwen2VLVideoProcessor", do_sample_frames=False,
+             cap_pixels_per_frame=False,  # the sampler applied the budget (qwen-vl-utils)
+             size={"shortest_edge": video["processor_min_pixels"],
+                   "longest_edge": video["processor_max_pixels"]})
+  return out
+
+
 def write_side_files(out: epath.Path, config: ModelConfig, *, source_dir: Optional[str],
                      embedding: Optional[Mapping[str, Any]],
                      preprocessor: Optional[Mapping[str, Any]]) -> None:
@@ -228,6 +244,12 @@ def write_side_files(out: epath.Path, config: ModelConfig, *, source_dir: Option
     add_special_tokens(out / "tokenizer.json", compression_tokens(count))
   if preprocessor is not None:
     (out / "preprocessor_config.json").write_text(json.dumps(dict(preprocessor), indent=2))
+  video = (embedding or {}).get("video")
+  if video is not None and (out / "preprocessor_config.json").exists():
+    # transformers' video processor with the run's video bounds
+    image = json.loads((out / "preprocessor_config.json").read_text())
+    (out / VIDEO_PREPROCESSOR_FILE).write_text(json.dumps(
+        video_preprocessor_config(image, video), indent=2))
   record = {"attention": config.attention, "pooling": "last", "normalize": True,
             "prompt_format": "text with <image> markers; no chat template; "
                              "<image> -> <|vision_start|> N*<|image_pad|> <|vision_end|>",

@@ -97,14 +97,14 @@ class TorchEmbedder:
 
   def __init__(self, model: Any, tokenizer: Any, image_config: images_lib.ImageProcessingConfig,
                attention: str, pooling: str, max_length: int, batch_size: int,
-               num_ctokens: int = 0):
+               num_ctokens: int = 0, video: Optional[dict] = None):
     self.model, self.tokenizer, self.image_config = model, tokenizer, image_config
     hf_config = model.config
     self.encoder = SequenceEncoder(  # the JAX side's encoder
         tokenizer, image_config, suffix_tokens=compression_tokens(num_ctokens),
-        video=video_lib.VideoSettings(tokens_per_second=(
+        video=video_lib.VideoSettings.from_spec(video, (
             hf_config.vision_config.tokens_per_second
-            if hf_config.model_type == "qwen2_5_vl" else None)))
+            if hf_config.model_type == "qwen2_5_vl" else None), "mmembed.json video"))
     self.attention, self.pooling, self.num_ctokens = attention, pooling, num_ctokens
     self.max_length, self.batch_size = max_length, batch_size
 
@@ -172,4 +172,5 @@ def load(export_dir: str, *, attention: Optional[str] = None, pooling: Optional[
                        attention=attention or record.get("attention", "causal"),
                        pooling=pooling or record.get("pooling", "last"),
                        max_length=max_length, batch_size=batch_size,
-                       num_ctokens=int(record.get("compression_tokens", 0)))
+                       num_ctokens=int(record.get("compression_tokens", 0)),
+                       video=record.get("video"))

@@ -34,8 +34,7 @@ rounding to uint8 about 1 value in 10^5 differs by one level.
 """
 import dataclasses
 import math
-import os
-from typing import Any, List, Mapping, Optional, Sequence, Union
+from typing import Any, List, Mapping, Optional, Sequence
 
 import numpy as np
 
@@ -99,6 +98,11 @@ class VideoSettings:
     processor = {k: spec.pop(k) for k in ("processor_min_pixels", "processor_max_pixels")
                  if k in spec}
     return cls(VideoSampling(**spec), **processor, tokens_per_second=tokens_per_second)
+
+  def to_record(self) -> dict:
+    """The SETTING_FIELDS as a JSON-able dict (mmembed.json's "video"; `from_spec` reads it)."""
+    return dict(dataclasses.asdict(self.sampling), processor_min_pixels=self.processor_min_pixels,
+                processor_max_pixels=self.processor_max_pixels)
 
   def processor_config(self, image_config: images_lib.ImageProcessingConfig
                        ) -> images_lib.ImageProcessingConfig:
@@ -332,23 +336,6 @@ def read_frame_list(frames: Sequence[Any], sampling: VideoSampling = VideoSampli
 
 
 # Processing (transformers' Qwen2VLVideoProcessor on float frames).
-
-
-def video_processor_config(path_or_dict: Union[str, os.PathLike, dict]
-                           ) -> images_lib.ImageProcessingConfig:
-  """The video processor's settings from a HF directory: `video_preprocessor_config.json` if
-  present, else transformers' video defaults (min 128 * 28**2, max 768 * 28**2 pixels) with the
-  image processor's patch sizes and normalisation."""
-  defaults = {"size": {"shortest_edge": VIDEO_MIN_PIXELS, "longest_edge": VIDEO_MAX_PIXELS}}
-  if isinstance(path_or_dict, dict):
-    return images_lib.ImageProcessingConfig.from_preprocessor_config({**defaults, **path_or_dict})
-  path = images_lib._as_path(path_or_dict)  # pylint: disable=protected-access
-  video_file = path / "video_preprocessor_config.json"
-  if video_file.exists():
-    return images_lib.ImageProcessingConfig.from_preprocessor_config(str(video_file))
-  image = images_lib.ImageProcessingConfig.from_preprocessor_config(str(path))
-  return dataclasses.replace(image, min_pixels=defaults["size"]["shortest_edge"],
-                             max_pixels=defaults["size"]["longest_edge"])
 
 
 def patchify_video(frames: np.ndarray, patch_size: int = 14, temporal_patch_size: int = 2,

@@ -20,6 +20,7 @@ import ml_collections
 from etils import epath
 
 from mmembed_jax.data import images as images_lib
+from mmembed_jax.data import video as video_lib
 from mmembed_jax.data.input_specs import is_demo
 from mmembed_jax.models import adapters
 from mmembed_jax.models.config import ModelConfig
@@ -96,6 +97,8 @@ def embedding_record(config: ml_collections.ConfigDict) -> dict:
             "normalize": True}
   if num_ctokens:
     record["compression_tokens"] = num_ctokens
+  # How videos are sampled and processed (data/video.py), the training input's.
+  record["video"] = video_lib.VideoSettings.from_spec(config.input.get("video")).to_record()
   return record
 
 

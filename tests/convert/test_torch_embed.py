@@ -15,7 +15,7 @@ from mmembed_jax.data import rows as rows_lib
 from mmembed_jax.data.images import ImageProcessingConfig
 from mmembed_jax.models.embedder import make_embed_fn
 
-from tiny_models import FAMILIES, TEST_PIXELS
+from tiny_models import FAMILIES, TEST_PIXELS, VIDEO_ROWS, VIDEO_SETTINGS
 
 TOLERANCE = 1e-4
 ROWS = [
@@ -115,3 +115,32 @@ def test_compression_token_embeddings_match_jax(tiny_hf_dirs, image_dir, tmp_pat
   diff = np.abs(theirs - ours).max()
   print(f"ctoken pooling: torch vs JAX embeddings max abs diff {diff:.2e}")
   assert diff <= TOLERANCE
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_videos_embed_alike_in_jax_and_torch(family, tiny_hf_dirs, video_row_dir, tmp_path):
+  """Rows with videos (files, a frame list, an image and a video together) through the export:
+  JaxEmbedder and torch_embed both read the video settings from mmembed.json and agree <= 1e-4;
+  transformers' video processor loads the exported video_preprocessor_config.json and
+  processes frames as we do."""
+  from mmembed_jax.data import video  # pylint: disable=g-import-not-at-top
+  from mmembed_jax.embedding import JaxEmbedder  # pylint: disable=g-import-not-at-top
+  settings = video.VideoSettings.from_spec(VIDEO_SETTINGS).to_record()
+  export_dir = _export(tiny_hf_dirs[family], str(tmp_path / "export"),
+                       {"attention": "bidirectional", "pooling": "mean", "video": settings})
+  ours = JaxEmbedder.from_pretrained(export_dir, batch_size=2).embed_rows(VIDEO_ROWS,
+                                                                     base_dir=video_row_dir)
+  theirs = torch_embed.load(export_dir, batch_size=2)(VIDEO_ROWS, base_dir=video_row_dir)
+  diff = np.abs(theirs - ours).max()
+  print(f"{family} videos: torch vs JAX embeddings max abs diff {diff:.2e}")
+  assert diff <= TOLERANCE
+  import torch  # pylint: disable=g-import-not-at-top
+  import transformers  # pylint: disable=g-import-not-at-top
+  processor = transformers.AutoVideoProcessor.from_pretrained(export_dir)
+  frames = np.random.default_rng(0).integers(0, 256, (3, 3, 50, 70)).astype(np.float32)
+  out = processor(videos=[torch.from_numpy(frames)], return_tensors="np")
+  config = video.VideoSettings.from_spec(VIDEO_SETTINGS).processor_config(
+      ImageProcessingConfig.from_preprocessor_config(export_dir))
+  patches, grid = video.preprocess_video(frames, config)
+  np.testing.assert_array_equal(np.asarray(out["video_grid_thw"]).reshape(3), grid)
+  np.testing.assert_allclose(np.asarray(out["pixel_values_videos"]), patches, atol=1e-5, rtol=0)

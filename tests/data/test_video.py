@@ -96,8 +96,9 @@ def test_processing_matches_qwen2vl_video_processor(size, bounds):
   processor = video_processing_qwen2_vl.Qwen2VLVideoProcessor(**kwargs)
   theirs = processor(videos=[torch.from_numpy(frames)], do_sample_frames=False,
                      cap_pixels_per_frame=False, return_tensors="np")
-  config = video.video_processor_config(
-      {} if bounds is None else {"min_pixels": bounds[0], "max_pixels": bounds[1]})
+  config = images_lib.ImageProcessingConfig(
+      min_pixels=video.VIDEO_MIN_PIXELS if bounds is None else bounds[0],
+      max_pixels=video.VIDEO_MAX_PIXELS if bounds is None else bounds[1])
   patches, grid = video.preprocess_video(frames, config)
   np.testing.assert_array_equal(np.asarray(theirs["video_grid_thw"]).reshape(3), grid)
   np.testing.assert_allclose(patches, np.asarray(theirs["pixel_values_videos"]), atol=1e-5, rtol=0)

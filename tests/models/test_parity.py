@@ -18,7 +18,7 @@ from mmembed_jax.models.pooling import pool
 from mmembed_jax.models.vlm import VisionLanguageModel
 from mmembed_jax.convert.torch_embed import forward_hidden
 
-from tiny_models import TEST_PIXELS
+from tiny_models import TEST_PIXELS, VIDEO_FPS, VIDEO_ROWS, VIDEO_SETTINGS
 
 TOLERANCE = 1e-4
 ROWS = [
@@ -134,36 +134,6 @@ def test_padding_does_not_change_real_tokens(tiny_hf_dirs, tokenizer, image_dir)
   padded = np.asarray(model.apply({"params": params}, wider))[:, :length]
   valid = batch["segment_ids"] > 0
   assert np.abs(base - padded)[valid].max() <= 1e-5
-
-
-VIDEO_FPS = 1.5  # frames sampled per second of the test clips
-# Small frame budgets: 2-12 frames of 4-16 merged tokens.
-VIDEO_SETTINGS = dict(fps=VIDEO_FPS, max_frames=12, min_pixels=4 * 28 * 28,
-                      frame_max_pixels=16 * 28 * 28, processor_min_pixels=4 * 28 * 28,
-                      processor_max_pixels=24 * 28 * 28)
-VIDEO_ROWS = [
-    {"text": "<video> a clip of moving stripes", "video": "clip1.mp4"},
-    {"text": "first <image> then <video> and the end", "image": "wide.png", "video": "clip0.mp4"},
-    {"text": "three frames <video>", "video": ["f0.png", "f1.png", "f2.png"], "fps": 1.0},
-    {"text": "a text row between videos"},
-    {"text": "<video> two clips <video>", "videos": ["clip3.mp4", "clip4.mp4"]},
-]
-
-
-@pytest.fixture(scope="module")
-def video_row_dir(tmp_path_factory, image_dir, test_videos):
-  """One directory with the images, the clips and three frame images (links)."""
-  import os  # pylint: disable=g-import-not-at-top
-  from PIL import Image  # pylint: disable=g-import-not-at-top
-  from tiny_models import video_frames  # pylint: disable=g-import-not-at-top
-  root = tmp_path_factory.mktemp("video_rows")
-  for name in os.listdir(image_dir):
-    os.symlink(os.path.join(image_dir, name), root / name)
-  for path, *_ in test_videos:
-    os.symlink(path, root / os.path.basename(path))
-  for k, frame in enumerate(video_frames(3, 70, 110, 9)):
-    Image.fromarray(frame).save(root / f"f{k}.png")
-  return str(root)
 
 
 def _encode_videos(tokenizer, row_dir, hf_config):
