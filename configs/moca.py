@@ -19,7 +19,13 @@ output is read as the released code reads it (value d of patch p at d * 4 + p:
 `mae_head_layout="interleaved"`), so its heads load here unchanged. The paper's token-budget batch
 (12,800 cost units per device, cost = text tokens + 4 x image tokens + 2 x images) becomes
 static TPU shapes: packed rows of 2048 tokens with a per-row patch budget, 4 rows per chip.
-The demo trains a tiny model from scratch on the package's synthetic data in minutes.
+Videos (rows with "video" / "videos", data/sources.py; the paper trains on none) are sampled
+and processed as Qwen's pipeline does (`input.video`, data/video.py) and their patches share the
+row's patch budget. MAE masks them as it masks images: whole merged tokens, each 2 x 2 patches
+across a temporal pair of frames (one 1176-value patch holds both frames), reconstructed from
+the video token's hidden state; `--config.input.mae_on_video=false` never masks video patches
+(MLM on the row's text is unchanged). The demo trains a tiny model from scratch on the package's
+synthetic data in minutes.
 
 Stage 2 (cl, METHODS.md §2): full fine-tuning from the stage-1 run (`init_from` its workdir;
 its MAE decoder is left behind), bidirectional attention, mean pooling, InfoNCE with tau 0.03

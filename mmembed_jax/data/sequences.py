@@ -356,7 +356,7 @@ class SequenceEncoder:
     positions = mrope.mrope_positions(input_ids, grid_thw, self.vision_ids[IMAGE_PAD],
                                       self.image_config.merge_size,
                                       video_token_id=self.vision_ids[VIDEO_PAD],
-                                      time_intervals=intervals[:len(grids)])
+                                      time_intervals=intervals)
     is_video = np.asarray([m == VIDEO_MARKER for m in markers[:len(grids)]], bool)  # [k]
     return EncodedRow(input_ids, pixel_patches, grid_thw, positions, source,
                       is_video if is_video.any() else None)

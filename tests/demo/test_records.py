@@ -302,3 +302,35 @@ def test_demo_tokenizer_knows_the_scene_words(tokenizer):
   words = list(scenes.COLOURS) + list(scenes.KINDS) + list(scenes.SIZES) + ["above", "below"]
   split = [w for w in words if len(tokenizer.encode(f" {w}", add_special_tokens=False)) > 1]
   assert not split, split
+
+
+def test_video_pairs_show_their_captions_in_time(tmp_path):
+  """The caption <-> clip pairs: same seed same bytes; each clip decodes to its rendered frames'
+  content (the moving shape's colour where the caption puts it, first and last frame); each
+  negative's caption differs from the positive's, one by reversing time."""
+  from mmembed_jax.data import video  # pylint: disable=g-import-not-at-top
+  from mmembed_jax.demo import clips  # pylint: disable=g-import-not-at-top
+  paths = records.write_demo_video_pairs(str(tmp_path / "a"), num_clips=12)
+  again = records.write_demo_video_pairs(str(tmp_path / "b"), num_clips=12)
+  assert _tree_bytes(tmp_path / "a") == _tree_bytes(tmp_path / "b")
+  assert sorted(paths) == ["caption_video", "video_caption"] and again
+  base = os.path.dirname(paths["caption_video"])
+  events = set()
+  for row in _jsonl(paths["caption_video"]):
+    clip = row["meta"]["pos"]
+    events.add(clip["event"])
+    caption = clips.clip_caption(clip)
+    assert caption in row["qry"]
+    negative_captions = [clips.clip_caption(n) for n in row["meta"]["neg"]]
+    assert caption not in negative_captions and len(set(negative_captions)) == 2
+    frames, fps, total = video.decode_frames(os.path.join(base, row["pos_video_path"]))
+    assert frames.shape == (clip["frames"], clip["size"], clip["size"], 3) and fps == clip["fps"]
+    rendered = clips.render_clip(clip).astype(int)
+    assert np.abs(frames.astype(int) - rendered).mean() < 4  # lossy, but the same pictures
+    if clip["event"] == "moves":  # the shape's colour is at the end the caption names, last
+      dx, dy = clips.DIRECTIONS[clip["direction"]]
+      y, x = clip["size"] // 2 + dy * 20, clip["size"] // 2 + dx * 20
+      colour = np.array(scenes.COLOURS[clip["shapes"][0]["colour"]])
+      assert np.abs(rendered[-1, y, x] - colour).max() == 0
+      assert np.abs(rendered[0, y, x] - colour).max() > 0
+  assert events == set(clips.EVENTS)
