@@ -12,8 +12,8 @@ A row (one JSON object per JSONL line, or one Parquet row) has the fields
 
 An image field holds a path, a list of paths (several images on one side) or "" / null (none);
 Parquet rows may also hold encoded bytes or Hugging Face `Image` dicts. A side's videos are
-marked `<video>` in its text, or prepended after its images (data/sequences.py). A text field holds a
-string, "" or null. Format "mmE5" differs only in that neg_text / neg_image_path may be strings
+marked `<video>` in its text, or prepended after its images (data/sequences.py). A text field
+holds a string, "" or null. Format "mmE5" differs only in that neg_text / neg_image_path may be strings
 holding a Python list literal ("['a', 'b']"), parsed with `ast.literal_eval` (there, a string
 starting with "[" must be such a literal; one that does not parse makes a bad row). Other fields
 are ignored.
@@ -27,8 +27,9 @@ Per-source settings (`PairSettings`, from the config; nothing here is model code
   target_template  the same for the positive and negative texts; per-dataset instructions go here
   target_modal     the positive's modality bitmask (text 1, image 2, video 4), for UNITE's
                    modality-aware masking; None infers it from the positive: 2 if it has an
-                   image, 4 if it has a video (6 both), else 1. Text+image (3) is never inferred, because MMEB image targets carry
-                   instruction text ("<|image_1|> Represent the given image."): set it explicitly.
+                   image, 4 if it has a video (6 both), else 1. Text+image (3) is never
+                   inferred, because MMEB image targets carry instruction text ("<|image_1|>
+                   Represent the given image."): set it explicitly.
 
 Texts: the template is applied first, then Phi-3.5-V placeholders `<|image_N|>` become the
 project's `<image>` marker (rows.py). A side with images and no marker gets one marker per image
@@ -307,7 +308,8 @@ def parse_pair(row: Any, settings: PairSettings, base_dir: str) -> Dict[str, Any
   for k in range(max(counts.values(), default=0)):
     text = _text(texts[k] if texts else None, f"neg_text[{k}]")
     neg_images = _images(images[k] if images else None, f"neg_image_path[{k}]", roots, base_dir)
-    neg_videos = _videos(videos[k] if videos else None, f"neg_video_path[{k}]", roots, base_dir)
+    neg_videos = _videos([videos[k]] if videos else None, f"neg_video_path[{k}]", roots,
+                         base_dir)  # one video: a path or a frame list
     if text or neg_images or neg_videos:
       negatives.append(make_side(text, neg_images, settings.target_template, f"neg_text[{k}]",
                                  neg_videos, fps))

@@ -50,7 +50,9 @@ def data(tmp_path_factory, test_videos, image_dir):
       {"qry": f"the caption of clip {k}", "pos_text": "<video> Represent the given video.",
        "pos_video_path": f"clip{k}.mp4",
        "neg_text": ["<video> Represent the given video."], "neg_video_path": [f"clip{(k + 1) % 5}.mp4"]}
-      for k in range(5)])
+      for k in range(5)] + [
+      {"qry": "three frames", "pos_video_path": [["f0.png", "f1.png", "f2.png"]], "fps": 1.0,
+       "neg_video_path": [["f2.png", "f1.png", "f0.png"]]}])
   return paths
 
 
@@ -107,8 +109,12 @@ def test_pairs_with_videos_train_with_the_video_bit(data, tokenizer_dir):
   batch."""
   source = pairs.PairSource("jsonl", data["pairs"], "clips")
   assert source[0]["target_modal"] == pairs.VIDEO_MODALITY
-  assert source[0]["positive"]["videos"] == [os.path.join(os.path.dirname(data["pairs"]),
-                                                          "clip0.mp4")]
+  root = os.path.dirname(data["pairs"])
+  assert source[0]["positive"]["videos"] == [os.path.join(root, "clip0.mp4")]
+  frames = source[5]  # a frame list is one video, on either side
+  assert frames["positive"]["videos"] == [[os.path.join(root, f"f{k}.png") for k in range(3)]]
+  assert frames["negatives"][0]["videos"] == [[os.path.join(root, f"f{k}.png") for k in (2, 1, 0)]]
+  assert frames["positive"]["fps"] == 1.0 and frames["error"] is None
   ds = cl_pipeline.cl_dataset({"clips": dict(path=data["pairs"], kind="jsonl")}, tokenizer_dir,
                               4, seed=0, num_negatives=1, query_length=32, target_length=96,
                               query_max_patches=64, target_max_patches=256, max_images=1,
