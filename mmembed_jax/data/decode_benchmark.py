@@ -47,7 +47,7 @@ def _decoded_by_seeking(path: str, indices: Sequence[int]) -> int:
   import av  # pylint: disable=g-import-not-at-top
   with av.open(path) as container:
     stream = container.streams.video[0]
-    _, keys = video._frame_table(container, stream)  # pylint: disable=protected-access
+    _, keys = video.frame_table(container, stream)
   decoded, position = 0, -1
   for target in sorted(set(int(i) for i in indices)):
     if target <= position or keys[position + 1:target + 1].any():

@@ -34,7 +34,7 @@ rounding to uint8 about 1 value in 10^5 differs by one level.
 """
 import dataclasses
 import math
-from typing import Any, List, Mapping, Optional, Sequence
+from typing import Any, Callable, List, Mapping, Optional, Sequence, Union
 
 import numpy as np
 
@@ -116,7 +116,6 @@ class Clip:
   """Sampled frames of one video and the rate they were taken at."""
   frames: np.ndarray  # float32 [n, 3, h, w], integer values 0..255
   sample_fps: float  # sampled frames per second of video (Qwen2.5-VL's time axis uses it)
-  indices: np.ndarray  # int64 [n]: frame numbers in the source (0..n-1 for a frame list)
 
 
 def _floor_even(x: float) -> int:
@@ -231,7 +230,7 @@ def _open(path: str):
   return av.open(path)
 
 
-def _frame_table(container, stream):
+def frame_table(container: Any, stream: Any):
   """(timestamps int64 [T] in presentation order, keyframe flags bool [T]) from the packets."""
   stamps, keys = [], []
   for packet in container.demux(stream):
@@ -243,19 +242,23 @@ def _frame_table(container, stream):
   return np.asarray(stamps, np.int64)[order], np.asarray(keys, bool)[order]
 
 
-def decode_frames(path: str, indices: Optional[Sequence[int]] = None):
+def decode_frames(path: str,
+                  indices: Union[None, Sequence[int], Callable[[int, float], Any]] = None):
   """(frames uint8 [n, H, W, 3], video fps, total frames): the frames at `indices` (every frame
-  if None), decoding from the keyframe before each one only when a keyframe lies between the
-  last decoded frame and it."""
+  if None; a function of (total frames, fps) to choose them once those are known), decoding
+  from the keyframe before each one only when a keyframe lies between the last decoded frame
+  and it. ValueError for a file with no video stream, no frames or no rate."""
   with _open(path) as container:
+    if not container.streams.video:
+      raise ValueError("no video stream")
     stream = container.streams.video[0]
-    rate = stream.average_rate or stream.guessed_rate
-    if not rate:
-      raise ValueError("the video stream has no frame rate")
-    stamps, keys = _frame_table(container, stream)
+    rate = float(stream.average_rate or stream.guessed_rate or 0)
+    stamps, keys = frame_table(container, stream)
     total = len(stamps)
-    if total == 0:
-      raise ValueError("the video has no frames")
+    if total == 0 or rate <= 0:
+      raise ValueError("no frames" if total == 0 else "the video stream has no frame rate")
+    if callable(indices):
+      indices = indices(total, rate)
     wanted = np.arange(total) if indices is None else np.asarray(indices, np.int64)
     if wanted.size and (wanted.min() < 0 or wanted.max() >= total):
       raise ValueError(f"frame indices {wanted.tolist()} outside a video of {total} frames")
@@ -279,32 +282,25 @@ def decode_frames(path: str, indices: Optional[Sequence[int]] = None):
         raise ValueError(f"frame {target} of {total} could not be decoded (the stream ends or "
                          f"its timestamps are inconsistent)")
       out[slot] = frame.to_ndarray(format="rgb24")
-    return np.stack(out), float(rate), total
+    return np.stack(out), rate, total
 
 
 def read_video(path: str, sampling: VideoSampling = VideoSampling(),
                factor: int = FACTOR) -> Clip:
   """The sampled, resized frames of a video file (see the module docstring); a 1-frame video
-  gives its frame twice; ValueError naming the cause for a file that cannot be read."""
+  gives its frame twice; ValueError naming the file and the cause for one that cannot be read."""
   import av  # pylint: disable=g-import-not-at-top
+
+  def sample(total: int, rate: float) -> np.ndarray:
+    if total < FRAME_FACTOR:
+      return np.zeros(FRAME_FACTOR, np.int64)
+    return frame_indices(total, num_frames(total, rate, sampling))
+
   try:
-    with _open(path) as container:
-      if not container.streams.video:
-        raise ValueError(f"video {path} has no frames (no video stream)")
-      stream = container.streams.video[0]
-      rate = float(stream.average_rate or stream.guessed_rate or 0)
-      total = len(_frame_table(container, stream)[0])
-  except (av.FFmpegError, OSError) as e:
-    raise ValueError(f"cannot open video {path}: {type(e).__name__}: {e}") from None
-  if total == 0 or rate <= 0:
-    raise ValueError(f"video {path} has no frames" if total == 0 else f"video {path} has no rate")
-  n = num_frames(total, rate, sampling) if total >= FRAME_FACTOR else FRAME_FACTOR
-  indices = frame_indices(total, n) if total >= FRAME_FACTOR else np.zeros(n, np.int64)
-  try:
-    frames, _, _ = decode_frames(path, indices)
-  except av.FFmpegError as e:
-    raise ValueError(f"cannot decode video {path}: {type(e).__name__}: {e}") from None
-  return Clip(resize_frames(frames, sampling, factor), n / total * rate, indices)
+    frames, rate, total = decode_frames(path, sample)
+  except (av.FFmpegError, OSError, ValueError) as e:
+    raise ValueError(f"cannot read video {path}: {type(e).__name__}: {e}") from None
+  return Clip(resize_frames(frames, sampling, factor), len(frames) / total * rate)
 
 
 def read_frame_list(frames: Sequence[Any], sampling: VideoSampling = VideoSampling(),
@@ -332,7 +328,7 @@ def read_frame_list(frames: Sequence[Any], sampling: VideoSampling = VideoSampli
                      f"{sorted({f.shape[:2] for f in loaded})}")
   loaded += loaded[-1:] * (-len(loaded) % FRAME_FACTOR)
   stacked = np.moveaxis(np.stack(loaded), -1, 1).astype(np.float32)  # [n, 3, h, w]
-  return Clip(stacked, float(sample_fps), np.arange(len(loaded)))
+  return Clip(stacked, float(sample_fps))
 
 
 # Processing (transformers' Qwen2VLVideoProcessor on float frames).
@@ -347,7 +343,8 @@ def patchify_video(frames: np.ndarray, patch_size: int = 14, temporal_patch_size
   if pad:
     frames = np.concatenate([frames, np.repeat(frames[-1:], pad, axis=0)])
   n, channels, height, width = frames.shape
-  t, h, w, m, p = n // temporal_patch_size, height // patch_size, width // patch_size, merge_size, patch_size
+  m, p = merge_size, patch_size
+  t, h, w = n // temporal_patch_size, height // p, width // p
   patches = frames.reshape(t, temporal_patch_size, channels, h // m, m, p, w // m, m, p)
   # [t, h/m, w/m, m, m, C, T, p, p]
   patches = patches.transpose(0, 3, 6, 4, 7, 2, 1, 5, 8)

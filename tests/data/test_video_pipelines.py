@@ -138,7 +138,7 @@ def test_bad_videos_are_skipped_counted_and_named(data, tokenizer_dir):
   from mmembed_jax.data import sources  # pylint: disable=g-import-not-at-top
   source = sources.JsonlSource(data["bad"], "bad")
   out = [encoder(dict(source[i], example_id=i)) for i in range(len(source))]
-  expected = {2: "cannot read video 0 (", 3: "cannot read video 0 (", 4: "has no frames",
+  expected = {2: "cannot read video 0 (", 3: "cannot read video 0 (", 4: "no video stream",
               5: "video 0 file", 7: "1 '<video>' markers but the row has 2 videos"}
   for line, reason in expected.items():
     message = out[line - 1].get(packing.BAD_RECORD, "")
