@@ -129,7 +129,7 @@ def test_videos_embed_alike_in_jax_and_torch(tiny_hf_dirs, video_row_dir, tmp_pa
   settings = video.VideoSettings.from_spec(VIDEO_SETTINGS).to_record()
   export_dir = _export(tiny_hf_dirs[family], str(tmp_path / "export"),
                        {"attention": "bidirectional", "pooling": "mean", "video": settings})
-  ours = JaxEmbedder.from_pretrained(export_dir, batch_size=2).embed_rows(VIDEO_ROWS,
+  ours = JaxEmbedder.from_pretrained(export_dir, batch_size=8).embed_rows(VIDEO_ROWS,
                                                                      base_dir=video_row_dir)
   theirs = torch_embed.load(export_dir, batch_size=2)(VIDEO_ROWS, base_dir=video_row_dir)
   diff = np.abs(theirs - ours).max()
