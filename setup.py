@@ -3,9 +3,9 @@ from setuptools import find_packages, setup
 
 TORCH = ["torch==2.13.0"]  # the CPU wheel; a looser pin pulls a multi-GB CUDA build
 PEFT = ["peft==0.21.2"]  # loads exported adapters; the oracle models/adapters.py matches
-# The video oracles: transformers' Qwen2VLVideoProcessor needs torchvision (importable next to
-# the CPU torch through tests/torchvision_compat.py) and qwen-vl-utils samples frames.
-VIDEO_ORACLES = ["torchvision==0.28.0", "qwen-vl-utils==0.0.14"]
+# The video oracles: qwen-vl-utils samples frames; transformers' Qwen2VLVideoProcessor needs
+# torchvision, which tests/torchvision_compat.py fetches for the test process alone.
+VIDEO_ORACLES = ["qwen-vl-utils==0.0.14"]
 
 setup(
     name="mmembed_jax",
