@@ -46,6 +46,11 @@ class VisionConfig:
     """Window side in merged tokens (Qwen2.5-VL: 112 // 2 // 14 = 4)."""
     return self.window_size // self.spatial_merge_size // self.patch_size
 
+  @property
+  def window_patches(self) -> int:
+    """Patches in a whole attention window (Qwen2.5-VL: 4 x 4 merged tokens = 64)."""
+    return (self.window_merged_tokens * self.spatial_merge_size)**2
+
 
 @dataclasses.dataclass(frozen=True)
 class TextConfig:
@@ -90,6 +95,10 @@ class ModelConfig:
   # LLM attention: 'auto' (the splash kernel on TPU, XLA elsewhere), 'xla', 'splash', or
   # 'splash_interpret' (the kernel run by the Pallas interpreter, to check it on CPU).
   attention_impl: str = "auto"
+  # The largest image or video frame the data holds, in patches (the image processor's
+  # max_pixels / 14**2). On the XLA path the vision tower's full-attention layers then attend
+  # block by block within frames; 0 = unknown: masked attention over the whole patch buffer.
+  max_frame_patches: int = 0
   # LoRA / DoRA adapters on the linear layers it targets (models/adapters.py); None = none.
   adapter: Optional[AdapterSpec] = None
   # Depth-dependent attention between token regions (CoMa, models/region_mask.py); None = none.

@@ -2,23 +2,28 @@
 
 Patches of every image of a row sit in one buffer `[batch, patches, 1176]`; which image a
 patch belongs to (`patch_image_ids`) and each image's grid (`image_grid_thw`) are enough to
-recompute, inside jit, every patch's 2-D rotary position, frame and attention window. So
-attention is segment-masked (a segment per image frame, and per window on Qwen2.5-VL's
-windowed blocks) instead of transformers' per-image Python loop; the window reordering of
-transformers is unnecessary because masked attention does not depend on token order. The
-segments are either a [patches, patches] mask (XLA) or the splash kernel's segment ids (TPU).
+recompute, inside jit, every patch's 2-D rotary position, frame and attention window. Attention
+is within a segment (an image frame, or a window of a frame on Qwen2.5-VL's windowed blocks)
+instead of transformers' per-image Python loop, in one of three ways:
+- TPU: the splash kernel with segment ids (it skips the blocks the segments empty);
+- XLA, by blocks (models/block_attention.py): the patches are sorted window by window, as
+  transformers does, so that every segment is a contiguous run, and each block of queries meets
+  only the key blocks its segments reach. Windows hold at most `window_patches`; frames at most
+  `ModelConfig.max_frame_patches`, which the data must promise (0 = unknown);
+- XLA, masked: a [patches, patches] mask, for full layers when no frame bound is known (or where
+  blocks would not be cheaper).
 """
-from typing import NamedTuple
+from typing import Any, NamedTuple, Optional
 
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
 from jax.ad_checkpoint import checkpoint_name
 
-from mmembed_jax.models import remat, splash
+from mmembed_jax.models import block_attention, remat, splash
 from mmembed_jax.models.config import ModelConfig, VisionConfig
 from mmembed_jax.models.layers import (LayerNorm, Linear, RMSNorm, activation, apply_rotary,
-                                       dtype_of, inverse_frequencies)
+                                       dot_product_attention, dtype_of, inverse_frequencies)
 
 
 class PatchLayout(NamedTuple):
@@ -74,11 +79,40 @@ def patch_layout(patch_image_ids: jax.Array, image_grid_thw: jax.Array,
   )
 
 
-def attention_masks(layout: PatchLayout) -> tuple[jax.Array, jax.Array]:
-  """(full, windowed) bool masks [batch, patches, patches]: same image frame (and same window)."""
-  def same(x):
-    return x[:, :, None] == x[:, None, :]
-  return same(layout.frame_segment), same(layout.window_segment)
+SPLASH = -1  # how a kind of layer attends: the splash kernel on segment ids
+MASKED = 0  # XLA over a [patches, patches] mask; a positive value: by blocks, segments <= it
+
+
+def window_order(layout: PatchLayout) -> jax.Array:
+  """int32 [batch, patches]: the patches sorted window by window (windows in frame order, a
+  window's patches in processor order), padding last; frames stay contiguous."""
+  last = jnp.iinfo(jnp.int32).max
+  key = jnp.where(layout.window_segment > 0, layout.window_segment, last)
+  return jnp.argsort(key, axis=1, stable=True).astype(jnp.int32)
+
+
+def attention_inputs(layout: PatchLayout, config: ModelConfig, path: str
+                     ) -> tuple[tuple[int, int], Any, Any, Optional[jax.Array]]:
+  """((full kind, window kind), full, window, order): how full and windowed layers attend, what
+  each needs (segment ids, a mask or a block plan), and the patch order they run in (None = the
+  processor's)."""
+  if path != "xla":
+    return (SPLASH, SPLASH), layout.frame_segment, layout.window_segment, None
+  vision, patches = config.vision, layout.image.shape[1]
+  windowed = config.family == "qwen2_5_vl" and vision.window_size > 0
+  order = window_order(layout) if windowed else None
+
+  def inputs(segment_ids, max_segment):
+    if order is not None:
+      segment_ids = jnp.take_along_axis(segment_ids, order, axis=1)
+    if max_segment and block_attention.is_cheaper(patches, max_segment):
+      return max_segment, block_attention.plan(segment_ids, max_segment)
+    return MASKED, segment_ids[:, :, None] == segment_ids[:, None, :]
+
+  full_kind, full = inputs(layout.frame_segment, config.max_frame_patches)
+  window_kind, window = (inputs(layout.window_segment, vision.window_patches) if windowed
+                         else (full_kind, full))
+  return (full_kind, window_kind), full, window, order
 
 
 def rotary_tables(layout: PatchLayout, config: VisionConfig) -> tuple[jax.Array, jax.Array]:
@@ -95,8 +129,10 @@ class VisionAttention(nn.Module):
   """Multi-head self-attention with fused qkv and 2-D rotary."""
   config: ModelConfig
 
+  kinds: tuple[int, int] = (MASKED, MASKED)  # (full layers, windowed layers): SPLASH, MASKED or a bound
+
   @nn.compact
-  def __call__(self, x, cos, sin, mask, segments):
+  def __call__(self, x, cos, sin, full, window, use_full_attention):
     vision = self.config.vision
     kw = dict(dtype=dtype_of(self.config.dtype), param_dtype=dtype_of(self.config.param_dtype),
               adapter=self.config.adapter)
@@ -106,8 +142,23 @@ class VisionAttention(nn.Module):
     qkv = qkv.reshape(batch, patches, 3, vision.num_heads, vision.head_dim)
     query, key, value = qkv[:, :, 0], qkv[:, :, 1], qkv[:, :, 2]
     query, key = apply_rotary(query, cos, sin), apply_rotary(key, cos, sin)
-    out = splash.attend(query, key, value, mask, segments, False, kw["dtype"],
-                        self.config.attention_impl)
+
+    def attend(kind, where):
+      if kind == SPLASH:
+        return splash.attend(query, key, value, None, where, False, kw["dtype"],
+                             self.config.attention_impl)
+      if kind == MASKED:
+        return dot_product_attention(query, key, value, where, kw["dtype"])
+      return block_attention.attend(query, key, value, where, kind, kw["dtype"])
+
+    full_kind, window_kind = self.kinds
+    if isinstance(use_full_attention, bool):  # unrolled layers
+      out = attend(full_kind, full) if use_full_attention else attend(window_kind, window)
+    elif full_kind == window_kind and full_kind <= MASKED:  # same shapes: pick the input
+      out = attend(full_kind, jnp.where(use_full_attention, full, window))
+    else:  # scanned layers that attend in different ways
+      out = jax.lax.cond(use_full_attention, lambda: attend(full_kind, full),
+                         lambda: attend(window_kind, window))
     out = out.reshape(batch, patches, vision.hidden_size)
     return Linear((vision.hidden_size,), ("heads", "embed"), name="proj", **kw)(out)
 
@@ -139,17 +190,14 @@ def _norm(config: ModelConfig, name: str) -> nn.Module:
 
 class VisionBlock(nn.Module):
   """Pre-norm block; `use_full_attention` (a traced bool under scan) picks per-frame or per-window
-  attention: `full` and `window` are masks [batch, patches, patches] (XLA) or segment ids
-  [batch, patches] (splash), as `mask_mode` says."""
+  attention; `full` and `window` are what each needs (see `attention_inputs`)."""
   config: ModelConfig
-  mask_mode: bool = True
+  kinds: tuple[int, int] = (MASKED, MASKED)
 
   @nn.compact
   def __call__(self, x, cos, sin, full, window, use_full_attention):
-    chosen = jnp.where(use_full_attention, full, window)
-    mask, segments = (chosen, None) if self.mask_mode else (None, chosen)
-    x = x + VisionAttention(self.config, name="attn")(_norm(self.config, "norm1")(x), cos, sin,
-                                                      mask, segments)
+    x = x + VisionAttention(self.config, self.kinds, name="attn")(
+        _norm(self.config, "norm1")(x), cos, sin, full, window, use_full_attention)
     x = x + VisionMLP(self.config, name="mlp")(_norm(self.config, "norm2")(x))
     x = nn.with_logical_constraint(x, ("batch", "patches", "act_embed"))
     return checkpoint_name(x, "block_out"), None
@@ -186,12 +234,12 @@ class VisionTower(nn.Module):
     kw = dict(dtype=dtype_of(config.dtype), param_dtype=dtype_of(config.param_dtype),
               adapter=config.adapter)
     layout = patch_layout(patch_image_ids, image_grid_thw, vision)
-    mask_mode = splash.resolve(config.attention_impl, patches) == "xla"
-    if mask_mode:
-      full, window = attention_masks(layout)
-    else:
-      full, window = layout.frame_segment, layout.window_segment
+    kinds, full, window, order = attention_inputs(
+        layout, config, splash.resolve(config.attention_impl, patches))
     cos, sin = rotary_tables(layout, vision)
+    if order is not None:  # run the blocks window by window
+      pixel_patches = jnp.take_along_axis(pixel_patches, order[..., None], axis=1)
+      cos, sin = (jnp.take_along_axis(t, order[..., None], axis=1) for t in (cos, sin))
     # Patch embedding: a Conv3d whose stride equals its kernel is a linear map of the patch vector.
     x = Linear((vision.hidden_size,), ("patch", "embed"), use_bias=False, name="patch_embed",
                **kw)(pixel_patches)
@@ -204,10 +252,12 @@ class VisionTower(nn.Module):
                       split_rngs={"params": True, "dropout": True}, in_axes=(nn.broadcast,) * 4 + (0,),
                       length=vision.depth,
                       metadata_params={nn.PARTITION_NAME: "layers"})
-      x, _ = stack(config, mask_mode, name="blocks")(x, cos, sin, full, window,
-                                                     jnp.asarray(use_full))
+      x, _ = stack(config, kinds, name="blocks")(x, cos, sin, full, window, jnp.asarray(use_full))
     else:
       for i in range(vision.depth):
-        x, _ = block(config, mask_mode, name=f"blocks_{i}")(x, cos, sin, full, window, use_full[i])
+        x, _ = block(config, kinds, name=f"blocks_{i}")(x, cos, sin, full, window, use_full[i])
+    if order is not None:  # back to the processor's order, which the merger groups by 4
+      restore = jnp.argsort(order, axis=1)
+      x = jnp.take_along_axis(x, restore[..., None], axis=1)
     merged = PatchMerger(config, name="merger")(x)
     return nn.with_logical_constraint(merged, ("batch", "length", "act_embed"))

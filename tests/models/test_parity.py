@@ -15,6 +15,7 @@ from mmembed_jax.data import collate as collate_lib
 from mmembed_jax.data import rows as rows_lib
 from mmembed_jax.data.images import ImageProcessingConfig
 from mmembed_jax.models.pooling import pool
+from mmembed_jax.models.vision import attention_inputs, patch_layout
 from mmembed_jax.models.vlm import VisionLanguageModel
 from mmembed_jax.convert.torch_embed import forward_hidden
 
@@ -40,7 +41,9 @@ def _encode(tokenizer, image_dir):
   image_config = ImageProcessingConfig(**TEST_PIXELS)
   encoded = [rows_lib.encode_row(row, tokenizer, image_config, 512, image_dir) for row in ROWS]
   length, patches, images = collate_lib.bucket_sizes(encoded)
-  return encoded, collate_lib.collate(encoded, tokenizer.pad_token_id, length + 5, patches, images)
+  # Padding in the patch buffer too, 3 x 4 patches more than a multiple of 16.
+  return encoded, collate_lib.collate(encoded, tokenizer.pad_token_id, length + 5, patches + 76,
+                                      images)
 
 
 def _torch_reference(model, batch, encoded, attention):
@@ -67,6 +70,14 @@ def test_hidden_states_and_embeddings_match_transformers(family, attention, tiny
   encoded, batch = _encode(tokenizer, image_dir)
   reference = _torch_reference(model, batch, encoded, attention)
   config, params = import_hf(tiny_hf_dirs[family], attention=attention)
+  # The largest frame as the frame bound: full layers attend by blocks too (the video rows below
+  # keep the bound unknown, so masked attention is checked there).
+  grids = batch["image_grid_thw"]
+  config = config.replace(max_frame_patches=int((grids[..., 1] * grids[..., 2]).max()))
+  kinds = attention_inputs(patch_layout(batch["patch_image_ids"], batch["image_grid_thw"],
+                                        config.vision), config, "xla")[0]
+  assert kinds == (config.max_frame_patches, config.vision.window_patches if family == "qwen2_5_vl"
+                   else config.max_frame_patches)
   hidden = np.asarray(VisionLanguageModel(config).apply({"params": params}, batch))
   valid = batch["segment_ids"] > 0
   hidden_error = np.abs(hidden - reference.numpy())[valid].max()

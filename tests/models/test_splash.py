@@ -137,8 +137,11 @@ def test_vision_tower_with_the_kernel_matches_xla(family, tokenizer, image_dir):
   tower = VisionTower(config)
   params = tower.init(jax.random.key(0), batch["pixel_patches"], batch["patch_image_ids"],
                       batch["image_grid_thw"])
+  # Merged tokens of padding patches are never placed into the text: their values (which the
+  # XLA path by blocks and the kernel define differently) are left out of the comparison.
+  real = batch["patch_image_ids"][:, ::4] > 0  # [batch, patches // 4]
   probe = jnp.asarray(np.random.default_rng(0).normal(size=(patches // 4, config.vision.out_hidden_size)),
-                      jnp.float32)
+                      jnp.float32) * real[..., None]
 
   def run(impl):
     model = VisionTower(config.replace(attention_impl=impl))
@@ -148,7 +151,7 @@ def test_vision_tower_with_the_kernel_matches_xla(family, tokenizer, image_dir):
 
   merged, grads = run("xla")
   kernel_merged, kernel_grads = run("splash_interpret")
-  assert np.abs(kernel_merged - merged).max() <= 1e-5
+  assert np.abs(kernel_merged - merged)[real].max() <= 1e-5
   for (path, g), k in zip(jax.tree.leaves_with_path(grads), jax.tree.leaves(kernel_grads)):
     g, k = np.asarray(g), np.asarray(k)
     assert np.abs(k - g).max() <= 1e-5 * max(np.abs(g).max(), 1.0), jax.tree_util.keystr(path)
