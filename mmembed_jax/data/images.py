@@ -70,6 +70,20 @@ def smart_resize(
   return h_bar, w_bar
 
 
+MAX_ASPECT_RATIO = 200  # smart_resize refuses longer sides beyond 200 x the shorter
+
+
+def max_resized_pixels(min_pixels: int, max_pixels: int, factor: int = 28) -> int:
+  """The most pixels `smart_resize` returns for any image: max_pixels, except where a side is
+  clamped up to `factor` (aspect ratios near 200) or min_pixels is rounded up per side."""
+  ratio = MAX_ASPECT_RATIO
+  clamped = factor * math.sqrt(ratio * max_pixels)  # the short side held at `factor`
+  # Scaled up to min_pixels, then each side rounded up by less than `factor`.
+  rounded_up = (min_pixels + factor * math.sqrt(min_pixels) * (math.sqrt(ratio) + 1 / math.sqrt(ratio))
+                + factor * factor)
+  return int(max(max_pixels, clamped, rounded_up, factor * factor))
+
+
 def _positive_int(name: str, value: Any) -> int:
   """Returns `value` as an int, raising ValueError unless it is a positive integer."""
   if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or value <= 0:

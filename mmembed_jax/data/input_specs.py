@@ -60,6 +60,17 @@ class InputSpec(abc.ABC):
     return VideoSettings.from_spec(getattr(self, "video", None),
                                    model_config.video_tokens_per_second)
 
+  def max_frame_patches(self, model_config: ModelConfig) -> int:
+    """The largest image or video frame the pipeline can give, in patches (the model's
+    `max_frame_patches`, which lets the vision tower attend by blocks); 0 = unknown."""
+    if "max_pixels" not in self.section_fields():
+      return 0
+    from mmembed_jax.data.images import max_resized_pixels  # pylint: disable=g-import-not-at-top
+    video = self.video_settings(model_config)
+    pixels = max(max_resized_pixels(self.min_pixels, self.max_pixels),
+                 max_resized_pixels(video.processor_min_pixels, video.processor_max_pixels))
+    return pixels // model_config.vision.patch_size**2
+
   @abc.abstractmethod
   def batch_row(self, model_config: ModelConfig) -> Dict[str, Any]:
     """One row of the batches (host arrays, no batch axis, host-only keys included), read from

@@ -5,11 +5,14 @@ one real batch from the recipe's input pipeline, repeated: tokens/s, step time, 
 FLOPs per second against a square matmul measured in the same run (the share of what this
 machine's matmul reaches). The PyTorch side (MoCa CPT recipes) is transformers' model with the
 same parameters, the same batch and the same objective (convert/torch_moca_cpt.py, whose loss
-equals the JAX one in tests), with AdamW and gradient clipping as configured. Times are medians.
+equals the JAX one in tests), with AdamW and gradient clipping as configured. The two steps and
+their matmul yardsticks are timed interleaved (`interleaved`): this machine is shared, and
+sequential phases once gave 0.53x and, under load, 1.84x for the same code. The batch's share of
+real tokens and real patches is reported with it.
 """
 import statistics
 import time
-from typing import Any, Callable, Dict, List, Tuple
+from typing import Any, Callable, Dict, List, Mapping, Tuple
 
 import jax
 import jax.numpy as jnp
@@ -22,36 +25,61 @@ from mmembed_jax.training import flops
 from mmembed_jax.training.run import HOST_ONLY, build_run
 
 
-def median_seconds(fn: Callable[[], Any], steps: int, warmup: int) -> float:
-  """Median wall time of fn() (which must block until its work is done) over `steps` calls."""
+def _slots(batch: Any, key: str) -> Tuple[int, int]:
+  """(real, all) entries of every `key` array in a (possibly nested) batch; real = nonzero."""
+  if not isinstance(batch, Mapping):
+    return 0, 0
+  own = np.asarray(batch[key]) if key in batch else np.zeros((0,))
+  real, total = int((own > 0).sum()), int(own.size)
+  for value in batch.values():
+    more = _slots(value, key)
+    real, total = real + more[0], total + more[1]
+  return real, total
+
+
+def batch_shares(batch: Any) -> Dict[str, float]:
+  """The share of token slots that hold real tokens and of patch slots that hold real patches."""
+  tokens, token_slots = _slots(batch, "segment_ids")
+  patches, patch_slots = _slots(batch, "patch_image_ids")
+  return {"real_token_share": tokens / max(token_slots, 1),
+          "real_patch_share": patches / patch_slots if patch_slots else float("nan")}
+
+
+def interleaved(steps: Dict[str, Callable[[], Any]], rounds: int, warmup: int
+                ) -> Dict[str, List[float]]:
+  """{name: seconds of each round}: every callable (which must block until its work is done)
+  runs once per round, in turn, so that background load falls on all of them alike."""
   for _ in range(warmup):
-    fn()
-  times = []
-  for _ in range(steps):
-    start = time.perf_counter()
-    fn()
-    times.append(time.perf_counter() - start)
-  return statistics.median(times)
+    for fn in steps.values():
+      fn()
+  times = {name: [] for name in steps}
+  for _ in range(rounds):
+    for name, fn in steps.items():
+      start = time.perf_counter()
+      fn()
+      times[name].append(time.perf_counter() - start)
+  return times
 
 
-def jax_matmul_flops(size: int, dtype: str) -> float:
-  """FLOP/s of a [size, size] @ [size, size] matmul on one device."""
+def jax_matmul(size: int, dtype: str) -> Callable[[], Any]:
+  """A [size, size] @ [size, size] matmul on one device, compiled, as a blocking callable."""
   a = jax.random.normal(jax.random.key(0), (size, size), dtype)
   b = jax.random.normal(jax.random.key(1), (size, size), dtype)
   matmul = jax.jit(jnp.matmul)
-  return 2 * size**3 / median_seconds(lambda: matmul(a, b).block_until_ready(), 5, 2)
+  return lambda: matmul(a, b).block_until_ready()
 
 
-def torch_matmul_flops(size: int) -> float:
-  """FLOP/s of the same float32 matmul in PyTorch."""
+def torch_matmul(size: int) -> Callable[[], Any]:
+  """The same float32 matmul in PyTorch."""
   import torch  # pylint: disable=g-import-not-at-top
   a, b = torch.randn(size, size), torch.randn(size, size)
-  return 2 * size**3 / median_seconds(lambda: torch.matmul(a, b), 5, 2)
+  return lambda: torch.matmul(a, b)
 
 
-def bench_jax(config: ml_collections.ConfigDict, steps: int, warmup: int
-              ) -> Tuple[Dict[str, Any], Any, Any, Dict[str, np.ndarray]]:
-  """(figures, objective, host params, host batch) of the recipe's JAX train step."""
+def jax_step(config: ml_collections.ConfigDict
+             ) -> Tuple[Callable[[], Any], Dict[str, Any], Any, Any, Dict[str, np.ndarray]]:
+  """(one train step, figures, objective, host params, host batch) of the recipe's JAX step on
+  one real batch from its input pipeline; the first step (compilation) is run and timed here."""
   run = build_run(config, jax.devices())
   local = next(iter(run.dataset()))
   local = {k: v for k, v in local.items() if k not in HOST_ONLY}
@@ -70,22 +98,19 @@ def bench_jax(config: ml_collections.ConfigDict, steps: int, warmup: int
 
   start = time.perf_counter()
   one_step()
-  first = time.perf_counter() - start
-  first_loss = float(holder["metrics"]["loss"])
-  seconds = median_seconds(one_step, steps, max(warmup - 1, 0))
-  tokens = flops.batch_tokens(local) * jax.process_count()
-  step_flops = run.step_flops(local) * jax.process_count()
-  devices = run.mesh.devices.size
-  figures = {"devices": devices, "platform": run.mesh.devices.flat[0].platform,
-             "first_loss": first_loss, "first_step_seconds": first, "step_seconds": seconds,
-             "tokens_per_step": tokens, "tokens_per_second": tokens / seconds,
-             "flops_per_step": step_flops, "flops_per_second": step_flops / seconds}
-  return figures, run.objective, host_params, local
+  figures = {"devices": run.mesh.devices.size, "platform": run.mesh.devices.flat[0].platform,
+             "first_loss": float(holder["metrics"]["loss"]),
+             "first_step_seconds": time.perf_counter() - start,
+             "tokens_per_step": flops.batch_tokens(local) * jax.process_count(),
+             "flops_per_step": run.step_flops(local) * jax.process_count(),
+             "max_frame_patches": run.model_config.max_frame_patches, **batch_shares(local)}
+  return one_step, figures, run.objective, host_params, local
 
 
-def bench_torch(objective: MocaCpt, params: Any, batch: Dict[str, np.ndarray],
-                config: ml_collections.ConfigDict, steps: int, warmup: int) -> Dict[str, Any]:
-  """Figures of the PyTorch step of the same objective on the same parameters and batch."""
+def torch_step(objective: MocaCpt, params: Any, batch: Dict[str, np.ndarray],
+               config: ml_collections.ConfigDict) -> Tuple[Callable[[], Any], Dict[str, Any]]:
+  """(one train step, figures) of the PyTorch step of the same objective on the same parameters
+  and batch; the first step is run here."""
   import torch  # pylint: disable=g-import-not-at-top
   from mmembed_jax.convert import torch_moca_cpt  # pylint: disable=g-import-not-at-top
   module = torch_moca_cpt.build(objective, params)
@@ -109,43 +134,65 @@ def bench_torch(objective: MocaCpt, params: Any, batch: Dict[str, np.ndarray],
 
   start = time.perf_counter()
   first_loss = one_step()
-  first = time.perf_counter() - start
-  seconds = median_seconds(one_step, steps, max(warmup - 1, 0))
-  return {"threads": torch.get_num_threads(), "first_loss": first_loss,
-          "first_step_seconds": first, "step_seconds": seconds}
+  return one_step, {"threads": torch.get_num_threads(), "first_loss": first_loss,
+                    "first_step_seconds": time.perf_counter() - start}
 
 
 def benchmark(config: ml_collections.ConfigDict, steps: int, warmup: int, with_torch: bool,
               matmul_size: int) -> Tuple[Dict[str, Any], List[str]]:
-  """(figures, summary lines) of the recipe's step; PyTorch's too for MoCa CPT in one process."""
-  figures, objective, params, batch = bench_jax(config, steps, warmup)
+  """(figures, summary lines) of the recipe's step; PyTorch's too for MoCa CPT in one process.
+
+  The JAX step, PyTorch's step and each one's float32 matmul run in turn, `steps` rounds after
+  `warmup`; times are medians, and the speed ratio and the matmul shares are medians of the
+  per-round ratios (a round's background load hits all four alike)."""
+  step, figures, objective, params, batch = jax_step(config)
   dtype = config.model.dtype
-  figures["matmul_flops_per_second"] = jax_matmul_flops(matmul_size, dtype)
-  per_device = figures["flops_per_second"] / figures["devices"]
-  figures["share_of_matmul"] = per_device / figures["matmul_flops_per_second"]
+  timed = {"jax": step, "jax_matmul": jax_matmul(matmul_size, dtype)}
+  torch_figures = None
+  if with_torch and isinstance(objective, MocaCpt) and jax.process_count() == 1:
+    timed["torch"], torch_figures = torch_step(objective, params, batch, config)
+    timed["torch_matmul"] = torch_matmul(matmul_size)
+  times = interleaved(timed, steps, max(warmup - 1, 0))
+  matmul_flops = 2 * matmul_size**3
+  devices = figures["devices"]
+
+  def share(name):  # per round: (this step's FLOP/s per device) / (its matmul's FLOP/s)
+    return statistics.median(figures["flops_per_step"] / devices / t * m / matmul_flops
+                             for t, m in zip(times[name], times[name + "_matmul"]))
+
+  seconds = statistics.median(times["jax"])
+  figures.update(step_seconds=seconds, tokens_per_second=figures["tokens_per_step"] / seconds,
+                 flops_per_second=figures["flops_per_step"] / seconds,
+                 matmul_flops_per_second=matmul_flops / statistics.median(times["jax_matmul"]),
+                 share_of_matmul=share("jax"))
   result = {"config": config.model.preset, "objective": config.objective.name, "dtype": dtype,
-            "matmul_size": matmul_size, "jax": figures}
+            "matmul_size": matmul_size, "rounds": steps, "jax": figures}
   lines = [f"{config.model.preset} / {config.objective.name}, {figures['tokens_per_step']} tokens "
-           f"per step, {figures['flops_per_step']:.3e} FLOPs per step, on {figures['devices']} "
+           f"per step ({100 * figures['real_token_share']:.0f}% of token slots real, "
+           f"{100 * figures['real_patch_share']:.0f}% of patch slots), "
+           f"{figures['flops_per_step']:.3e} FLOPs per step, on {devices} "
            f"{figures['platform']} device(s)",
-           f"JAX:     {figures['step_seconds']:.3f} s/step, {figures['tokens_per_second']:.0f} "
-           f"tokens/s, {per_device / 1e9:.1f} GFLOP/s per device = "
-           f"{100 * figures['share_of_matmul']:.0f}% of a {dtype} {matmul_size}^3 matmul "
+           f"JAX:     {seconds:.3f} s/step, {figures['tokens_per_second']:.0f} tokens/s, "
+           f"{100 * figures['share_of_matmul']:.0f}% of its {dtype} {matmul_size}^3 matmul "
            f"({figures['matmul_flops_per_second'] / 1e9:.1f} GFLOP/s); first step (compile) "
            f"{figures['first_step_seconds']:.1f} s"]
-  if with_torch and isinstance(objective, MocaCpt) and jax.process_count() == 1:
-    torch_figures = bench_torch(objective, params, batch, config, steps, warmup)
-    torch_figures["matmul_flops_per_second"] = torch_matmul_flops(matmul_size)
-    torch_figures["tokens_per_second"] = figures["tokens_per_step"] / torch_figures["step_seconds"]
-    torch_figures["flops_per_second"] = figures["flops_per_step"] / torch_figures["step_seconds"]
+  if torch_figures is not None:
+    torch_seconds = statistics.median(times["torch"])
+    torch_figures.update(
+        step_seconds=torch_seconds, tokens_per_second=figures["tokens_per_step"] / torch_seconds,
+        flops_per_second=figures["flops_per_step"] / torch_seconds,
+        matmul_flops_per_second=matmul_flops / statistics.median(times["torch_matmul"]),
+        share_of_matmul=share("torch"))
     result["torch"] = torch_figures
-    result["jax_speedup_over_torch"] = torch_figures["step_seconds"] / figures["step_seconds"]
-    lines += [f"PyTorch: {torch_figures['step_seconds']:.3f} s/step, "
+    result["jax_speedup_over_torch"] = statistics.median(
+        t / j for t, j in zip(times["torch"], times["jax"]))
+    lines += [f"PyTorch: {torch_seconds:.3f} s/step, "
               f"{torch_figures['tokens_per_second']:.0f} tokens/s, "
-              f"{torch_figures['flops_per_second'] / 1e9:.1f} GFLOP/s "
-              f"({torch_figures['threads']} threads; its float32 matmul "
-              f"{torch_figures['matmul_flops_per_second'] / 1e9:.1f} GFLOP/s)",
-              f"JAX / PyTorch speed: {result['jax_speedup_over_torch']:.2f}x"]
+              f"{100 * torch_figures['share_of_matmul']:.0f}% of its float32 matmul "
+              f"({torch_figures['matmul_flops_per_second'] / 1e9:.1f} GFLOP/s; "
+              f"{torch_figures['threads']} threads)",
+              f"JAX / PyTorch speed: {result['jax_speedup_over_torch']:.2f}x (median of "
+              f"{steps} interleaved rounds)"]
   elif with_torch:
     lines.append("PyTorch: skipped (the reference exists for MoCa CPT recipes, in one process)")
   return result, lines

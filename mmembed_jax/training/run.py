@@ -214,6 +214,7 @@ def build_run(config: ml_collections.ConfigDict, devices: Sequence[Any], *,
   mesh = make_mesh(config.mesh.ici, config.mesh.dcn, devices=devices)
   rules = sharding_lib.config_rules(config.sharding.rules)
   architecture = model_config(config, resolved)
+  architecture = architecture.replace(max_frame_patches=spec.max_frame_patches(architecture))
   if compile_proof and architecture.attention_impl == "auto":
     architecture = architecture.replace(
         attention_impl="splash" if devices[0].platform == "tpu" else "xla")

@@ -78,6 +78,24 @@ def test_smart_resize_matches_transformers_on_a_grid():
           assert got[0] % factor == 0 and got[1] % factor == 0
 
 
+@pytest.mark.parametrize("min_pixels,max_pixels", [(16 * 784, 48 * 784), (256 * 784, 1024 * 784),
+                                                  (4 * 784, 16 * 784), (1000 * 784, 1024 * 784)])
+def test_max_resized_pixels_bounds_every_resize(min_pixels, max_pixels):
+  """The bound the vision tower's blocks rely on: no image of any size or aspect ratio (up to
+  200) comes out larger, and the extreme cases come close to it."""
+  rng = np.random.default_rng(min_pixels)
+  bound = images.max_resized_pixels(min_pixels, max_pixels)
+  sizes = [(int(h), int(w)) for h, w in rng.integers(1, 4000, size=(20000, 2))]
+  sizes += [(h, h * 200) for h in range(1, 60)] + [(h * 200, h) for h in range(1, 60)]
+  largest = 0
+  for height, width in sizes:
+    if max(height, width) > 200 * min(height, width):
+      continue
+    h, w = images.smart_resize(height, width, min_pixels=min_pixels, max_pixels=max_pixels)
+    largest = max(largest, h * w)
+  assert max_pixels <= largest <= bound and largest >= 0.6 * bound, (largest, bound)
+
+
 def test_smart_resize_defaults_match_transformers():
   assert images.smart_resize(480, 640) == hf_qwen.smart_resize(480, 640)
   assert images.smart_resize(4000, 3000) == hf_qwen.smart_resize(4000, 3000)
