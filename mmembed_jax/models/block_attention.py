@@ -34,12 +34,14 @@ def keys_per_query(block: int, max_segment: int) -> int:
 
 
 def choose_block(length: int, max_segment: int) -> int:
-  """The block size with the fewest keys per query (ties: the larger block); `length` is
-  padded up to a multiple of it."""
-  def cost(block):
+  """The largest block whose keys per query (with `length` padded up to a multiple of it) are
+  within 1.25x of the fewest any block gives: each pair gathers a key block, so small blocks
+  hold (keys per query / block) copies of the keys, which the backward pass keeps."""
+  def keys(block):
     padded = -(-length // block) * block
-    return padded * keys_per_query(block, max_segment), -block
-  return min(BLOCK_SIZES, key=cost)
+    return padded * keys_per_query(block, max_segment)
+  fewest = min(keys(block) for block in BLOCK_SIZES)
+  return max(block for block in BLOCK_SIZES if keys(block) <= 1.25 * fewest)
 
 
 def pair_budget(blocks: int, block: int, max_segment: int) -> int:

@@ -133,12 +133,16 @@ def dot_product_attention(query: jax.Array, key: jax.Array, value: jax.Array,
   batch, q_len, num_heads, head_dim = query.shape
   num_kv_heads = key.shape[2]
   groups = num_heads // num_kv_heads
-  # Head h uses kv head h // groups, as transformers' repeat_kv does.
-  query = query.reshape(batch, q_len, num_kv_heads, groups, head_dim)
-  scores = jnp.einsum("bqkgd,bskd->bkgqs", query.astype(dtype), key.astype(dtype),
-                      preferred_element_type=jnp.float32)
+  # Head-major operands (head h uses kv head h // groups, as transformers' repeat_kv does), so
+  # both products are plain batched matmuls and the softmax runs along the scores' minor axis:
+  # XLA then transposes only [length, head_dim] operands, never the [q_len, kv_len] scores.
+  query = jnp.transpose(query.reshape(batch, q_len, num_kv_heads, groups, head_dim), (0, 2, 3, 1, 4))
+  key, value = jnp.transpose(key, (0, 2, 1, 3)), jnp.transpose(value, (0, 2, 1, 3))
+  scores = jnp.einsum("bkgqd,bksd->bkgqs", query.astype(dtype), key.astype(dtype),
+                      preferred_element_type=jnp.float32)  # [batch, kv_heads, groups, q, kv]
   scores = scores * (head_dim**-0.5)
   scores = jnp.where(mask[:, None, None, :, :], scores, NEG_INF)
   probs = jax.nn.softmax(scores, axis=-1).astype(dtype)
-  out = jnp.einsum("bkgqs,bskd->bqkgd", probs, value.astype(dtype))
-  return checkpoint_name(out.reshape(batch, q_len, num_heads, head_dim), "attention_out")
+  out = jnp.einsum("bkgqs,bksd->bkgqd", probs, value.astype(dtype))
+  out = jnp.transpose(out, (0, 3, 1, 2, 4)).reshape(batch, q_len, num_heads, head_dim)
+  return checkpoint_name(out, "attention_out")
