@@ -1,9 +1,10 @@
 """Train-step speed of a recipe on this machine, next to the same MoCa CPT step in PyTorch.
 
 The JAX side is the run builder's own step (sharded state, jitted update with donated state) on
-one real batch from the recipe's input pipeline, repeated: tokens/s, step time, and the analytic
-FLOPs per second against a square matmul measured in the same run (the share of what this
-machine's matmul reaches). The PyTorch side (MoCa CPT recipes) is transformers' model with the
+one real batch from the recipe's input pipeline, repeated: tokens/s, step time, and the FLOPs of
+the batch's real work (`flops.useful_train_flops`: real tokens and patches, attention within each
+sequence, frame and window) per second against a square matmul measured in the same run (the
+share of what this machine's matmul reaches). The PyTorch side (MoCa CPT recipes) is transformers' model with the
 same parameters, the same batch and the same objective (convert/torch_moca_cpt.py, whose loss
 equals the JAX one in tests), with AdamW and gradient clipping as configured. The two steps and
 their matmul yardsticks are timed interleaved (`interleaved`): this machine is shared, and
@@ -102,7 +103,10 @@ def jax_step(config: ml_collections.ConfigDict
              "first_loss": float(holder["metrics"]["loss"]),
              "first_step_seconds": time.perf_counter() - start,
              "tokens_per_step": flops.batch_tokens(local) * jax.process_count(),
-             "flops_per_step": run.step_flops(local) * jax.process_count(),
+             "flops_per_step": flops.useful_train_flops(
+                 run.model_config, local, run.objective.forwards_per_step,
+                 run.objective.uses_lm_head) * jax.process_count(),
+             "padded_flops_per_step": run.step_flops(local) * jax.process_count(),
              "max_frame_patches": run.model_config.max_frame_patches, **batch_shares(local)}
   return one_step, figures, run.objective, host_params, local
 
@@ -170,7 +174,8 @@ def benchmark(config: ml_collections.ConfigDict, steps: int, warmup: int, with_t
   lines = [f"{config.model.preset} / {config.objective.name}, {figures['tokens_per_step']} tokens "
            f"per step ({100 * figures['real_token_share']:.0f}% of token slots real, "
            f"{100 * figures['real_patch_share']:.0f}% of patch slots), "
-           f"{figures['flops_per_step']:.3e} FLOPs per step, on {devices} "
+           f"{figures['flops_per_step']:.3e} FLOPs of real work per step "
+           f"({figures['padded_flops_per_step']:.3e} over the padded shapes), on {devices} "
            f"{figures['platform']} device(s)",
            f"JAX:     {seconds:.3f} s/step, {figures['tokens_per_second']:.0f} tokens/s, "
            f"{100 * figures['share_of_matmul']:.0f}% of its {dtype} {matmul_size}^3 matmul "

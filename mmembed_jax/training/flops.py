@@ -102,3 +102,55 @@ def batch_tokens(batch: Any) -> int:
     return 0
   own = int((np.asarray(batch["segment_ids"]) > 0).sum()) if "segment_ids" in batch else 0
   return own + sum(batch_tokens(v) for v in batch.values() if isinstance(v, Mapping))
+
+
+def _runs(ids: np.ndarray) -> np.ndarray:
+  """Lengths of the runs of equal nonzero ids in a 1-D array."""
+  edges = np.flatnonzero(np.diff(np.concatenate([[0], ids, [0]])) != 0)
+  starts, ends = edges[:-1], edges[1:]
+  keep = ids[starts] > 0
+  return (ends - starts)[keep]
+
+
+def _window_sizes(config: ModelConfig, t: int, h: int, w: int) -> list[int]:
+  """Patches in each attention window of an image of grid (t, h, w) (Qwen2.5-VL)."""
+  merge, side = config.vision.spatial_merge_size, config.vision.window_merged_tokens
+  rows, cols = h // merge, w // merge
+  sizes = [min(side, rows - r) * min(side, cols - c) * merge * merge
+           for r in range(0, rows, side) for c in range(0, cols, side)]
+  return sizes * t
+
+
+def useful_train_flops(config: ModelConfig, batch: Any, forwards: int = 1,
+                       with_lm_head: bool = True) -> float:
+  """Training FLOPs of the real work in a batch, what an unpadded per-sequence implementation
+  (transformers') does: real tokens and patches only, attention within each packed sequence,
+  image frame and window. The same count for JAX and PyTorch makes their shares comparable."""
+  total = 0.0
+  if isinstance(batch, Mapping) and "input_ids" in batch:
+    t, v = config.text, config.vision
+    segments = np.asarray(batch["segment_ids"]).reshape(-1, np.shape(batch["segment_ids"])[-1])
+    lengths = np.concatenate([_runs(row) for row in segments]).astype(np.float64)
+    tokens = lengths.sum()
+    linear = llm_forward_flops(config, 1, 0, with_lm_head=False) / t.num_layers
+    forward = t.num_layers * (tokens * linear + 2 * 2 * t.hidden_size * (lengths**2).sum())
+    if with_lm_head:
+      forward += tokens * 2 * t.hidden_size * t.vocab_size
+    grids = np.asarray(batch["image_grid_thw"]).reshape(-1, 3)
+    grids = grids[grids.prod(axis=1) > 0]
+    if len(grids):
+      windowed = config.family == "qwen2_5_vl" and v.window_size > 0
+      full_layers = len(v.fullatt_block_indexes) if windowed else v.depth
+      frames = np.concatenate([[h * w] * t for t, h, w in grids]).astype(np.float64)
+      spans = full_layers * (frames**2).sum()
+      if windowed:
+        windows = np.concatenate([_window_sizes(config, *g) for g in grids]).astype(np.float64)
+        spans += (v.depth - full_layers) * (windows**2).sum()
+      patches = frames.sum()
+      linear = vision_forward_flops(config, 1, 0)
+      forward += patches * linear + 2 * 2 * v.hidden_size * spans
+    total += 3.0 * forward
+  if isinstance(batch, Mapping):
+    total += sum(useful_train_flops(config, value, 1, with_lm_head) for value in batch.values()
+                 if isinstance(value, Mapping))
+  return total * (2.0 + forwards) / 3.0
