@@ -14,9 +14,10 @@ import tempfile
 import time
 from typing import Any, Dict, Optional, Sequence
 
+import jax
 import ml_collections
 
-from mmembed_jax.training import flops
+from mmembed_jax.training import flops, hlo_collectives
 from mmembed_jax.training.run import build_run
 
 # Nominal HBM per chip (bytes); v5p's is the figure its compiler reports as available.
@@ -67,6 +68,24 @@ def _collective_counts(hlo: str) -> Dict[str, int]:
   return {op: n for op, n in counts.items() if n}
 
 
+def fsdp_minimum_bytes(layout: Any) -> Dict[str, int]:
+  """The FSDP step's collective bytes per chip for this state (hlo_collectives' measure): every
+  sharded parameter all-gathered in its stored dtype forward and backward and its gradient
+  reduce-scattered; a replicated one's gradient all-reduced. Frozen parameters send no gradient."""
+  params = layout.abstract_state.params
+  trains = layout.trainable if layout.trainable is not None else jax.tree.map(lambda _: True, params)
+  totals = collections.Counter()
+  for param, sharding, train in zip(jax.tree.leaves(params), jax.tree.leaves(layout.param_shardings),
+                                    jax.tree.leaves(trains)):
+    size = param.size * param.dtype.itemsize
+    if sharding.is_fully_replicated:
+      totals["all-reduce"] += size if train else 0
+    else:
+      totals["all-gather"] += 2 * size
+      totals["reduce-scatter"] += size if train else 0
+  return {kind: n for kind, n in totals.items() if n}
+
+
 def compile_train_step(config: ml_collections.ConfigDict, devices: Sequence[Any]) -> Dict[str, Any]:
   """Compiles the config's train step for `devices`; returns the figures (see the module doc)."""
   run = build_run(config, devices, compile_proof=True)
@@ -85,11 +104,12 @@ def compile_train_step(config: ml_collections.ConfigDict, devices: Sequence[Any]
         if "RESOURCE_EXHAUSTED" in str(e) or "Ran out of memory" in str(e):
           raise CompileOOM(str(e).strip().splitlines()[0][:2000]) from None
         raise
-      collectives, kernels = collections.Counter(), 0
+      collectives, moved, kernels = collections.Counter(), collections.Counter(), 0
       for path in glob.glob(os.path.join(dump, "*after_optimizations.txt")):
         with open(path) as f:
           hlo = f.read()
         collectives.update(_collective_counts(hlo))
+        moved.update(hlo_collectives.collective_bytes(hlo))
         kernels += len(re.findall(r'custom_call_target="tpu_custom_call"', hlo))
   seconds = time.perf_counter() - start
   devices = list(run.mesh.devices.flat)
@@ -119,6 +139,8 @@ def compile_train_step(config: ml_collections.ConfigDict, devices: Sequence[Any]
       "roofline_seconds": roofline,  # analytic FLOPs at the chips' peak: 100% MFU
       "estimated_mfu": roofline / estimate if usable and roofline else None,
       "collectives": dict(collectives),
+      "collective_bytes_per_chip": dict(moved),  # training/hlo_collectives.py
+      "fsdp_minimum_bytes": fsdp_minimum_bytes(layout),
       "attention_impl": model_config.attention_impl,
       "pallas_kernels": kernels,  # Mosaic custom calls in the program (splash attention on TPU)
       "compile_seconds": seconds,
@@ -142,6 +164,10 @@ def format_report(report: Dict[str, Any], config_name: Optional[str] = None) -> 
            f"{report['flops']:.3e}" + (" (a scanned layer is counted once)"
                                         if report["scan_layers"] else ""),
            f"collectives: {report['collectives']}",
+           "collective GiB per chip per step: " + ", ".join(
+               f"{kind} {moved / gib:.2f}" for kind, moved in
+               sorted(report["collective_bytes_per_chip"].items())) + "; FSDP minimum: " + ", ".join(
+               f"{kind} {moved / gib:.2f}" for kind, moved in report["fsdp_minimum_bytes"].items()),
            f"attention: {report['attention_impl']} ({report['pallas_kernels']} Pallas kernel calls)"]
   if report["roofline_seconds"]:
     estimate = (f"compiler estimate {report['compiler_seconds_estimate']:.3f}s = "

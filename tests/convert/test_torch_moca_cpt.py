@@ -45,7 +45,7 @@ def test_torch_loss_and_gradients_equal_the_jax_objective(noise):
   params = jax.tree.unflatten(tree, [x + 0.05 * jax.random.normal(k, x.shape, x.dtype)
                                      for x, k in zip(leaves, keys)])
   rng = jax.random.key(3)
-  (loss, metrics), grads = jax.value_and_grad(objective, has_aux=True)(params, batch, rng)
+  (loss, metrics), grads = jax.jit(jax.value_and_grad(objective, has_aux=True))(params, batch, rng)
   noise_shape = ((1, 1, batch["pixel_patches"].shape[-1]) if noise == "shared"
                  else batch["pixel_patches"].shape)
   noise_values = np.asarray(jax.random.normal(rng, noise_shape, np.float32))

@@ -7,6 +7,7 @@ them (`trainable_extra`, peft's modules_to_save, as CoMa trains it) and moved of
 the adapters go to peft through our PEFT export, so the export's layout is checked too. fp32,
 bidirectional attention, padded rows with images of odd sizes (test_parity.ROWS).
 """
+import functools
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -85,7 +86,7 @@ def test_forward_and_gradients_equal_peft(family, kind, tiny_hf_dirs, encoded_ba
     hidden = VisionLanguageModel(config).apply({"params": params}, batch)
     return jnp.sum(pool(hidden, batch["segment_ids"], "mean") * direction), hidden
 
-  (_, hidden), grads = jax.value_and_grad(scalar, has_aux=True)(params)
+  (_, hidden), grads = jax.jit(jax.value_and_grad(scalar, has_aux=True))(params)
   error = np.abs(np.asarray(hidden) - hidden_torch.detach().numpy())[valid].max()
   print(f"{family} {kind}: hidden max abs diff {error:.2e}")
   assert error <= TOLERANCE
@@ -140,9 +141,11 @@ def test_scanned_rematerialised_and_bfloat16_adapters_equal_unrolled(tiny_hf_dir
     return jnp.sum(jnp.where(valid[..., None], hidden, 0) ** 2) / 1e3, hidden
 
   params = _random_adapters(config, base)
-  (_, reference), grads = jax.value_and_grad(energy, argnums=1, has_aux=True)(config, params)
-  (_, out), scanned_grads = jax.value_and_grad(energy, argnums=1, has_aux=True)(scanned,
-                                                                                 stack(params))
+  def energy_and_grads(model_config, params):
+    return jax.jit(jax.value_and_grad(functools.partial(energy, model_config), has_aux=True))(params)
+
+  (_, reference), grads = energy_and_grads(config, params)
+  (_, out), scanned_grads = energy_and_grads(scanned, stack(params))
   assert np.abs(np.asarray(out) - np.asarray(reference))[valid].max() <= 1e-5
   for (path, ours), theirs in zip(jax.tree.leaves_with_path(scanned_grads),
                                   jax.tree.leaves(stack(grads))):

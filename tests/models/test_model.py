@@ -51,14 +51,13 @@ def _pack(encoded_rows, length, max_patches, max_images):
 @pytest.mark.parametrize("attention", ["causal", "bidirectional"])
 def test_packed_segments_equal_separate_rows(attention, encoded, tiny_hf_dirs):
   config, params = import_hf(tiny_hf_dirs["qwen2_5_vl"], attention=attention)
-  model = VisionLanguageModel(config)
+  apply = jax.jit(lambda batch: VisionLanguageModel(config).apply({"params": params}, batch))
   length, patches, images = collate_lib.bucket_sizes(encoded)
-  separate = np.asarray(model.apply({"params": params},
-                                    collate_lib.collate(encoded, 0, length, patches, images)))
+  separate = np.asarray(apply(collate_lib.collate(encoded, 0, length, patches, images)))
   total_patches = sum(row.num_patches for row in encoded) + 8
   packed_batch, used = _pack(encoded, sum(row.num_tokens for row in encoded) + 7, total_patches,
                              sum(row.num_images for row in encoded))
-  packed = np.asarray(model.apply({"params": params}, packed_batch))[0]
+  packed = np.asarray(apply(packed_batch))[0]
   expected = np.concatenate([separate[i, :row.num_tokens] for i, row in enumerate(encoded)])
   assert np.abs(packed[:used] - expected).max() <= 1e-5
 

@@ -145,9 +145,11 @@ def test_vision_tower_with_the_kernel_matches_xla(family, tokenizer, image_dir):
 
   def run(impl):
     model = VisionTower(config.replace(attention_impl=impl))
-    apply = lambda p: model.apply(p, batch["pixel_patches"], batch["patch_image_ids"],  # pylint: disable=unnecessary-lambda-assignment
-                                  batch["image_grid_thw"])
-    return np.asarray(apply(params)), jax.grad(lambda p: (apply(p) * probe).sum())(params)
+    def loss(p):
+      out = model.apply(p, batch["pixel_patches"], batch["patch_image_ids"], batch["image_grid_thw"])
+      return (out * probe).sum(), out
+    grads, out = jax.jit(jax.grad(loss, has_aux=True))(params)
+    return np.asarray(out), grads
 
   merged, grads = run("xla")
   kernel_merged, kernel_grads = run("splash_interpret")

@@ -130,7 +130,7 @@ def test_gradients_reach_backbone_and_decoder(setup):
   config, params, batch = setup
   objective = MocaCpt(config, mask_token_id=config.text.vocab_size - 1)
   params = dict(params, **objective.init_extra(jax.random.key(1), params))
-  grads = jax.grad(lambda p: objective(p, batch, jax.random.key(0))[0])(params)
+  grads = jax.jit(jax.grad(lambda p: objective(p, batch, jax.random.key(0))[0]))(params)
   for key in ("visual", "language_model", "embed_tokens", MAE_DECODER):
     assert float(sum(jnp.abs(g).sum() for g in jax.tree.leaves(grads[key]))) > 0, key
 

@@ -36,6 +36,11 @@ def test_moca_stage1_compiles_for_a_v5p_slice_with_fsdp():
   assert 0 < report["estimated_mfu"] < 1  # the demo is unrolled: the compiler's estimate counts
   assert report["collectives"].get("all-gather") and (report["collectives"].get("reduce-scatter")
                                                       or report["collectives"].get("all-reduce"))
+  # Bytes moved, next to the FSDP minimum of this state (sharded parameters gathered forward
+  # and backward, their gradients reduce-scattered, replicated ones' gradients all-reduced).
+  moved, minimum = report["collective_bytes_per_chip"], report["fsdp_minimum_bytes"]
+  assert minimum["all-gather"] == 2 * minimum["reduce-scatter"] > 0 and moved["all-gather"] > 0
+  assert "FSDP minimum" in aot.format_report(report)
 
 
 def test_contrastive_step_compiles_for_v5e_and_oom_is_reported():
