@@ -5,7 +5,9 @@ gathered tensor), a reduce-scatter's or all-reduce's operand (the tensor being r
 all-to-all's or collective-permute's operand. A collective inside a while loop (a scanned layer
 stack, GradCache's chunks, the LM head's chunks) counts once per iteration: loop bodies are
 weighted by their `known_trip_count`, nested loops multiply. Asynchronous pairs count at their
-`-start`. This is the measure the FSDP minimum is written in: every parameter gathered in the
+`-start`. Loops without a `known_trip_count` (TPU programs, where the windowed einsums that
+stream FSDP shards run as loops of collective-permutes) take the bound their condition compares
+the counter against. This is the measure the FSDP minimum is written in: every parameter gathered in the
 forward and again in the backward pass, every gradient reduce-scattered once.
 """
 import collections
@@ -24,6 +26,8 @@ _INSTRUCTION = re.compile(r"^\s*(?:ROOT\s+)?%?[\w.\-]+\s*=\s*(.*?)\s+(" + "|".jo
 _OPERAND = re.compile(r"%([\w.\-]+)")
 _CALLEE = re.compile(r"\b(body|calls|to_apply|condition|branch_computations)=\{?%?([\w.\-]+)")
 _TRIP = re.compile(r'"known_trip_count":\{"n":"(\d+)"')
+_CONSTANT = re.compile(r"%([\w.\-]+) = [su]\d+\[\][^ ]* constant\((\d+)\)")
+_BOUND = re.compile(r"compare\(%[\w.\-]+, %([\w.\-]+)\), direction=LT")
 
 
 def shape_bytes(text: str) -> int:
@@ -45,11 +49,26 @@ def _computations(hlo: str) -> Tuple[Dict[str, list], str]:
     if match and "=" not in line.split("(")[0]:
       current = computations.setdefault(match.group(1), [])
       entry = match.group(1) if line.startswith("ENTRY") else entry
-    elif line.startswith("}"):
+    elif line.rstrip() == "}":  # (kernels' multi-line configs have lines starting with "}}")
       current = None
     elif current is not None:
       current.append(line)
   return computations, entry
+
+
+def _trip_count(line: str, computations: Mapping[str, list]) -> int:
+  """Iterations of the while loop on `line`: its known_trip_count, else the bound its condition
+  compares the counter against (XLA's loops count from 0: scans, windowed einsums), else 1."""
+  trip = _TRIP.search(line)
+  if trip:
+    return int(trip.group(1))
+  condition = re.search(r"condition=%?([\w.\-]+)", line)
+  lines = computations.get(condition.group(1), []) if condition else []
+  constants = dict(_CONSTANT.findall("\n".join(lines)))
+  for bound in _BOUND.findall("\n".join(lines)):
+    if bound in constants:
+      return int(constants[bound])
+  return 1
 
 
 def _weights(computations: Mapping[str, list], entry: str) -> Dict[str, int]:
@@ -61,11 +80,11 @@ def _weights(computations: Mapping[str, list], entry: str) -> Dict[str, int]:
       return
     weights[name] += weight
     for line in computations[name]:
-      trip = _TRIP.search(line)
+      trip = _trip_count(line, computations) if " while(" in line else 1
       for role, callee in _CALLEE.findall(line):
         if role == "condition":
           continue
-        visit(callee, weight * (int(trip.group(1)) if role == "body" and trip else 1), depth + 1)
+        visit(callee, weight * (trip if role == "body" else 1), depth + 1)
 
   visit(entry, 1)
   return weights

@@ -7,7 +7,8 @@ from mmembed_jax.training import hlo_collectives
 
 # TPU-style text: an async all-gather whose -start result is (operand, gathered), a reduce-scatter
 # with inline operand shapes, an all-reduce whose operand is written by name, a loop of 28 around
-# a loop of 3, and a collective in the entry computation.
+# a loop of 3 that has no known_trip_count (its condition's bound says 3), a kernel whose
+# multi-line config has lines starting with "}}", and a collective in the entry computation.
 HLO = """
 HloModule jit_update, entry_computation_layout={()->()}
 
@@ -26,8 +27,10 @@ HloModule jit_update, entry_computation_layout={()->()}
 }
 
 %inner_cond (p: (s32[], bf16[4,64])) -> pred[] {
+  %bound = u32[]{:T(128)} constant(3)
   %p = (s32[], bf16[4,64]) parameter(0)
-  ROOT %lt = pred[] compare(%a, %b), direction=LT
+  %i = u32[]{:T(128)} get-tuple-element(%p), index=0
+  ROOT %lt = pred[] compare(%i, %bound), direction=LT
 }
 
 %outer_body (q: (s32[], f32[128,64])) -> (s32[], f32[128,64]) {
@@ -35,7 +38,7 @@ HloModule jit_update, entry_computation_layout={()->()}
   %grad = f32[128,64]{1,0} get-tuple-element(%q), index=1
   %rs = f32[16,64]{1,0} reduce-scatter(f32[128,64]{1,0} %grad), dimensions={0}, to_apply=%add
   %ar = f32[128,64]{1,0} all-reduce(%grad), to_apply=%add
-  %w = (s32[], bf16[4,64]) while(%init), condition=%inner_cond, body=%inner_body, backend_config={"known_trip_count":{"n":"3"}}
+  %w = (s32[], bf16[4,64]) while(%init), condition=%inner_cond, body=%inner_body
   ROOT %t = (s32[], f32[128,64]) tuple(%i, %grad)
 }
 
@@ -46,6 +49,9 @@ HloModule jit_update, entry_computation_layout={()->()}
 
 ENTRY %main (param: f32[8,8]) -> f32[8,8] {
   %param = f32[8,8]{1,0} parameter(0)
+  %kernel = f32[8,8]{1,0} custom-call(%param), custom_call_target="tpu_custom_call", backend_config={"custom_call_config": {"body": "x",
+"xprof_metadata":"{\\"block_q\\": 512}"
+}}, metadata={op_name="splash"}
   %cp = f32[8,8]{1,0} collective-permute(%param), source_target_pairs={{0,1},{1,0}}
   %loop = (s32[], f32[128,64]) while(%start), condition=%outer_cond, body=%outer_body, backend_config={"known_trip_count":{"n":"28"}}
   ROOT %out = f32[8,8]{1,0} copy(%cp)
