@@ -14,8 +14,10 @@ from ml_collections import config_flags
 
 _CONFIG = config_flags.DEFINE_config_file("config", None, "Recipe config file, e.g. configs/moca.py.",
                                           lock_config=True)
-_STEPS = flags.DEFINE_integer("steps", 10, "Timed steps per framework.")
-_WARMUP = flags.DEFINE_integer("warmup", 2, "Untimed steps first (compilation, allocator warm-up).")
+_STEPS = flags.DEFINE_integer("steps", 10, "Timed rounds; each runs a JAX step, a PyTorch step and "
+                              "both matmul yardsticks in turn.")
+_WARMUP = flags.DEFINE_integer("warmup", 2, "Untimed rounds first, the first step included "
+                               "(compilation, allocator warm-up).")
 _TORCH = flags.DEFINE_bool("torch", True, "Also time the PyTorch step (MoCa CPT recipes).")
 _MATMUL = flags.DEFINE_integer("matmul_size", 2048, "Side of the square matmul used as yardstick.")
 _JSON = flags.DEFINE_string("json", None, "Write the figures to this JSON file.")
