@@ -114,6 +114,11 @@ class ModelConfig:
                        f"{self.text.head_dim // 2}")
 
   @property
+  def windowed_vision(self) -> bool:
+    """Whether the vision tower has window-attention blocks (Qwen2.5-VL with a window size)."""
+    return self.family == "qwen2_5_vl" and self.vision.window_size > 0
+
+  @property
   def video_tokens_per_second(self) -> Optional[int]:
     """M-RoPE time steps per second of video (Qwen2.5-VL), None where a frame pair is one step
     (Qwen2-VL)."""

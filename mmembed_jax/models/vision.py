@@ -99,7 +99,7 @@ def attention_inputs(layout: PatchLayout, config: ModelConfig, path: str
   if path != "xla":
     return (SPLASH, SPLASH), layout.frame_segment, layout.window_segment, None
   vision, patches = config.vision, layout.image.shape[1]
-  windowed = config.family == "qwen2_5_vl" and vision.window_size > 0
+  windowed = config.windowed_vision
   order = window_order(layout) if windowed else None
 
   def inputs(segment_ids, max_segment):
@@ -244,7 +244,7 @@ class VisionTower(nn.Module):
     x = Linear((vision.hidden_size,), ("patch", "embed"), use_bias=False, name="patch_embed",
                **kw)(pixel_patches)
     x = nn.with_logical_constraint(x, ("batch", "patches", "act_embed"))
-    windowed = config.family == "qwen2_5_vl" and vision.window_size > 0
+    windowed = config.windowed_vision
     use_full = [not windowed or i in vision.fullatt_block_indexes for i in range(vision.depth)]
     block = remat.wrap(VisionBlock, config.remat_policy, config.scan_layers)
     if config.scan_layers:

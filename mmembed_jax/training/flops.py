@@ -139,7 +139,7 @@ def useful_train_flops(config: ModelConfig, batch: Any, forwards: int = 1,
     grids = np.asarray(batch["image_grid_thw"]).reshape(-1, 3)
     grids = grids[grids.prod(axis=1) > 0]
     if len(grids):
-      windowed = config.family == "qwen2_5_vl" and v.window_size > 0
+      windowed = config.windowed_vision
       full_layers = len(v.fullatt_block_indexes) if windowed else v.depth
       frames = np.concatenate([[h * w] * t for t, h, w in grids]).astype(np.float64)
       spans = full_layers * (frames**2).sum()
