@@ -45,6 +45,9 @@ IMAGE_PROCESSOR_TYPE = "Qwen2VLImageProcessor"
 ImageInput = Union[PIL.Image.Image, np.ndarray]
 
 
+MAX_ASPECT_RATIO = 200  # smart_resize refuses longer sides beyond 200 x the shorter
+
+
 def smart_resize(
     height: int,
     width: int,
@@ -53,9 +56,9 @@ def smart_resize(
     max_pixels: int = 28 * 28 * 1280,
 ) -> tuple[int, int]:
   """Returns (new_h, new_w): multiples of `factor`, area in [min_pixels, max_pixels], aspect kept."""
-  if max(height, width) / min(height, width) > 200:
+  if max(height, width) / min(height, width) > MAX_ASPECT_RATIO:
     raise ValueError(
-        f"absolute aspect ratio must be smaller than 200, got {max(height, width) / min(height, width)}"
+        f"absolute aspect ratio must be smaller than {MAX_ASPECT_RATIO}, got {max(height, width) / min(height, width)}"
     )
   h_bar = round(height / factor) * factor
   w_bar = round(width / factor) * factor
@@ -68,9 +71,6 @@ def smart_resize(
     h_bar = math.ceil(height * beta / factor) * factor
     w_bar = math.ceil(width * beta / factor) * factor
   return h_bar, w_bar
-
-
-MAX_ASPECT_RATIO = 200  # smart_resize refuses longer sides beyond 200 x the shorter
 
 
 def max_resized_pixels(min_pixels: int, max_pixels: int, factor: int = 28) -> int:
