@@ -46,8 +46,7 @@ def choose_block(length: int, max_segment: int) -> int:
 
 def pair_budget(blocks: int, block: int, max_segment: int) -> int:
   """(query block, key block) pairs that always suffice for a row of `blocks` blocks."""
-  crossings = math.ceil(max(max_segment - 1, 0) / block)
-  return min(blocks * (crossings + 2), blocks * blocks)
+  return min(blocks * (keys_per_query(block, max_segment) // block), blocks * blocks)
 
 
 def is_cheaper(length: int, max_segment: int) -> bool:
