@@ -63,9 +63,9 @@ def _trip_count(line: str, computations: Mapping[str, list]) -> int:
   if trip:
     return int(trip.group(1))
   condition = re.search(r"condition=%?([\w.\-]+)", line)
-  lines = computations.get(condition.group(1), []) if condition else []
-  constants = dict(_CONSTANT.findall("\n".join(lines)))
-  for bound in _BOUND.findall("\n".join(lines)):
+  text = "\n".join(computations.get(condition.group(1), [])) if condition else ""
+  constants = dict(_CONSTANT.findall(text))
+  for bound in _BOUND.findall(text):
     if bound in constants:
       return int(constants[bound])
   return 1
