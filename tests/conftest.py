@@ -19,6 +19,21 @@ torchvision_compat.install()  # before transformers imports torchvision (video o
 
 from tiny_models import FAMILIES, build_tiny_hf_model  # noqa: E402  pylint: disable=wrong-import-position
 
+import jax  # noqa: E402,F401  pylint: disable=wrong-import-position,unused-import  # before the cache below
+
+
+@pytest.fixture(scope="session", autouse=True)
+def compilation_cache(tmp_path_factory):
+  """One JAX compilation cache for every subprocess of the session (a rerun, resume or second
+  recipe launch of a program compiles it once); this process imported jax before it was set."""
+  # Cold in every session, unless MMEMBED_TEST_COMPILATION_CACHE names a directory to keep.
+  path = os.environ.get("MMEMBED_TEST_COMPILATION_CACHE") or str(
+      tmp_path_factory.mktemp("jax_compilation_cache"))
+  os.environ["JAX_COMPILATION_CACHE_DIR"] = path
+  os.environ["JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS"] = "0"
+  os.environ["JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES"] = "0"
+  return path
+
 
 @pytest.fixture(scope="session")
 def demo_cache(tmp_path_factory):

@@ -41,11 +41,9 @@ _RUN_IDS = itertools.count()
 
 
 @pytest.fixture(scope="session")
-def cache_dir(tmp_path_factory) -> str:
-  """The compilation cache shared by every training subprocess of the session."""
-  # Cold in every session, unless MMEMBED_TEST_COMPILATION_CACHE names a directory to keep.
-  return os.environ.get("MMEMBED_TEST_COMPILATION_CACHE") or str(
-      tmp_path_factory.mktemp("jax_compilation_cache"))
+def cache_dir(compilation_cache) -> str:
+  """The compilation cache shared by every subprocess of the session (tests/conftest.py)."""
+  return compilation_cache
 
 
 def train_command(workdir: str, mesh: str = "2x2x2", steps: int = BASE_STEPS,
