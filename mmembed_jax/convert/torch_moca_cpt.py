@@ -15,6 +15,7 @@ import torch
 from mmembed_jax.convert.hf_export import _get, export_hf
 from mmembed_jax.convert.mapping import decoder_layer_maps
 from mmembed_jax.models.config import ModelConfig
+from mmembed_jax.models.inputs import rows_by_buffer
 from mmembed_jax.objectives.moca_cpt import MAE_DECODER, MocaCpt, token_of_slot
 
 
@@ -22,7 +23,7 @@ def torch_batch(batch: Mapping[str, np.ndarray], config: ModelConfig) -> Dict[st
   """The pipeline's padded batch in the form transformers takes (images concatenated, a 4-D
   segment mask, positions [3, batch, length]) plus what the losses need; no model compute."""
   segments = np.asarray(batch["segment_ids"])  # [batch, length]
-  patch_ids = np.asarray(batch["patch_image_ids"])  # [batch, patches]
+  patch_ids = np.asarray(batch["patch_image_ids"])  # [buffers, patches]
   grids = np.asarray(batch["image_grid_thw"]).reshape(-1, 3)
   same = segments[:, None, :, None] == segments[:, None, None, :]  # [batch, 1, length, length]
   unit = config.vision.spatial_merge_size**2
@@ -38,9 +39,9 @@ def torch_batch(batch: Mapping[str, np.ndarray], config: ModelConfig) -> Dict[st
       "attention_mask": torch.where(torch.as_tensor(same), 0.0, torch.finfo(torch.float32).min),
       "position_ids": torch.as_tensor(np.asarray(batch["positions"]), dtype=torch.long
                                       ).permute(1, 0, 2),
-      "token_of_slot": torch.tensor(np.asarray(token_of_slot(
-          np.asarray(batch["input_ids"]), config.image_token_id, slots, config.video_token_id)),
-          dtype=torch.long),
+      "token_of_slot": torch.tensor(np.asarray(token_of_slot(  # [buffers, slots]
+          rows_by_buffer(np.asarray(batch["input_ids"]), patch_ids.shape[0]),
+          config.image_token_id, slots, config.video_token_id)), dtype=torch.long),
   }
   return out
 
@@ -88,7 +89,8 @@ class TorchMocaCpt(torch.nn.Module):
                                    position_ids=batch["position_ids"], position_embeddings=rotary)
       decoded = decoded[0] if isinstance(decoded, tuple) else decoded
       index = batch["token_of_slot"][..., None].expand(-1, -1, decoded.shape[-1])
-      prediction = self.head(torch.gather(decoded, 1, index))  # [batch, slots, 4 * patch_dim]
+      decoded = decoded.reshape(index.shape[0], -1, decoded.shape[-1])  # rows of each buffer
+      prediction = self.head(torch.gather(decoded, 1, index))  # [buffers, slots, 4 * patch_dim]
       unit, patch_dim = config.vision.spatial_merge_size**2, config.vision.patch_dim
       if objective.mae_head_layout == "blocked":
         prediction = prediction.view(prediction.shape[0], -1, unit, patch_dim).float()

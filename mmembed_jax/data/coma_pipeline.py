@@ -25,6 +25,7 @@ record whose prefix (images, prompt, compression tokens) or first answer token d
 that cannot be read (no or malformed dialogue, a bad image, ...), is a bad record: skipped,
 counted and named by FILE:LINE.
 """
+import dataclasses
 from typing import Any, Dict, List, Mapping, Optional
 
 import grain
@@ -34,7 +35,7 @@ from mmembed_jax.data import images as images_lib
 from mmembed_jax.data import packing
 from mmembed_jax.data import video as video_lib
 from mmembed_jax.data.bad_records import BadRecord
-from mmembed_jax.data.cpt_pipeline import open_sources, packed_dataset
+from mmembed_jax.data.cpt_pipeline import cpt_budget, open_sources, packed_dataset
 from mmembed_jax.data.sequences import (IMAGE_MARKER, VIDEO_MARKER, SequenceEncoder,
                                         tokenizer_pad_id)
 from mmembed_jax.data.special_tokens import check_ctoken_ids, compression_tokens
@@ -120,10 +121,11 @@ class ComaEncoder:
 
 
 def coma_budget(length: int, max_patches: int, max_images: int, max_segments: int,
-                pad_id: int = 0) -> packing.PackingBudget:
-  """The packed row's static shape, with CoMa's per-token fields."""
-  return packing.PackingBudget(length, max_patches, max_images, max_segments, pad_id,
-                               token_fields=TOKEN_FIELDS, patch_fields=())
+                pad_id: int = 0, rows_per_patch_buffer: int = 1) -> packing.PackingBudget:
+  """The packed unit's static shape (cpt_pipeline.cpt_budget's), with CoMa's per-token fields."""
+  return dataclasses.replace(
+      cpt_budget(length, max_patches, max_images, max_segments, pad_id, rows_per_patch_buffer),
+      token_fields=TOKEN_FIELDS, patch_fields=())
 
 
 def coma_dataset(sources: Any, tokenizer_dir: str, global_batch_size: int, length: int,
@@ -131,21 +133,23 @@ def coma_dataset(sources: Any, tokenizer_dir: str, global_batch_size: int, lengt
                  num_ctokens: int, seed: int, vocab_size: int, max_segments: int = 64,
                  packing_bins: Optional[int] = None,
                  video: video_lib.VideoSettings = video_lib.VideoSettings(),
-                 **stream: Any) -> grain.IterDataset:
+                 rows_per_patch_buffer: int = 1, **stream: Any) -> grain.IterDataset:
   """This process's endless dataset of packed CoMa stage-1 batches (see the module docstring);
   `stream`: packed_dataset's keyword arguments (workers, threads, processes, data shards)."""
   image_config = images_lib.ImageProcessingConfig(min_pixels=min_pixels, max_pixels=max_pixels)
   budget = coma_budget(length, max_patches, max_images, max_segments,
-                       tokenizer_pad_id(tokenizer_dir))
+                       tokenizer_pad_id(tokenizer_dir), rows_per_patch_buffer)
   encoder = ComaEncoder(tokenizer_dir, budget, image_config, num_ctokens, video)
   check_ctoken_ids(encoder.sequences, num_ctokens, vocab_size)
   return packed_dataset(open_sources(sources), encoder, budget, global_batch_size, seed,
                         packing_bins=packing_bins, **stream)
 
 
-def batch_row(length: int, max_patches: int, max_images: int, max_segments: int = 64,
-              **unused: Any) -> Dict[str, Any]:
-  """One packed row of the shapes `coma_dataset` makes (all padding), for the compile proof."""
+def batch_unit(length: int, max_patches: int, max_images: int, max_segments: int = 64,
+               rows_per_patch_buffer: int = 1, **unused: Any) -> Dict[str, Any]:
+  """One patch buffer and its rows, of the shapes `coma_dataset` makes (all padding), for the
+  compile proof."""
   del unused
-  return packing.layout_row([], coma_budget(length, max_patches, max_images, max_segments))
+  return packing.layout_unit([], coma_budget(length, max_patches, max_images, max_segments,
+                                             rows_per_patch_buffer=rows_per_patch_buffer))
 

@@ -7,15 +7,17 @@
     -> to_iter_dataset (read threads) -> first-fit pack (packing.py) -> batch
     -> mp_prefetch (worker processes) when num_workers > 0
 
-One batch (this process's share, local_batch = global_batch_size / process_count):
+One batch (this process's share, local_batch = global_batch_size / process_count rows in
+local_buffers = local_batch / rows_per_patch_buffer patch buffers of
+buffer_patches = rows_per_patch_buffer * max_patches slots and as many times max_images images):
   input_ids, segment_ids, mlm_mask  int32 [local_batch, length]
   positions                          int32 [local_batch, 3, length]
-  pixel_patches                      float32 [local_batch, max_patches, 1176]
-  patch_image_ids, mae_mask          int32 [local_batch, max_patches]
-  image_grid_thw                     int32 [local_batch, max_images, 3]
+  pixel_patches                      float32 [local_buffers, buffer_patches, 1176]
+  patch_image_ids, mae_mask          int32 [local_buffers, buffer_patches]
+  image_grid_thw                     int32 [local_buffers, buffer_images, 3]
   example_ids                        int32 [local_batch, max_segments]  (-1 unused)
-  bad_records                        int32 [local_batch]  records skipped (sum it for a metric)
-  bad_messages                       str [local_batch]    their "FILE:LINE: why" lines
+  bad_records                        int32 [local_buffers]  records skipped (sum it for a metric)
+  bad_messages                       str [local_buffers]    their "FILE:LINE: why" lines
 
 Truncation: text past `length` is cut; an image that does not fit what is left of the token,
 patch or image budget is cut before its `<|vision_start|>`, with every later image. A record
@@ -24,7 +26,8 @@ or corrupt image, a marker count that does not match its images, text the tokeni
 any exception while encoding it), is a bad record: skipped, counted in `bad_records` and named
 by FILE:LINE in `bad_messages`, which the trainer logs when it takes the batch (bad_records.py).
 A source whose every record is bad stops the run with one DataError line naming it.
-Text-only examples carry no image; text-only rows have no patches.
+Text-only examples carry no image and take no patch slot: the rows of a buffer share its slots
+where their images fall (packing.py), so a buffer can hold far fewer than its rows' worst case.
 
 Resume: `iter(ds).get_state()` is a small JSON-able dict; `set_state` on a fresh iterator of
 the same dataset (same arguments, same num_workers) continues with exactly the batches an
@@ -115,7 +118,7 @@ def cpt_dataset(sources: Any, tokenizer_dir: str, global_batch_size: int,
                 process_count: Optional[int] = None,
                 extra_never_mask: Sequence[int] = (), data_shards: int = 0,
                 video: video_lib.VideoSettings = video_lib.VideoSettings(),
-                mae_on_video: bool = True) -> grain.IterDataset:
+                mae_on_video: bool = True, rows_per_patch_buffer: int = 1) -> grain.IterDataset:
   """This process's endless dataset of packed CPT batches (see the module docstring)."""
   # sources: dicts {name, path (file, glob or list), kind (jsonl | parquet | array_record |
   #   tfds), weight (default 1), cap (default: all records), options (kwargs of the source)},
@@ -128,8 +131,7 @@ def cpt_dataset(sources: Any, tokenizer_dir: str, global_batch_size: int,
   #   processes read them: 1 process with data_shards=2 makes the batches 2 processes make.
   image_config = images_lib.ImageProcessingConfig(min_pixels=min_pixels, max_pixels=max_pixels)
   pad_id = tokenizer_pad_id(tokenizer_dir)  # data/sequences.py
-  budget = packing.PackingBudget(length, max_patches, max_images, max_segments, pad_id,
-                                 image_config.merge_size**2)
+  budget = cpt_budget(length, max_patches, max_images, max_segments, pad_id, rows_per_patch_buffer)
   encoder = CptEncoder(tokenizer_dir, budget, image_config, text_mask_prob, image_mask_prob,
                        seed, tuple(extra_never_mask) + (pad_id,), mae_on_video, video)
   return packed_dataset(open_sources(sources), encoder, budget, global_batch_size, seed,
@@ -159,6 +161,9 @@ def packed_dataset(entries: Sequence[mixture.MixtureEntry], encoder: Any,
                      f"{data_shards} data shards (one per process unless input.data_shards is set)")
   shard_batch = global_batch_size // data_shards
   per_process = data_shards // process_count
+  if shard_batch % budget.rows_per_buffer:
+    raise ValueError(f"input.rows_per_patch_buffer={budget.rows_per_buffer} does not divide the "
+                     f"{shard_batch} rows of a data shard's batch")
 
   def stream(shard: int) -> grain.IterDataset:
     """Batches of shard_batch rows packed from data shard `shard`'s records."""
@@ -166,7 +171,8 @@ def packed_dataset(entries: Sequence[mixture.MixtureEntry], encoder: Any,
     ds = ds.to_iter_dataset(grain.ReadOptions(num_threads=read_threads,
                                               prefetch_buffer_size=read_buffer))
     ds = packing.PackIterDataset(ds, budget, packing_bins or 2 * shard_batch)
-    return ds.batch(shard_batch, drop_remainder=True)
+    return ds.batch(shard_batch // budget.rows_per_buffer, drop_remainder=True).map(
+        packing.merge_units)
 
   streams = [stream(process_index * per_process + i) for i in range(per_process)]
   ds = streams[0]
@@ -188,10 +194,19 @@ def with_worker_processes(ds: grain.IterDataset, num_workers: int,
                                                      per_worker_buffer_size=worker_buffer))
 
 
-def batch_row(length: int, max_patches: int, max_images: int, max_segments: int = 64,
-              **unused: Any) -> Dict[str, Any]:
-  """One packed row of the shapes `cpt_dataset` makes with these fields (all padding): for
-  compiling the train step without data (launch/aot_compile.py)."""
+def cpt_budget(length: int, max_patches: int, max_images: int, max_segments: int = 64,
+               pad_id: int = 0, rows_per_patch_buffer: int = 1) -> packing.PackingBudget:
+  """The packed unit's static shape: buffers of rows_per_patch_buffer rows share
+  rows_per_patch_buffer times max_patches patch slots and max_images image slots."""
+  r = rows_per_patch_buffer
+  return packing.PackingBudget(length, r * max_patches, r * max_images, max_segments, pad_id,
+                               rows_per_buffer=r)
+
+
+def batch_unit(length: int, max_patches: int, max_images: int, max_segments: int = 64,
+               rows_per_patch_buffer: int = 1, **unused: Any) -> Dict[str, Any]:
+  """One patch buffer and its rows, of the shapes `cpt_dataset` makes with these fields (all
+  padding): for compiling the train step without data (launch/aot_compile.py)."""
   del unused
-  return packing.layout_row([], packing.PackingBudget(length, max_patches, max_images,
-                                                      max_segments))
+  return packing.layout_unit([], cpt_budget(length, max_patches, max_images, max_segments,
+                                            rows_per_patch_buffer=rows_per_patch_buffer))

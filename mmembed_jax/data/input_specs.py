@@ -1,13 +1,16 @@
 """A config's `input` section, typed: one frozen dataclass per input pipeline.
 
 Each class's fields are the section's fields (checked by training/registry.py), and it makes
-this process's Grain dataset of batches (`dataset`) and one row of those batches without reading
-data (`batch_row`, for the compile proof). `sources` is a mapping of source specs, or "demo",
+this process's Grain dataset of batches (`dataset`) and one unit of those batches without reading
+data (`batch_unit`, for the compile proof: a batch is `global_batch_size / rows_per_unit` units
+concatenated along the leading axis). `sources` is a mapping of source specs, or "demo",
 which the run builder replaces with the demo's own files before `dataset` is called.
 """
 import abc
 import dataclasses
 from typing import Any, ClassVar, Dict, Tuple
+
+import numpy as np
 
 from mmembed_jax.models.config import ModelConfig
 
@@ -37,6 +40,11 @@ class InputSpec(abc.ABC):
   needs_tokenizer: ClassVar[bool] = True
 
   global_batch_size: int
+
+  @property
+  def rows_per_unit(self) -> int:
+    """Batch rows in one `batch_unit` (the rows that share a patch buffer)."""
+    return 1
 
   @classmethod
   def section_fields(cls) -> Dict[str, dataclasses.Field]:
@@ -72,9 +80,9 @@ class InputSpec(abc.ABC):
     return pixels // model_config.vision.patch_size**2
 
   @abc.abstractmethod
-  def batch_row(self, model_config: ModelConfig) -> Dict[str, Any]:
-    """One row of the batches (host arrays, no batch axis, host-only keys included), read from
-    no data."""
+  def batch_unit(self, model_config: ModelConfig) -> Dict[str, Any]:
+    """One unit of the batches (host arrays with their leading axis, host-only keys included),
+    read from no data."""
 
 
 @dataclasses.dataclass(frozen=True)
@@ -95,6 +103,14 @@ class PackedInput(InputSpec):
   worker_buffer: int = 2
   data_shards: int = 0  # 0: one per process
   video: Any = None  # {fps, min_frames, max_frames, ...}: data/video.py SETTING_FIELDS
+  # Rows sharing one patch buffer of rows_per_patch_buffer x max_patches slots (and x max_images
+  # images): max_patches is then the rows' average, not each row's worst case. 0: the rows of one
+  # device's (micro-)batch, set by the run builder.
+  rows_per_patch_buffer: int = 1
+
+  @property
+  def rows_per_unit(self) -> int:
+    return self.rows_per_patch_buffer
 
   def pipeline_fields(self, model_config: ModelConfig) -> Dict[str, Any]:
     """The fields as the pipeline's keyword arguments (all but `sources`)."""
@@ -119,9 +135,10 @@ class CptInput(PackedInput):
     return cpt_dataset(source_specs(self.sources, "input.sources"), tokenizer_dir, seed=seed,
                        **self.pipeline_fields(model_config))
 
-  def batch_row(self, model_config):
-    from mmembed_jax.data.cpt_pipeline import batch_row  # pylint: disable=g-import-not-at-top
-    return batch_row(self.length, self.max_patches, self.max_images, self.max_segments)
+  def batch_unit(self, model_config):
+    from mmembed_jax.data.cpt_pipeline import batch_unit  # pylint: disable=g-import-not-at-top
+    return batch_unit(self.length, self.max_patches, self.max_images, self.max_segments,
+                      self.rows_per_patch_buffer)
 
 
 @dataclasses.dataclass(frozen=True, kw_only=True)
@@ -137,9 +154,10 @@ class ComaInput(PackedInput):
                         vocab_size=model_config.text.vocab_size,
                         **self.pipeline_fields(model_config))
 
-  def batch_row(self, model_config):
-    from mmembed_jax.data.coma_pipeline import batch_row  # pylint: disable=g-import-not-at-top
-    return batch_row(self.length, self.max_patches, self.max_images, self.max_segments)
+  def batch_unit(self, model_config):
+    from mmembed_jax.data.coma_pipeline import batch_unit  # pylint: disable=g-import-not-at-top
+    return batch_unit(self.length, self.max_patches, self.max_images, self.max_segments,
+                      self.rows_per_patch_buffer)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -182,10 +200,18 @@ class PairInput(InputSpec):
                       read_threads=self.read_threads, read_buffer=self.read_buffer or None,
                       worker_buffer=self.worker_buffer)
 
-  def batch_row(self, model_config):
+  def batch_unit(self, model_config):
     from mmembed_jax.data.cl_pipeline import batch_row  # pylint: disable=g-import-not-at-top
-    return batch_row(self.num_negatives, self.query_length, self.target_length,
-                     self.query_max_patches, self.target_max_patches, self.max_images)
+    row = batch_row(self.num_negatives, self.query_length, self.target_length,
+                    self.query_max_patches, self.target_max_patches, self.max_images)
+    return _with_leading_axis(row)
+
+
+def _with_leading_axis(tree: Any) -> Any:
+  """Every array of a (nested) dict given a leading axis of 1."""
+  if isinstance(tree, dict):
+    return {key: _with_leading_axis(value) for key, value in tree.items()}
+  return np.asarray(tree)[None]
 
 
 def eval_batches(spec: PairInput, model_config: ModelConfig, sources: Any, tokenizer_dir: str,

@@ -59,5 +59,6 @@ class SyntheticTokens(InputSpec):
     return synthetic_token_dataset(self.global_batch_size, self.length,
                                    model_config.text.vocab_size - 16, seed)
 
-  def batch_row(self, model_config):
-    return synthetic_example(0, 0, self.length, model_config.text.vocab_size - 16)
+  def batch_unit(self, model_config):
+    row = synthetic_example(0, 0, self.length, model_config.text.vocab_size - 16)
+    return {key: np.asarray(value)[None] for key, value in row.items()}

@@ -9,20 +9,25 @@ compiled program serves every batch.
                                                the row. Attention never crosses segments.
   positions        int32 [batch, 3, length]    M-RoPE positions (temporal, height, width),
                                                restarting at 0 in every segment; 0 at padding.
-  pixel_patches    float [batch, patches, 1176] normalised patch vectors of the row's images,
-                                               concatenated in order of appearance, each image
-                                               in the image processor's patch order; zero
-                                               padded. `patches` may be 0 (text-only batch).
-  patch_image_ids  int32 [batch, patches]      1-based index of the image a patch belongs to
-                                               within its row; 0 = padding.
-  image_grid_thw   int32 [batch, images, 3]    (t, h, w) patch grid of image i at slot i - 1;
+  pixel_patches    float [buffers, patches, 1176] normalised patch vectors of the images of
+                                               the rows a buffer serves, concatenated in order of
+                                               appearance, each image in the image processor's
+                                               patch order; zero padded. `patches` may be 0
+                                               (text-only batch).
+  patch_image_ids  int32 [buffers, patches]    1-based index of the image a patch belongs to
+                                               within its buffer; 0 = padding.
+  image_grid_thw   int32 [buffers, images, 3]  (t, h, w) patch grid of image i at slot i - 1;
                                                zeros for unused slots.
+
+Patch buffers: `buffers` divides `batch`; buffer g serves rows g * r .. g * r + r - 1 (r = batch /
+buffers), so rows share patch slots where their images fall (a text-only row takes none).
+buffers == batch is one buffer per row.
 
 Optional: attention_regions int32 [batch, length], region ids that `config.region_mask` (CoMa's
 compression mask, models/region_mask.py) turns into depth-dependent attention.
 
-The k-th `<|image_pad|>` token of a row receives the k-th merged visual token of that row
-(merged tokens are groups of merge_size**2 consecutive patches).
+The k-th `<|image_pad|>` token of a buffer's rows, read row after row, receives the k-th merged
+visual token of that buffer (merged tokens are groups of merge_size**2 consecutive patches).
 """
 from typing import Mapping
 
@@ -44,11 +49,21 @@ def check_batch(batch: Mapping[str, "np.ndarray"], patch_dim: int = PATCH_DIM) -
       "segment_ids": (b, length),
       "positions": (b, 3, length),
   }
-  num_patches = np.shape(batch["pixel_patches"])[1] if np.ndim(batch["pixel_patches"]) == 3 else -1
-  expected["pixel_patches"] = (b, num_patches, patch_dim)
-  expected["patch_image_ids"] = (b, num_patches)
+  buffers, num_patches = (np.shape(batch["pixel_patches"])[:2]
+                          if np.ndim(batch["pixel_patches"]) == 3 else (b, -1))
+  if buffers < 1 or b % buffers:
+    raise ValueError(f"tensor 'pixel_patches' has {buffers} patch buffers, which does not divide "
+                     f"the batch of {b} rows")
+  expected["pixel_patches"] = (buffers, num_patches, patch_dim)
+  expected["patch_image_ids"] = (buffers, num_patches)
   num_images = np.shape(batch["image_grid_thw"])[1] if np.ndim(batch["image_grid_thw"]) == 3 else -1
-  expected["image_grid_thw"] = (b, num_images, 3)
+  expected["image_grid_thw"] = (buffers, num_images, 3)
   for key, shape in expected.items():
     if tuple(np.shape(batch[key])) != shape:
       raise ValueError(f"tensor '{key}' has shape {tuple(np.shape(batch[key]))}, expected {shape}")
+
+
+def rows_by_buffer(x, buffers: int):
+  """[batch, length, ...] -> [buffers, batch // buffers * length, ...]: the rows each patch buffer
+  serves, back to back (numpy or jax arrays)."""
+  return x.reshape((buffers, -1) + tuple(x.shape[2:]))

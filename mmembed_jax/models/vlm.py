@@ -12,6 +12,7 @@ import jax
 import jax.numpy as jnp
 
 from mmembed_jax.models.config import ModelConfig
+from mmembed_jax.models.inputs import rows_by_buffer
 from mmembed_jax.models.layers import INIT_STD, dtype_of
 from mmembed_jax.models.llm import TextDecoder
 from mmembed_jax.models.vision import VisionTower
@@ -19,14 +20,20 @@ from mmembed_jax.models.vision import VisionTower
 
 def place_visual_tokens(text_embeds: jax.Array, visual_tokens: jax.Array, input_ids: jax.Array,
                         image_token_id: int, video_token_id: int) -> jax.Array:
-  """The k-th image or video token of each row takes the row's k-th visual token; static shapes.
+  """The k-th image or video token of a patch buffer's rows takes the buffer's k-th visual token;
+  static shapes (models/inputs.py).
 
-  text_embeds [batch, length, embed]; visual_tokens [batch, merged, embed]; input_ids [batch, length].
+  text_embeds [batch, length, embed]; visual_tokens [buffers, merged, embed]; input_ids
+  [batch, length].
   """
-  is_image = (input_ids == image_token_id) | (input_ids == video_token_id)
+  buffers = visual_tokens.shape[0]
+  ids = rows_by_buffer(input_ids, buffers)  # [buffers, rows * length]
+  is_image = (ids == image_token_id) | (ids == video_token_id)
   index = jnp.clip(jnp.cumsum(is_image, axis=1) - 1, 0, visual_tokens.shape[1] - 1)
   gathered = jnp.take_along_axis(visual_tokens, index[..., None], axis=1)
-  return jnp.where(is_image[..., None], gathered.astype(text_embeds.dtype), text_embeds)
+  placed = jnp.where(is_image[..., None], gathered.astype(text_embeds.dtype),
+                     rows_by_buffer(text_embeds, buffers))
+  return placed.reshape(text_embeds.shape)
 
 
 class VisionLanguageModel(nn.Module):

@@ -31,7 +31,7 @@ from mmembed_jax.models.pooling import POOLINGS, pool
 from mmembed_jax.models.vlm import VisionLanguageModel
 from mmembed_jax.objectives.base import Objective
 from mmembed_jax.objectives.contrastive import sharded_info_nce
-from mmembed_jax.parallel.sharding import merge_rows, split_rows
+from mmembed_jax.parallel.sharding import merge_rows, split_batch
 
 LOGIT_SCALE = "logit_scale"  # top-level parameter: log(1 / temperature), when learned
 MAX_LOGIT_SCALE = math.log(100.0)
@@ -125,10 +125,10 @@ class Contrastive(Objective):
                        f"into chunks of {self.grad_cache_chunk} rows on each of "
                        f"{per_step // self.grad_cache_chunk} data-parallel devices")
     steps = n // per_step
-    chunks = jax.tree.map(lambda x: split_rows(x, steps), dict(sequences))
+    chunks = split_batch(sequences, steps)
     _, out = jax.lax.scan(lambda carry, xs: (carry, jax.checkpoint(encode)(*xs)), None,
                           (chunks, jnp.arange(steps)))
-    return merge_rows(out)  # [n, embed]
+    return merge_rows(out, n // sequences["pixel_patches"].shape[0])  # [n, embed]
 
   def current_temperature(self, params: Mapping[str, Any]) -> jax.Array:
     """tau: fixed, or exp(-logit_scale) with logit_scale clipped at log 100."""

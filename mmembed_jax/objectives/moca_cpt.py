@@ -2,7 +2,7 @@
 
 The batch carries host-made masks (`data/masking.py`, deterministic per example):
   mlm_mask  int32 [batch, length]   1 = this text token is replaced by `<|mask|>`
-  mae_mask  int32 [batch, patches]  1 = this patch is masked (whole 2x2 merged groups)
+  mae_mask  int32 [buffers, patches]  1 = this patch is masked (whole 2x2 merged groups)
 
 Text: masked ids become `<|mask|>`; cross-entropy on masked positions only, predicted from
 position i-1 (`mlm_shift_labels`, paper) or at i (released code). Image: masked patches are
@@ -19,6 +19,7 @@ import jax
 import jax.numpy as jnp
 
 from mmembed_jax.models.config import ModelConfig
+from mmembed_jax.models.inputs import rows_by_buffer
 from mmembed_jax.models.layers import Linear, dtype_of
 from mmembed_jax.models.llm import DecoderLayer, layer_mask, mrope_tables
 from mmembed_jax.models.vlm import VisionLanguageModel
@@ -44,12 +45,14 @@ class MaeDecoder(nn.Module):
 
   @nn.compact
   def __call__(self, hidden, segment_ids, positions, token_of_slot):
-    """hidden [batch, length, embed]; token_of_slot [batch, merged] -> [batch, merged, 4, 1176]."""
+    """hidden [batch, length, embed]; token_of_slot [buffers, merged] (index into the buffer's
+    rows back to back, models/inputs.py) -> [buffers, merged, 4, 1176]."""
     config = self.config.replace(attention="bidirectional", adapter=None)  # trained in full
     cos, sin = mrope_tables(positions, config)
     hidden, _ = DecoderLayer(config, name="layer")(hidden, cos, sin,
                                                     layer_mask(segment_ids, config), segment_ids)
-    slots = jnp.take_along_axis(hidden, token_of_slot[..., None], axis=1)  # [batch, merged, embed]
+    hidden = rows_by_buffer(hidden, token_of_slot.shape[0])  # [buffers, rows * length, embed]
+    slots = jnp.take_along_axis(hidden, token_of_slot[..., None], axis=1)  # [buffers, merged, embed]
     unit = config.vision.spatial_merge_size**2
     out = Linear((unit * config.vision.patch_dim,), ("embed", "mlp"), dtype=dtype_of(config.dtype),
                  param_dtype=dtype_of(config.param_dtype), name="head")(slots)
@@ -61,7 +64,8 @@ class MaeDecoder(nn.Module):
 def token_of_slot(input_ids: jax.Array, image_token_id: int, num_slots: int,
                   video_token_id: int = -1) -> jax.Array:
   """Index of the token holding each merged visual token (of an image or a video): int32
-  [batch, num_slots] (0 if none)."""
+  [batch, num_slots] (0 if none). Pass `rows_by_buffer(input_ids, buffers)` for the index into a
+  patch buffer's rows back to back."""
   is_image = (input_ids == image_token_id) | (input_ids == video_token_id)
   slot = jnp.where(is_image, jnp.cumsum(is_image, axis=1) - 1, num_slots)  # overflow -> dropped
   batch, length = input_ids.shape
@@ -135,8 +139,8 @@ class MocaCpt(Objective):
     config, model = self.config, VisionLanguageModel(self.config)
     input_ids, segment_ids = batch["input_ids"], batch["segment_ids"]  # [batch, length]
     mlm_mask = batch["mlm_mask"].astype(bool) & (segment_ids > 0)
-    patches = batch["pixel_patches"]  # [batch, patches, 1176]
-    mae_mask = batch["mae_mask"].astype(bool) & (batch["patch_image_ids"] > 0)  # [batch, patches]
+    patches = batch["pixel_patches"]  # [buffers, patches, 1176]
+    mae_mask = batch["mae_mask"].astype(bool) & (batch["patch_image_ids"] > 0)  # [buffers, patches]
 
     # Inputs: <|mask|> for masked text, Gaussian noise for masked patches (normalised space).
     noise_shape = (1, 1, patches.shape[-1]) if self.noise == "shared" else patches.shape
@@ -170,8 +174,8 @@ class MocaCpt(Objective):
       slots = patches.shape[1] // unit
       prediction = MaeDecoder(config, self.mae_head_layout).apply(
           {"params": params[MAE_DECODER]}, hidden, segment_ids, batch["positions"],
-          token_of_slot(input_ids, config.image_token_id, slots,
-                        config.video_token_id))  # [batch, slots, 4, 1176]
+          token_of_slot(rows_by_buffer(input_ids, patches.shape[0]), config.image_token_id, slots,
+                        config.video_token_id))  # [buffers, slots, 4, 1176]
       target = patches.reshape(prediction.shape).astype(jnp.float32)
       patch_weights = mae_mask.reshape(prediction.shape[:3]).astype(jnp.float32)
       squared = jnp.sum(jnp.square(prediction.astype(jnp.float32) - target), axis=-1)

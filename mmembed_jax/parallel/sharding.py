@@ -1,6 +1,6 @@
 """Logical axis rules -> shardings, and the check that big parameters are not left replicated."""
 import math
-from typing import Any, Callable, Sequence
+from typing import Any, Callable, Mapping, Sequence
 
 import flax.linen as nn
 import jax
@@ -55,9 +55,29 @@ def split_rows(x: jax.Array, steps: int) -> jax.Array:
   return jnp.swapaxes(x.reshape((x.shape[0] // steps, steps) + x.shape[1:]), 0, 1)
 
 
-def merge_rows(x: jax.Array) -> jax.Array:
-  """Inverse of `split_rows`: [steps, n // steps, ...] -> [n, ...]."""
-  return jnp.swapaxes(x, 0, 1).reshape((-1,) + x.shape[2:])
+def split_batch(batch: Mapping[str, Any], steps: int) -> dict:
+  """`split_rows` for every array of a (possibly nested) batch dict, by patch buffer: the rows a
+  buffer serves (models/inputs.py) go to the same step as the buffer."""
+  batch = dict(batch)
+  buffers = batch["pixel_patches"].shape[0] if "pixel_patches" in batch else None
+
+  def split(x):
+    if isinstance(x, Mapping):
+      return split_batch(x, steps)
+    if buffers is None:
+      return split_rows(x, steps)
+    per_buffer = x.reshape((buffers, -1) + x.shape[1:])  # [buffers, rows per buffer or 1, ...]
+    return split_rows(per_buffer, steps).reshape((steps, -1) + x.shape[1:])
+
+  return {key: split(value) for key, value in batch.items()}
+
+
+def merge_rows(x: jax.Array, rows_per_buffer: int = 1) -> jax.Array:
+  """Inverse of `split_rows`, or of `split_batch` for rows that share patch buffers of
+  `rows_per_buffer` rows: [steps, n // steps, ...] -> [n, ...]."""
+  steps = x.shape[0]
+  per_buffer = x.reshape((steps, -1, rows_per_buffer) + x.shape[2:])
+  return jnp.swapaxes(per_buffer, 0, 1).reshape((-1,) + x.shape[2:])
 
 
 def logical_shardings(boxed_tree: Any, mesh: Mesh, rules: Rules) -> Any:

@@ -145,7 +145,7 @@ def compile_train_step(config: ml_collections.ConfigDict, devices: Sequence[Any]
       "pallas_kernels": kernels,  # Mosaic custom calls in the program (splash attention on TPU)
       "compile_seconds": seconds,
       "scan_layers": bool(config.model.scan_layers),
-      "tokens_per_step": int(sum(r * l for r, l, _ in flops.sequence_groups(abstract_batch))),
+      "tokens_per_step": int(sum(r * l for r, l, *_ in flops.sequence_groups(abstract_batch))),
   }
 
 

@@ -62,16 +62,17 @@ def vision_forward_flops(config: ModelConfig, patches: int, patches_per_row: int
   return float(patches * per_patch)
 
 
-def train_flops(config: ModelConfig, batch: int, length: int, patches_per_row: int,
-                with_lm_head: bool = True) -> float:
-  """FLOPs of one training step (forward + backward) over a padded batch."""
+def train_flops(config: ModelConfig, batch: int, length: int, buffers: int,
+                patches_per_buffer: int, with_lm_head: bool = True) -> float:
+  """FLOPs of one training step (forward + backward) over a padded batch (models/inputs.py)."""
   forward = llm_forward_flops(config, batch * length, length, with_lm_head)
-  forward += vision_forward_flops(config, batch * patches_per_row, patches_per_row)
+  forward += vision_forward_flops(config, buffers * patches_per_buffer, patches_per_buffer)
   return 3.0 * forward
 
 
-def sequence_groups(batch: Any) -> list[tuple[int, int, int]]:
-  """(rows, length, patches per row) of every sequence sub-batch in a (possibly nested) batch.
+def sequence_groups(batch: Any) -> list[tuple[int, int, int, int]]:
+  """(rows, length, patch buffers, patches per buffer) of every sequence sub-batch in a
+  (possibly nested) batch.
 
   A CPT batch is one group; a contrastive batch has query, positive and negative groups
   (negatives [batch, K, length] count batch x K rows).
@@ -79,8 +80,9 @@ def sequence_groups(batch: Any) -> list[tuple[int, int, int]]:
   groups = []
   if isinstance(batch, Mapping):
     if "input_ids" in batch:
-      shape = batch["input_ids"].shape
-      groups.append((math.prod(shape[:-1]), shape[-1], batch["pixel_patches"].shape[-2]))
+      shape, patch_shape = batch["input_ids"].shape, batch["pixel_patches"].shape
+      groups.append((math.prod(shape[:-1]), shape[-1], math.prod(patch_shape[:-2]),
+                     patch_shape[-2]))
     for value in batch.values():
       if isinstance(value, Mapping):
         groups += sequence_groups(value)
@@ -91,8 +93,8 @@ def batch_train_flops(config: ModelConfig, batch: Any, forwards: int = 1,
                       with_lm_head: bool = True) -> float:
   """Training FLOPs of a batch (every sequence group); `forwards` = 2 adds GradCache's re-encode."""
   total = 0.0
-  for rows, length, patches in sequence_groups(batch):
-    total += train_flops(config, rows, length, patches, with_lm_head)
+  for group in sequence_groups(batch):
+    total += train_flops(config, *group, with_lm_head=with_lm_head)
   return total * (2.0 + forwards) / 3.0
 
 

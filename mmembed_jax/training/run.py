@@ -98,12 +98,12 @@ class RunSetup:
 
   def batch_spec(self) -> Dict[str, jax.ShapeDtypeStruct]:
     """The global batch the step takes, abstract and sharded over data x fsdp (no data read)."""
-    row = {k: v for k, v in self.input_spec.batch_row(self.model_config).items()
-           if k not in HOST_ONLY}
+    unit = {k: v for k, v in self.input_spec.batch_unit(self.model_config).items()
+            if k not in HOST_ONLY}
     sharding = sharding_lib.batch_sharding(self.mesh)
-    size = self.config.input.global_batch_size
-    return jax.tree.map(lambda x: jax.ShapeDtypeStruct((size,) + np.shape(x), np.asarray(x).dtype,
-                                                       sharding=sharding), row)
+    units = self.config.input.global_batch_size // self.input_spec.rows_per_unit
+    return jax.tree.map(lambda x: jax.ShapeDtypeStruct(
+        (units * np.shape(x)[0],) + np.shape(x)[1:], np.asarray(x).dtype, sharding=sharding), unit)
 
   def update_fn(self) -> Callable:
     """update(state, batch) -> (state, metrics), unjitted."""
@@ -199,6 +199,24 @@ class RunSetup:
     return params
 
 
+def patch_buffers_per_device(spec: InputSpec, config: ml_collections.ConfigDict,
+                             mesh: Any) -> InputSpec:
+  """`spec` with `rows_per_patch_buffer` 0 resolved to the rows of one device's (micro-)batch;
+  ValueError when the batch does not split into whole buffers on every device."""
+  rows = getattr(spec, "rows_per_patch_buffer", None)
+  if rows is None:
+    return spec
+  parts = sharding_lib.data_parallel_size(mesh) * config.grad_accum_steps
+  per_device = spec.global_batch_size // parts
+  rows = rows or per_device
+  if rows < 1 or spec.global_batch_size % parts or per_device % rows:
+    raise ValueError(
+        f"input.rows_per_patch_buffer={rows}: the {spec.global_batch_size} rows of a batch do not "
+        f"split into whole patch buffers on each of {sharding_lib.data_parallel_size(mesh)} "
+        f"data-parallel devices x {config.grad_accum_steps} grad_accum_steps")
+  return dataclasses.replace(spec, rows_per_patch_buffer=rows)
+
+
 def build_run(config: ml_collections.ConfigDict, devices: Sequence[Any], *,
               compile_proof: bool = False) -> RunSetup:
   """Checks `config` and builds its run on `devices` (see the module docstring).
@@ -212,6 +230,7 @@ def build_run(config: ml_collections.ConfigDict, devices: Sequence[Any], *,
   spec = registry.build_input_spec(config)
   resolved = resolve(config, spec, allow_demo_tokenizer=compile_proof)
   mesh = make_mesh(config.mesh.ici, config.mesh.dcn, devices=devices)
+  spec = patch_buffers_per_device(spec, config, mesh)
   rules = sharding_lib.config_rules(config.sharding.rules)
   architecture = model_config(config, resolved)
   architecture = architecture.replace(max_frame_patches=spec.max_frame_patches(architecture))

@@ -10,7 +10,7 @@ import jax
 import jax.numpy as jnp
 import optax
 
-from mmembed_jax.parallel.sharding import split_rows
+from mmembed_jax.parallel.sharding import split_batch
 from mmembed_jax.training import trainable as trainable_lib
 
 Objective = Callable[[Any, Mapping[str, jax.Array], jax.Array], tuple[jax.Array, dict]]
@@ -34,8 +34,9 @@ def create_state(params: Any, tx: optax.GradientTransformation, seed: int,
 
 
 def _micro_batches(batch: Mapping[str, Any], steps: int) -> dict:
-  """Every leaf [batch, ...] -> [steps, batch // steps, ...], each data shard keeping its rows."""
-  return jax.tree.map(lambda x: split_rows(x, steps), dict(batch))
+  """Every leaf [batch, ...] -> [steps, batch // steps, ...], each data shard keeping its rows
+  (and patch buffers their rows)."""
+  return split_batch(batch, steps)
 
 
 def make_update_fn(objective: Objective, tx: optax.GradientTransformation,

@@ -1,4 +1,5 @@
 """Tests of first-fit packing into fixed-shape rows (mmembed_jax.data.packing)."""
+import dataclasses
 import json
 import logging
 
@@ -46,10 +47,15 @@ def _stream(n, seed=0, bad_every=0):
   return elements
 
 
+def _one_row(unit):
+  """The row of a unit of one row per buffer, without the unit's leading axis."""
+  return {key: value[0] for key, value in unit.items()}
+
+
 def _packed(elements, budget, num_bins):
-  """The PackIterDataset over a list of elements."""
+  """The PackIterDataset over a list of elements, as rows (budget of one row per buffer)."""
   parent = grain.MapDataset.source(elements).to_iter_dataset()
-  return packing.PackIterDataset(parent, budget, num_bins)
+  return packing.PackIterDataset(parent, budget, num_bins).map(_one_row)
 
 
 BUDGET = packing.PackingBudget(length=64, max_patches=48, max_images=3, max_segments=6, pad_id=PAD)
@@ -69,7 +75,7 @@ def test_rows_have_fixed_shapes_and_the_batch_contract():
 
 def test_segment_position_and_patch_layout():
   examples = [_example(1, 5, [(1, 2, 4)]), _example(2, 3), _example(3, 2, [(1, 2, 2), (1, 4, 2)])]
-  row = packing.layout_row(examples, BUDGET)
+  row = _one_row(packing.layout_unit([examples], BUDGET))
   n = [e["input_ids"].shape[0] for e in examples]  # 5 + 4 = 9 (8 patches), 3, 2 + 3 + 4 = 9
   starts = np.cumsum([0] + n)
   for s, example in enumerate(examples, start=1):
@@ -171,7 +177,58 @@ def test_a_source_whose_every_record_is_bad_stops_the_pipeline_naming_it():
 
 def test_an_example_larger_than_a_row_is_an_error():
   dataset = _packed([_example(0, 100)], BUDGET, num_bins=2)
-  with pytest.raises(ValueError, match=r"exceeds an empty row's budget"):
+  with pytest.raises(ValueError, match=r"exceeds an empty buffer's budget"):
     next(iter(dataset))
   with pytest.raises(ValueError, match="multiple of 4"):
     packing.PackingBudget(length=8, max_patches=6, max_images=1)
+
+
+# Four rows share one buffer of 128 patch slots and 12 image slots: 32 patches a row on average.
+SHARED = dataclasses.replace(BUDGET, max_patches=128, max_images=12, rows_per_buffer=4)
+
+
+def test_rows_of_a_buffer_share_its_patch_slots_row_after_row():
+  rows = [[_example(1, 5, [(1, 2, 4)]), _example(2, 3)], [],
+          [_example(3, 2, [(1, 2, 2), (1, 4, 2)])], [_example(4, 7)]]
+  unit = packing.layout_unit(rows, SHARED)
+  assert unit["input_ids"].shape == (4, 64) and unit["mlm_mask"].shape == (4, 64)
+  assert unit["pixel_patches"].shape == (1, 128, inputs.PATCH_DIM)
+  assert unit["patch_image_ids"].shape == unit["mae_mask"].shape == (1, 128)
+  assert unit["image_grid_thw"].shape == (1, 12, 3) and unit["example_ids"].shape == (4, 6)
+  # Row 0's image is the buffer's image 1; row 2's images are images 2 and 3; row 1 is padding.
+  np.testing.assert_array_equal(unit["patch_image_ids"][0], [1] * 8 + [2] * 4 + [3] * 8 + [0] * 108)
+  np.testing.assert_array_equal(unit["image_grid_thw"][0, :3], [[1, 2, 4], [1, 2, 2], [1, 4, 2]])
+  np.testing.assert_array_equal(unit["pixel_patches"][0, 8:20], rows[2][0]["pixel_patches"])
+  np.testing.assert_array_equal(unit["mae_mask"][0, 8:20], rows[2][0]["mae_mask"])
+  np.testing.assert_array_equal(unit["example_ids"][:, :2], [[1, 2], [-1, -1], [3, -1], [4, -1]])
+  assert not unit["segment_ids"][1].any() and (unit["segment_ids"][3, :7] == 1).all()
+  batch = packing.merge_units({key: value[None] for key, value in unit.items()})
+  inputs.check_batch(batch)  # 4 rows, 1 buffer
+  # The k-th image token of the buffer's rows, row after row, is its k-th merged patch group.
+  assert (batch["input_ids"] == IMAGE).sum() == (batch["patch_image_ids"] > 0).sum() // 4
+
+
+def test_shared_buffers_hold_their_budgets_and_fill_patch_slots_that_rows_alone_leave_empty():
+  elements = _stream(400, seed=5)
+  parent = grain.MapDataset.source(elements).to_iter_dataset()
+  units = list(packing.PackIterDataset(parent, SHARED, num_bins=8))
+  for unit in units:
+    assert ((unit["segment_ids"] > 0).sum(-1) <= SHARED.length).all()
+    assert (unit["segment_ids"].max(-1) == (unit["example_ids"] >= 0).sum(-1)).all()
+    assert (unit["patch_image_ids"] > 0).sum() <= SHARED.max_patches
+    assert (unit["image_grid_thw"].sum(-1) > 0).sum() <= SHARED.max_images
+  packed_ids = [int(i) for unit in units for i in unit["example_ids"].reshape(-1) if i >= 0]
+  assert sorted(packed_ids) == sorted(e["example_id"] for e in elements)
+  def fill(budget):
+    packed = list(packing.PackIterDataset(grain.MapDataset.source(elements).to_iter_dataset(),
+                                          budget, num_bins=8))
+    return packing.packing_efficiency(packing.merge_units(
+        {k: np.stack([u[k] for u in packed]) for k in packed[0]}))
+
+  shared = fill(SHARED)
+  worst_case = fill(BUDGET)  # 48 patch slots in every row (what its largest example may need)
+  average = fill(dataclasses.replace(BUDGET, max_patches=32))  # each row its 32 slots alone
+  assert shared["patch_fill"] > 1.5 * worst_case["patch_fill"], (shared, worst_case)
+  assert shared["token_fill"] > worst_case["token_fill"], (shared, worst_case)
+  assert shared["patch_fill"] > average["patch_fill"] + 0.05, (shared, average)
+  assert shared["token_fill"] > average["token_fill"] + 0.05, (shared, average)

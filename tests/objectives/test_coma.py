@@ -44,9 +44,8 @@ def setup(tiny_hf_dirs, image_dir):
     record = dict(record, images=[f"{image_dir}/{name}" for name in record["images"]],
                   example_id=i, where=f"records:{i + 1}", error=None)
     examples.append(encoder.encode(record))
-  row = packing.layout_row(examples, budget)
-  assert row["segment_ids"].max() == 2 and row["segment_ids"][-1] == 0  # padding after them
-  batch = {k: v[None] for k, v in row.items()}
+  batch = packing.layout_unit([examples], budget)
+  assert batch["segment_ids"].max() == 2 and batch["segment_ids"][0, -1] == 0  # padding after them
   config, params = import_hf(model_dir, attention="causal")
   hf_model = transformers.Qwen2_5_VLForConditionalGeneration.from_pretrained(
       model_dir, attn_implementation="eager", dtype=torch.float32).eval()
