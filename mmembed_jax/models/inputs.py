@@ -66,4 +66,4 @@ def check_batch(batch: Mapping[str, "np.ndarray"], patch_dim: int = PATCH_DIM) -
 def rows_by_buffer(x, buffers: int):
   """[batch, length, ...] -> [buffers, batch // buffers * length, ...]: the rows each patch buffer
   serves, back to back (numpy or jax arrays)."""
-  return x.reshape((buffers, -1) + tuple(x.shape[2:]))
+  return x.reshape((buffers, x.shape[0] // buffers * x.shape[1]) + tuple(x.shape[2:]))

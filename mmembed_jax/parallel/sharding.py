@@ -66,8 +66,8 @@ def split_batch(batch: Mapping[str, Any], steps: int) -> dict:
       return split_batch(x, steps)
     if buffers is None:
       return split_rows(x, steps)
-    per_buffer = x.reshape((buffers, -1) + x.shape[1:])  # [buffers, rows per buffer or 1, ...]
-    return split_rows(per_buffer, steps).reshape((steps, -1) + x.shape[1:])
+    per_buffer = x.reshape((buffers, x.shape[0] // buffers) + x.shape[1:])  # [buffers, r or 1, ...]
+    return split_rows(per_buffer, steps).reshape((steps, x.shape[0] // steps) + x.shape[1:])
 
   return {key: split(value) for key, value in batch.items()}
 
@@ -76,7 +76,7 @@ def merge_rows(x: jax.Array, rows_per_buffer: int = 1) -> jax.Array:
   """Inverse of `split_rows`, or of `split_batch` for rows that share patch buffers of
   `rows_per_buffer` rows: [steps, n // steps, ...] -> [n, ...]."""
   steps = x.shape[0]
-  per_buffer = x.reshape((steps, -1, rows_per_buffer) + x.shape[2:])
+  per_buffer = x.reshape((steps, x.shape[1] // rows_per_buffer, rows_per_buffer) + x.shape[2:])
   return jnp.swapaxes(per_buffer, 0, 1).reshape((-1,) + x.shape[2:])
 
 

@@ -24,26 +24,65 @@ def _demo_config():
   return module.get_config("")
 
 
-@pytest.mark.parametrize("noise", ["shared", "per_patch"])
-def test_torch_loss_and_gradients_equal_the_jax_objective(noise):
+def _setup(noise, rows_per_patch_buffer):
+  """(run, packed demo batch, perturbed parameters) with 4 rows of 2-3 records each."""
   config = _demo_config()
   config.objective.noise = noise
-  config.input.update(length=256, max_patches=512, global_batch_size=4)  # rows pack 2-3 records
+  config.input.update(length=256, max_patches=512, global_batch_size=4,
+                      rows_per_patch_buffer=rows_per_patch_buffer)
   config.mesh.num_devices = 1
   run = build_run(config, jax.devices())
-  model_config, objective = run.model_config, run.objective
   batch = next(iter(run.dataset()))
   for key in HOST_ONLY:
     batch.pop(key)
   assert (batch["segment_ids"].max(axis=1) > 1).any() and (batch["segment_ids"] == 0).any()
-  assert (batch["patch_image_ids"].max(axis=1) > 1).any()  # a row with several images
-
-  params = init_params(model_config, jax.random.key(0))
-  params = objective.init_extra(jax.random.key(1), params) | params
+  params = init_params(run.model_config, jax.random.key(0))
+  params = run.objective.init_extra(jax.random.key(1), params) | params
   leaves, tree = jax.tree.flatten(params)
   keys = jax.random.split(jax.random.key(2), len(leaves))
   params = jax.tree.unflatten(tree, [x + 0.05 * jax.random.normal(k, x.shape, x.dtype)
                                      for x, k in zip(leaves, keys)])
+  return run, batch, params
+
+
+def _one_buffer(batch):
+  """The same rows with one patch buffer for them all: their real patches back to back."""
+  real = batch["patch_image_ids"] > 0  # [rows, patches]
+  ids, images = [], 0
+  for row in batch["patch_image_ids"]:
+    ids.append(row[row > 0] + images)
+    images += int(row.max())
+  grids = batch["image_grid_thw"].reshape(-1, 3)
+  return dict(batch, pixel_patches=batch["pixel_patches"][real][None],
+              mae_mask=batch["mae_mask"][real][None], patch_image_ids=np.concatenate(ids)[None],
+              image_grid_thw=grids[grids.prod(-1) > 0][None])
+
+
+def test_rows_sharing_one_patch_buffer_give_the_loss_and_gradients_of_a_buffer_per_row():
+  run, batch, params = _setup("shared", 1)
+  shared = _one_buffer(batch)
+  assert shared["pixel_patches"].shape[1] < 0.7 * batch["pixel_patches"].size // 1176
+  step = jax.jit(jax.value_and_grad(run.objective, has_aux=True))
+  (loss, metrics), grads = step(params, batch, jax.random.key(3))
+  (shared_loss, shared_metrics), shared_grads = step(params, shared, jax.random.key(3))
+  for name in ("mlm_loss", "mae_loss", "masked_patches"):
+    assert float(shared_metrics[name]) == pytest.approx(float(metrics[name]), rel=1e-6), name
+  assert float(shared_loss) == pytest.approx(float(loss), rel=1e-6)
+  # Every parameter's gradient, on its own scale (the vision tower's sums run in another order).
+  errors = jax.tree.map(lambda got, want: float(np.abs(np.asarray(got) - np.asarray(want)).max()
+                                                / np.abs(np.asarray(want)).max()),
+                        shared_grads, grads)
+  assert max(jax.tree.leaves(errors)) <= 1e-5, errors
+
+
+@pytest.mark.parametrize("noise,rows_per_patch_buffer", [("shared", 1), ("per_patch", 1),
+                                                         ("shared", 0)])
+def test_torch_loss_and_gradients_equal_the_jax_objective(noise, rows_per_patch_buffer):
+  """rows_per_patch_buffer 0: the 4 rows share one buffer."""
+  run, batch, params = _setup(noise, rows_per_patch_buffer)
+  model_config, objective = run.model_config, run.objective
+  assert batch["pixel_patches"].shape[0] == (4 if rows_per_patch_buffer else 1)
+  assert (batch["patch_image_ids"].max(axis=1) > 1).any()  # a buffer with several images
   rng = jax.random.key(3)
   (loss, metrics), grads = jax.jit(jax.value_and_grad(objective, has_aux=True))(params, batch, rng)
   noise_shape = ((1, 1, batch["pixel_patches"].shape[-1]) if noise == "shared"

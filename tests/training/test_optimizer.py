@@ -219,3 +219,26 @@ def test_with_adapters_only_adapters_extras_and_objective_parameters_train():
   assert [name for name, trains in frozen.items() if trains] == [
       "language_model/layers_0/q_proj/lora_a"]
   assert trainable_mask(params) is None  # no adapters, no freeze: everything trains
+
+
+def test_micro_batches_keep_each_patch_buffer_with_the_rows_it_serves():
+  rows, buffers, steps = 12, 3, 3  # 4 rows per buffer; each step takes one buffer
+  row_buffer = np.repeat(np.arange(buffers), rows // buffers)  # [rows]
+  batch = {"input_ids": np.tile(row_buffer[:, None], (1, 5)),  # [rows, length]: a row's buffer
+           "positions": np.tile(row_buffer[:, None, None], (1, 3, 5)),
+           "pixel_patches": np.tile(np.arange(buffers)[:, None, None], (1, 8, 2)),  # [buffers, ...]
+           "image_grid_thw": np.tile(np.arange(buffers)[:, None, None], (1, 2, 3))}
+  micro = sharding_lib.split_batch(batch, steps)
+  assert micro["input_ids"].shape == (steps, rows // steps, 5)
+  assert micro["pixel_patches"].shape == (steps, buffers // steps, 8, 2)
+  for s in range(steps):
+    served = np.repeat(micro["pixel_patches"][s, :, 0, 0], rows // buffers)
+    np.testing.assert_array_equal(micro["input_ids"][s, :, 0], served)
+    np.testing.assert_array_equal(micro["positions"][s, :, 0, 0], served)
+  # Outputs per row of the micro-batches go back to the batch's row order.
+  np.testing.assert_array_equal(
+      sharding_lib.merge_rows(micro["input_ids"], rows // buffers), batch["input_ids"])
+  one_per_row = dict(batch, pixel_patches=np.zeros((rows, 8, 2)), image_grid_thw=np.zeros((rows, 2, 3)))
+  np.testing.assert_array_equal(
+      sharding_lib.merge_rows(sharding_lib.split_batch(one_per_row, 2)["input_ids"]),
+      batch["input_ids"])
