@@ -199,10 +199,11 @@ class RunSetup:
     return params
 
 
-def patch_buffers_per_device(spec: InputSpec, config: ml_collections.ConfigDict,
-                             mesh: Any) -> InputSpec:
+def patch_buffers_per_device(spec: InputSpec, config: ml_collections.ConfigDict, mesh: Any,
+                             largest_image: int) -> InputSpec:
   """`spec` with `rows_per_patch_buffer` 0 resolved to the rows of one device's (micro-)batch;
-  ValueError when the batch does not split into whole buffers on every device."""
+  ValueError when the batch does not split into whole buffers on every device, or a buffer
+  cannot hold the largest image the pixel budget allows (`largest_image` patches)."""
   rows = getattr(spec, "rows_per_patch_buffer", None)
   if rows is None:
     return spec
@@ -214,6 +215,11 @@ def patch_buffers_per_device(spec: InputSpec, config: ml_collections.ConfigDict,
         f"input.rows_per_patch_buffer={rows}: the {spec.global_batch_size} rows of a batch do not "
         f"split into whole patch buffers on each of {sharding_lib.data_parallel_size(mesh)} "
         f"data-parallel devices x {config.grad_accum_steps} grad_accum_steps")
+  if spec.max_patches and rows * spec.max_patches < largest_image:
+    raise ValueError(
+        f"input.max_patches={spec.max_patches} x rows_per_patch_buffer={rows} patch slots cannot "
+        f"hold one image of {largest_image} patches (max_pixels={spec.max_pixels}): raise "
+        f"max_patches, or share buffers among more rows")
   return dataclasses.replace(spec, rows_per_patch_buffer=rows)
 
 
@@ -230,10 +236,10 @@ def build_run(config: ml_collections.ConfigDict, devices: Sequence[Any], *,
   spec = registry.build_input_spec(config)
   resolved = resolve(config, spec, allow_demo_tokenizer=compile_proof)
   mesh = make_mesh(config.mesh.ici, config.mesh.dcn, devices=devices)
-  spec = patch_buffers_per_device(spec, config, mesh)
   rules = sharding_lib.config_rules(config.sharding.rules)
   architecture = model_config(config, resolved)
   architecture = architecture.replace(max_frame_patches=spec.max_frame_patches(architecture))
+  spec = patch_buffers_per_device(spec, config, mesh, architecture.max_frame_patches)
   if compile_proof and architecture.attention_impl == "auto":
     architecture = architecture.replace(
         attention_impl="splash" if devices[0].platform == "tpu" else "xla")

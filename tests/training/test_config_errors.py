@@ -1,4 +1,5 @@
 """A bad config fails before compiling: a one-line ValueError, or exit 2 and one CLI error line."""
+import importlib.util
 import os
 import subprocess
 import sys
@@ -7,8 +8,9 @@ import textwrap
 import jax
 import pytest
 
-from engine_runs import DEMO, TRAIN, run_commands
+from engine_runs import DEMO, REPO, TRAIN, run_commands
 from mmembed_jax.training.config import default_config, validate
+from mmembed_jax.training.run import build_run
 
 RECIPES = {
     "unknown_fields": """
@@ -213,3 +215,28 @@ def test_validate_raises_one_line_naming_the_problem(case):
 def test_validate_accepts_the_defaults_and_a_restricted_device_count():
   validate(default_config(), jax.devices())
   validate(_config(mesh__num_devices=1, mesh__ici=dict(data=1, fsdp=1, tensor=1)), jax.devices())
+
+
+def _moca_demo(**input_changes):
+  spec = importlib.util.spec_from_file_location("moca", os.path.join(REPO, "configs", "moca.py"))
+  module = importlib.util.module_from_spec(spec)
+  spec.loader.exec_module(module)
+  config = module.get_config("")
+  config.input.update(input_changes)
+  return config
+
+
+@pytest.mark.parametrize("changes,devices,message", [
+    (dict(rows_per_patch_buffer=3), 1,
+     "input.rows_per_patch_buffer=3: the 8 rows of a batch do not split into whole patch buffers "
+     "on each of 1 data-parallel devices x 1 grad_accum_steps"),
+    (dict(), 8,  # one row per device: 128 slots
+     "input.max_patches=128 x rows_per_patch_buffer=1 patch slots cannot hold one image of"),
+])
+def test_patch_buffers_that_do_not_fit_the_batch_or_its_images_are_one_error(changes, devices,
+                                                                             message):
+  config = _moca_demo(**changes)
+  config.mesh.num_devices = devices
+  with pytest.raises(ValueError) as error:
+    build_run(config, jax.devices())
+  assert message in str(error.value) and "\n" not in str(error.value)

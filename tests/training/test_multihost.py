@@ -58,7 +58,9 @@ def _assert_same_losses(got: dict, expected: dict) -> None:
     assert got[step] == pytest.approx(loss, rel=RTOL), step
 
 
-STAGES = {"stage1": (MOCA, 4, ("--config.input.data_shards=2", "--config.checkpoint.every=2")),
+# Stage 1: one row per device, so its patch buffer holds one row's worst case (256 slots).
+STAGES = {"stage1": (MOCA, 4, ("--config.input.data_shards=2", "--config.checkpoint.every=2",
+                               "--config.input.max_patches=256")),
           "stage2": (f"{MOCA}:stage=cl", 3, ("--config.eval.every=0",))}
 
 
