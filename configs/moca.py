@@ -124,6 +124,9 @@ def _demo(config: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
       name="moca_cpt", sources="demo", global_batch_size=8, length=128, max_images=4,
       min_pixels=16 * 28 * 28, max_pixels=48 * 28 * 28,
       rows_per_patch_buffer=0, max_patches=128,  # one buffer per device: 94% of its slots real
+      # Video frames bounded as the images are: the vision tower's full layers then attend by
+      # blocks of at most 192 patches (the video processor's own bound is 3,072).
+      video=dict(processor_min_pixels=16 * 28 * 28, processor_max_pixels=48 * 28 * 28),
       text_mask_prob=0.4, image_mask_prob=0.5, num_workers=0, data_shards=0)
   config.checkpoint.update(every=100, keep=2)
   return config

@@ -20,6 +20,7 @@ import jax
 import ml_collections
 import numpy as np
 
+from mmembed_jax.data.images import max_resized_pixels
 from mmembed_jax.data.input_specs import InputSpec, PairInput, eval_batches, is_demo
 from mmembed_jax.models import adapters
 from mmembed_jax.models.config import ModelConfig
@@ -199,6 +200,13 @@ class RunSetup:
     return params
 
 
+def largest_image_patches(spec: InputSpec, architecture: ModelConfig) -> int:
+  """Patches of the largest image the input's pixel budget allows (0 when it has none)."""
+  if "max_pixels" not in spec.section_fields():
+    return 0
+  return max_resized_pixels(spec.min_pixels, spec.max_pixels) // architecture.vision.patch_size**2
+
+
 def patch_buffers_per_device(spec: InputSpec, config: ml_collections.ConfigDict, mesh: Any,
                              largest_image: int) -> InputSpec:
   """`spec` with `rows_per_patch_buffer` 0 resolved to the rows of one device's (micro-)batch;
@@ -239,7 +247,7 @@ def build_run(config: ml_collections.ConfigDict, devices: Sequence[Any], *,
   rules = sharding_lib.config_rules(config.sharding.rules)
   architecture = model_config(config, resolved)
   architecture = architecture.replace(max_frame_patches=spec.max_frame_patches(architecture))
-  spec = patch_buffers_per_device(spec, config, mesh, architecture.max_frame_patches)
+  spec = patch_buffers_per_device(spec, config, mesh, largest_image_patches(spec, architecture))
   if compile_proof and architecture.attention_impl == "auto":
     architecture = architecture.replace(
         attention_impl="splash" if devices[0].platform == "tpu" else "xla")
