@@ -142,6 +142,27 @@ def test_resume_from_state_is_exact_at_several_points(mixed, tokenizer_dir):
       assert_same(batches[i], next(resumed), f"batch {i} resumed at {k}")
 
 
+def test_rows_sharing_patch_buffers_follow_the_contract_and_resume_exactly(mixed, tokenizer_dir):
+  """Buffers of 2 rows with 2 x 96 patch slots: fewer slots than 160 per row, more of them real."""
+  shared = dict(rows_per_patch_buffer=2, max_patches=96, max_images=3)
+  states, batches = take(iter(_dataset(mixed, tokenizer_dir, **shared)), 6)
+  shapes = {k: v.shape for k, v in batches[0].items()}
+  assert shapes["input_ids"] == (4, 160) and shapes["example_ids"] == (4, 64)
+  assert shapes["pixel_patches"] == (2, 192, inputs.PATCH_DIM)
+  assert shapes["mae_mask"] == shapes["patch_image_ids"] == (2, 192)
+  assert shapes["image_grid_thw"] == (2, 6, 3) and shapes["bad_records"] == (2,)
+  for batch in batches:
+    inputs.check_batch(batch)
+    assert not batch["mae_mask"][batch["patch_image_ids"] == 0].any()
+  _, alone = take(iter(_dataset(mixed, tokenizer_dir)), 6)
+  fill = lambda bs, key: np.mean([packing.packing_efficiency(b)[key] for b in bs])
+  assert fill(batches, "patch_fill") > fill(alone, "patch_fill")
+  resumed = iter(_dataset(mixed, tokenizer_dir, **shared))
+  resumed.set_state(json.loads(json.dumps(states[2])))
+  for i in range(2, 6):
+    assert_same(batches[i], next(resumed), f"batch {i} resumed at 2")
+
+
 def test_resume_from_state_is_exact_with_worker_processes(mixed, tokenizer_dir):
   iterator = iter(_dataset(mixed, tokenizer_dir, num_workers=2))
   try:

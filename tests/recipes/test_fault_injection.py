@@ -200,12 +200,17 @@ def runs(data, tokenizer_dir, tmp_path_factory):
 def _expected_stage1_bad(tokenizer_dir, data, steps):
   """The bad records (FILE:LINE, in order) that the first `steps` batches of the stage-1 demo
   pipeline on the faulty source carry: what an uninterrupted run would skip."""
+  import jax
   from mmembed_jax.data import bad_records
   from mmembed_jax.data.cpt_pipeline import cpt_dataset
-  spec = _recipe_module("moca.py").get_config("")
-  fields = {k: v for k, v in spec.input.items() if k not in ("name", "sources")}
+  from mmembed_jax.training.run import build_run
+  config = _recipe_module("moca.py").get_config("")
+  config.mesh.num_devices = 1  # as the run: one device, whose rows share one patch buffer
+  run = build_run(config, jax.devices())
+  fields = run.input_spec.pipeline_fields(run.model_config)
   dataset = cpt_dataset([dict(name="faulty", path=data["stage1"][0], kind="jsonl", weight=1.0)],
-                        tokenizer_dir, seed=spec.seed, process_index=0, process_count=1, **fields)
+                        tokenizer_dir, seed=config.seed, process_index=0, process_count=1,
+                        **fields)
   iterator, named = iter(dataset), []
   for _ in range(steps):
     batch = next(iterator)
