@@ -7,7 +7,7 @@ import jax.numpy as jnp
 import numpy as np
 from jax.ad_checkpoint import checkpoint_name
 
-from mmembed_jax.models import remat, splash
+from mmembed_jax.models import packed_attention, remat, splash
 from mmembed_jax.models.config import ModelConfig
 from mmembed_jax.models.layers import (Linear, RMSNorm, activation, apply_rotary,
                                        dtype_of, inverse_frequencies)
@@ -39,10 +39,14 @@ def attention_mask(segment_ids: jax.Array, causal: bool) -> jax.Array:
 
 def layer_mask(segment_ids: jax.Array, config: ModelConfig, regions: Optional[jax.Array] = None):
   """What the layers take: the bool [batch, length, length] mask on the XLA path, None where the
-  splash kernel runs (it reads the segment ids itself); with `config.region_mask` and regions
-  [batch, length], the pair (below, above) of models/region_mask.py, on every path."""
+  splash kernel runs or, off TPU, rows of at least packed_attention.MIN_LENGTH attend by blocks
+  (both read the segment ids themselves); with `config.region_mask` and regions [batch, length],
+  the pair (below, above) of models/region_mask.py, on every path."""
   region_mask = config.region_mask if regions is not None else None
-  if region_mask is None and splash.resolve(config.attention_impl, segment_ids.shape[1]) != "xla":
+  length = segment_ids.shape[1]
+  by_segments = (splash.resolve(config.attention_impl, length) != "xla"
+                 or (config.attention_impl == "auto" and length >= packed_attention.MIN_LENGTH))
+  if region_mask is None and by_segments:
     return None
   mask = attention_mask(segment_ids, causal=config.attention == "causal")
   return mask if region_mask is None else region_mask.masks(mask, regions)

@@ -22,6 +22,7 @@ from jax.experimental.pallas.ops.tpu.splash_attention import splash_attention_ke
 from jax.experimental.pallas.ops.tpu.splash_attention import splash_attention_mask as mask_lib
 from jax.sharding import PartitionSpec
 
+from mmembed_jax.models import packed_attention
 from mmembed_jax.models.layers import dot_product_attention
 
 IMPLEMENTATIONS = ("auto", "xla", "splash", "splash_interpret")
@@ -156,9 +157,12 @@ def splash_attention(query: jax.Array, key: jax.Array, value: jax.Array, segment
 def attend(query: jax.Array, key: jax.Array, value: jax.Array, mask: Optional[jax.Array],
            segment_ids: Optional[jax.Array], causal: bool, dtype, impl: str) -> jax.Array:
   """The layers' attention: XLA's masked softmax of `mask` [batch, length, length] where `impl`
-  resolves to XLA; else the splash kernel (interpreted for 'splash_interpret') on `segment_ids`
+  resolves to XLA (by blocks within `segment_ids`, models/packed_attention.py, when no mask is
+  given); else the splash kernel (interpreted for 'splash_interpret') on `segment_ids`
   [batch, length], or on `mask` when one is given (a region mask)."""
   path = resolve(impl, query.shape[1])
+  if path == "xla" and mask is None:
+    return packed_attention.attend(query, key, value, segment_ids, causal, dtype)
   if path == "xla":
     return dot_product_attention(query, key, value, mask, dtype)
   return splash_attention(query, key, value, segment_ids, causal=causal, dtype=dtype,

@@ -18,6 +18,11 @@ embeddings; the loss sees the whole global batch; the backward re-encodes chunk 
 back-propagates each chunk's embedding gradient. Activations of one chunk live at a time, for
 one extra forward. The re-encoding is the same computation on the same inputs, so it is
 identical (the encoder draws no random numbers).
+
+Under FSDP every chunk of both passes gathers the weights it uses again: collective bytes grow
+with the number of chunks. `gather_weights_once` gathers every parameter whole on every chip
+once per step instead (its gradient is reduce-scattered once): bytes of one FSDP step, for the
+memory of a whole copy of the parameters and of their gradient on each chip.
 """
 import dataclasses
 import math
@@ -25,6 +30,7 @@ from typing import Any, ClassVar, Mapping, Optional, Tuple
 
 import jax
 import jax.numpy as jnp
+from jax.sharding import PartitionSpec
 
 from mmembed_jax.models.config import ModelConfig
 from mmembed_jax.models.pooling import POOLINGS, pool
@@ -60,6 +66,7 @@ class Contrastive(Objective):
   modality_mask: bool = False  # UNITE's MAMCL
   symmetric: bool = False  # (q->c + c->q) / 2
   grad_cache_chunk: int = 0  # rows per device per chunk; 0 = embed the batch in one pass
+  gather_weights_once: bool = False  # GradCache under FSDP: whole weights once, not per chunk
   num_ctokens: int = 0  # 'ctoken' pooling: the compression tokens ending every sequence (CoMa)
 
   @property
@@ -158,7 +165,16 @@ class Contrastive(Objective):
     out = self.embed(params, targets, dropout_rng).reshape(shards, n // shards, 1 + k, -1)
     return out[:, :, 0].reshape(n, -1), out[:, :, 1:].reshape(n, k, -1)
 
+  def weights_for_chunks(self, params: Any) -> Any:
+    """`params` gathered whole on every device of the mesh when `gather_weights_once` applies
+    (GradCache in a mesh), else unchanged."""
+    if not (self.gather_weights_once and self.grad_cache_chunk
+            and jax.sharding.get_abstract_mesh().shape):
+      return params
+    return jax.tree.map(lambda x: jax.lax.with_sharding_constraint(x, PartitionSpec()), params)
+
   def __call__(self, params, batch, rng):
+    params = self.weights_for_chunks(params)
     query_rng, target_rng = jax.random.split(rng)  # adapter dropout
     query = self.embed(params, batch["query"], query_rng)  # [n, embed]
     positive, negative = self.embed_targets(params, batch, target_rng)  # [n, embed], [n, K, embed]

@@ -9,10 +9,12 @@ from mmembed_jax.data import collate as collate_lib
 from mmembed_jax.data import mrope
 from mmembed_jax.data.rows import EncodedRow
 from mmembed_jax.demo.tiny_model import tiny_config
-from mmembed_jax.models.embedder import init_params, make_embed_fn
+from mmembed_jax.models.embedder import boxed_param_shapes, init_params, make_embed_fn
 from mmembed_jax.objectives.contrastive import info_nce
 from mmembed_jax.objectives.contrastive_objective import LOGIT_SCALE, Contrastive
+from mmembed_jax.parallel import sharding as sharding_lib
 from mmembed_jax.parallel.mesh import make_mesh
+from mmembed_jax.training import hlo_collectives
 
 PAIRS, NEGATIVES = 16, 2
 IMAGE_TOKEN = 500
@@ -78,6 +80,33 @@ def test_grad_cache_equals_one_pass(setup):
   assert abs(cached_loss - loss) <= 1e-5 * abs(loss)
   assert _max_relative_difference(cached_grads, grads) <= 1e-5
   assert max(float(np.max(np.abs(g))) for g in jax.tree.leaves(grads)) > 0
+
+
+def test_grad_cache_with_weights_gathered_once_equals_per_chunk_and_moves_fewer_bytes(setup):
+  """FSDP over 8 devices (parameters sharded by the default rules), chunks of 1 row per device:
+  gathering the weights once per step gives the loss and gradients of gathering them in every
+  chunk (which equal one pass, above), and the compiled step all-gathers fewer bytes."""
+  config, params, batch = setup
+  mesh = make_mesh(dict(data=1, fsdp=8, tensor=1))
+  shardings = sharding_lib.logical_shardings(boxed_param_shapes(config), mesh,
+                                             sharding_lib.DEFAULT_RULES)
+  sharded = jax.device_put(params, shardings)
+  inputs = jax.device_put(batch, NamedSharding(mesh, PartitionSpec(("data", "fsdp"))))
+  results = {}
+  for once in (False, True):
+    objective = Contrastive(config, pooling="mean", temperature=0.05, grad_cache_chunk=1,
+                            gather_weights_once=once)
+    with jax.set_mesh(mesh):
+      step = jax.jit(jax.value_and_grad(objective, has_aux=True),
+                     out_shardings=(None, shardings)).lower(sharded, inputs,
+                                                            jax.random.key(0)).compile()
+      (loss, _), grads = step(sharded, inputs, jax.random.key(0))
+    gathered = hlo_collectives.collective_bytes(step.as_text()).get("all-gather", 0)
+    results[once] = float(loss), jax.device_get(grads), gathered
+  (loss, grads, per_chunk), (once_loss, once_grads, once) = results[False], results[True]
+  assert abs(once_loss - loss) <= 1e-5 * abs(loss)
+  assert _max_relative_difference(once_grads, grads) <= 1e-5
+  assert 0 < once < 0.5 * per_chunk, (once, per_chunk)
 
 
 def test_loss_is_info_nce_of_pooled_embeddings(setup):
