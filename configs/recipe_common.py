@@ -39,7 +39,8 @@ def contrastive_config(**objective: Any) -> ml_collections.ConfigDict:
   """default_config() for contrastive fine-tuning on pairs; recipes override sizes and data."""
   c = default_config()
   c.objective = dict(name="contrastive", pooling="mean", temperature=0.03, learn_temperature=False,
-                     negatives="global", modality_mask=False, symmetric=False, grad_cache_chunk=0)
+                     negatives="global", modality_mask=False, symmetric=False, grad_cache_chunk=0,
+                     gather_weights_once=False)
   c.objective.update(objective)
   c.optimizer.update(decay="linear", warmup_ratio=0.05, end_lr_ratio=0.0, weight_decay=0.0)
   return c
