@@ -49,13 +49,13 @@ def llm_forward_flops(config: ModelConfig, tokens: int, length: int, with_lm_hea
   return float(total)
 
 
-def vision_forward_flops(config: ModelConfig, patches: int, patches_per_row: int) -> float:
-  """Forward FLOPs of the vision tower on `patches` patches (attention span = the row's buffer)."""
+def vision_forward_flops(config: ModelConfig, patches: int, span: int) -> float:
+  """Forward FLOPs of the vision tower on `patches` patches, each attending to `span` patches."""
   v = config.vision
   mlp = 3 if config.family == "qwen2_5_vl" else 2
   per_patch = 2 * v.patch_dim * v.hidden_size
   block = 2 * 4 * v.hidden_size**2 + 2 * mlp * v.hidden_size * v.intermediate_size
-  block += 2 * 2 * patches_per_row * v.hidden_size
+  block += 2 * 2 * span * v.hidden_size
   per_patch += v.depth * block
   merged = v.hidden_size * v.spatial_merge_size**2
   per_patch += 2 * (merged * merged + merged * v.out_hidden_size) / v.spatial_merge_size**2
@@ -64,9 +64,12 @@ def vision_forward_flops(config: ModelConfig, patches: int, patches_per_row: int
 
 def train_flops(config: ModelConfig, batch: int, length: int, buffers: int,
                 patches_per_buffer: int, with_lm_head: bool = True) -> float:
-  """FLOPs of one training step (forward + backward) over a padded batch (models/inputs.py)."""
+  """FLOPs of one training step (forward + backward) over a padded batch (models/inputs.py); a
+  patch attends to its buffer, or to the largest frame when `config.max_frame_patches` bounds
+  it (the splash kernel and the blocks skip the rest)."""
   forward = llm_forward_flops(config, batch * length, length, with_lm_head)
-  forward += vision_forward_flops(config, buffers * patches_per_buffer, patches_per_buffer)
+  span = min(patches_per_buffer, config.max_frame_patches or patches_per_buffer)
+  forward += vision_forward_flops(config, buffers * patches_per_buffer, span)
   return 3.0 * forward
 
 
