@@ -20,7 +20,6 @@ import jax
 import ml_collections
 import numpy as np
 
-from mmembed_jax.data.images import max_resized_pixels
 from mmembed_jax.data.input_specs import InputSpec, PairInput, eval_batches, is_demo
 from mmembed_jax.models import adapters
 from mmembed_jax.models.config import ModelConfig
@@ -201,10 +200,12 @@ class RunSetup:
 
 
 def largest_image_patches(spec: InputSpec, architecture: ModelConfig) -> int:
-  """Patches of the largest image the input's pixel budget allows (0 when it has none)."""
+  """Patches of an image at the input's pixel budget, `max_pixels` (0 when it has none); the
+  28-pixel rounding of extreme aspect ratios can exceed it, and such an image is skipped and
+  counted like any example that fits no row."""
   if "max_pixels" not in spec.section_fields():
     return 0
-  return max_resized_pixels(spec.min_pixels, spec.max_pixels) // architecture.vision.patch_size**2
+  return spec.max_pixels // architecture.vision.patch_size**2
 
 
 def patch_buffers_per_device(spec: InputSpec, config: ml_collections.ConfigDict, mesh: Any,
