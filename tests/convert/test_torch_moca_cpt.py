@@ -1,6 +1,7 @@
 """The PyTorch MoCa CPT loss (transformers' model, what launch/benchmark.py times) equals the JAX
 objective on a real packed demo batch (several sequences and images per row, padding), with
 every parameter perturbed so zero biases or unit norms cannot hide a mistake."""
+import functools
 import importlib.util
 import os
 
@@ -24,8 +25,10 @@ def _demo_config():
   return module.get_config("")
 
 
+@functools.lru_cache(maxsize=None)
 def _setup(noise, rows_per_patch_buffer):
-  """(run, packed demo batch, perturbed parameters) with 4 rows of 2-3 records each."""
+  """(run, packed demo batch, perturbed parameters, ((loss, metrics), grads) of the JAX
+  objective at rng key 3) with 4 rows of 2-3 records each; made once per argument pair."""
   config = _demo_config()
   config.objective.noise = noise
   config.input.update(length=256, max_patches=512, global_batch_size=4,
@@ -42,7 +45,8 @@ def _setup(noise, rows_per_patch_buffer):
   keys = jax.random.split(jax.random.key(2), len(leaves))
   params = jax.tree.unflatten(tree, [x + 0.05 * jax.random.normal(k, x.shape, x.dtype)
                                      for x, k in zip(leaves, keys)])
-  return run, batch, params
+  step = jax.jit(jax.value_and_grad(run.objective, has_aux=True))
+  return run, batch, params, step, step(params, batch, jax.random.key(3))
 
 
 def _one_buffer(batch):
@@ -59,11 +63,9 @@ def _one_buffer(batch):
 
 
 def test_rows_sharing_one_patch_buffer_give_the_loss_and_gradients_of_a_buffer_per_row():
-  run, batch, params = _setup("shared", 1)
+  _, batch, params, step, ((loss, metrics), grads) = _setup("shared", 1)
   shared = _one_buffer(batch)
   assert shared["pixel_patches"].shape[1] < 0.7 * batch["pixel_patches"].size // 1176
-  step = jax.jit(jax.value_and_grad(run.objective, has_aux=True))
-  (loss, metrics), grads = step(params, batch, jax.random.key(3))
   (shared_loss, shared_metrics), shared_grads = step(params, shared, jax.random.key(3))
   for name in ("mlm_loss", "mae_loss", "masked_patches"):
     assert float(shared_metrics[name]) == pytest.approx(float(metrics[name]), rel=1e-6), name
@@ -78,12 +80,11 @@ def test_rows_sharing_one_patch_buffer_give_the_loss_and_gradients_of_a_buffer_p
 @pytest.mark.parametrize("noise,rows_per_patch_buffer", [("shared", 1), ("per_patch", 0)])
 def test_torch_loss_and_gradients_equal_the_jax_objective(noise, rows_per_patch_buffer):
   """A buffer per row, and one buffer for the 4 rows (rows_per_patch_buffer 0 on 1 device)."""
-  run, batch, params = _setup(noise, rows_per_patch_buffer)
+  run, batch, params, _, ((loss, metrics), grads) = _setup(noise, rows_per_patch_buffer)
   model_config, objective = run.model_config, run.objective
   assert batch["pixel_patches"].shape[0] == (4 if rows_per_patch_buffer else 1)
   assert (batch["patch_image_ids"].max(axis=1) > 1).any()  # a buffer with several images
   rng = jax.random.key(3)
-  (loss, metrics), grads = jax.jit(jax.value_and_grad(objective, has_aux=True))(params, batch, rng)
   noise_shape = ((1, 1, batch["pixel_patches"].shape[-1]) if noise == "shared"
                  else batch["pixel_patches"].shape)
   noise_values = np.asarray(jax.random.normal(rng, noise_shape, np.float32))

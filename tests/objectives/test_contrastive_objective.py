@@ -67,46 +67,39 @@ def _max_relative_difference(a, b):
              for x, y in zip(jax.tree.leaves(a), jax.tree.leaves(b)))
 
 
-def test_grad_cache_equals_one_pass(setup):
-  """On a (2,2,2) mesh, chunks of 2 rows per device (2 chunks of the 16 queries, 6 of the 48
-  targets) give the loss and gradients of one pass over the batch (fp32: rtol 1e-5 of each
-  leaf's largest gradient)."""
+def _compiled_grads(objective, params, batch, mesh, shardings):
+  """(loss, grads, optimised HLO text) of the objective's value and gradient compiled on `mesh`,
+  the parameters placed by `shardings`, the batch sharded over data x fsdp."""
+  params = jax.device_put(params, shardings)
+  inputs = jax.device_put(batch, NamedSharding(mesh, PartitionSpec(("data", "fsdp"))))
+  with jax.set_mesh(mesh):
+    step = jax.jit(jax.value_and_grad(objective, has_aux=True), out_shardings=(None, shardings))
+    compiled = step.lower(params, inputs, jax.random.key(0)).compile()
+    (loss, _), grads = compiled(params, inputs, jax.random.key(0))
+  return float(loss), jax.device_get(grads), compiled.as_text()
+
+
+def test_grad_cache_equals_one_pass_and_can_gather_the_weights_once(setup):
+  """On a (2,2,2) mesh with the parameters sharded by the default rules, chunks of 2 rows per
+  device (2 chunks of the 16 queries, 6 of the 48 targets) give the loss and gradients of one
+  pass over the batch (fp32: rtol 1e-5 of each leaf's largest gradient), with the weights
+  gathered in every chunk or once per step; once all-gathers fewer bytes."""
   config, params, batch = setup
   mesh = make_mesh(dict(data=2, fsdp=2, tensor=2))
-  plain = Contrastive(config, pooling="mean", temperature=0.05)
-  cached = Contrastive(config, pooling="mean", temperature=0.05, grad_cache_chunk=2)
-  loss, _, grads = _grads(plain, params, batch, mesh)
-  cached_loss, _, cached_grads = _grads(cached, params, batch, mesh)
-  assert abs(cached_loss - loss) <= 1e-5 * abs(loss)
-  assert _max_relative_difference(cached_grads, grads) <= 1e-5
-  assert max(float(np.max(np.abs(g))) for g in jax.tree.leaves(grads)) > 0
-
-
-def test_grad_cache_with_weights_gathered_once_equals_per_chunk_and_moves_fewer_bytes(setup):
-  """FSDP over 8 devices (parameters sharded by the default rules), chunks of 1 row per device:
-  gathering the weights once per step gives the loss and gradients of gathering them in every
-  chunk (which equal one pass, above), and the compiled step all-gathers fewer bytes."""
-  config, params, batch = setup
-  mesh = make_mesh(dict(data=1, fsdp=8, tensor=1))
   shardings = sharding_lib.logical_shardings(boxed_param_shapes(config), mesh,
                                              sharding_lib.DEFAULT_RULES)
-  sharded = jax.device_put(params, shardings)
-  inputs = jax.device_put(batch, NamedSharding(mesh, PartitionSpec(("data", "fsdp"))))
-  results = {}
+  loss, grads, _ = _compiled_grads(Contrastive(config, pooling="mean", temperature=0.05), params,
+                                   batch, mesh, shardings)
+  assert max(float(np.max(np.abs(g))) for g in jax.tree.leaves(grads)) > 0
+  gathered = {}
   for once in (False, True):
-    objective = Contrastive(config, pooling="mean", temperature=0.05, grad_cache_chunk=1,
-                            gather_weights_once=once)
-    with jax.set_mesh(mesh):
-      step = jax.jit(jax.value_and_grad(objective, has_aux=True),
-                     out_shardings=(None, shardings)).lower(sharded, inputs,
-                                                            jax.random.key(0)).compile()
-      (loss, _), grads = step(sharded, inputs, jax.random.key(0))
-    gathered = hlo_collectives.collective_bytes(step.as_text()).get("all-gather", 0)
-    results[once] = float(loss), jax.device_get(grads), gathered
-  (loss, grads, per_chunk), (once_loss, once_grads, once) = results[False], results[True]
-  assert abs(once_loss - loss) <= 1e-5 * abs(loss)
-  assert _max_relative_difference(once_grads, grads) <= 1e-5
-  assert 0 < once < 0.5 * per_chunk, (once, per_chunk)
+    cached = Contrastive(config, pooling="mean", temperature=0.05, grad_cache_chunk=2,
+                         gather_weights_once=once)
+    cached_loss, cached_grads, hlo = _compiled_grads(cached, params, batch, mesh, shardings)
+    assert abs(cached_loss - loss) <= 1e-5 * abs(loss), once
+    assert _max_relative_difference(cached_grads, grads) <= 1e-5, once
+    gathered[once] = hlo_collectives.collective_bytes(hlo).get("all-gather", 0)
+  assert 0 < gathered[True] < 0.5 * gathered[False], gathered
 
 
 def test_loss_is_info_nce_of_pooled_embeddings(setup):

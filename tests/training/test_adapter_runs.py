@@ -74,9 +74,11 @@ def test_dora_run_trains_only_adapters_resumes_bit_identically_and_exports(
   from mmembed_jax import torch_embed  # pylint: disable=g-import-not-at-top
   from mmembed_jax.embedding import JaxEmbedder  # pylint: disable=g-import-not-at-top
   merged, adapter = str(tmp_path / "merged"), str(tmp_path / "adapter")
-  for out, extra in ((merged, ()), (adapter, ("--adapters_only",))):
-    Run(cache_dir, [sys.executable, "launch/export_to_pytorch.py", f"--checkpoint={workdir}",
-                    f"--out={out}", *extra], out, devices=1).check()
+  exports = [Run(cache_dir, [sys.executable, "launch/export_to_pytorch.py",
+                             f"--checkpoint={workdir}", f"--out={out}", *extra], out, devices=1)
+             for out, extra in ((merged, ()), (adapter, ("--adapters_only",)))]  # side by side
+  for export in exports:
+    export.check()
   config = json.loads((epath.Path(adapter) / "adapter_config.json").read_text())
   assert config["use_dora"] and config["r"] == 16 and config["lora_alpha"] == 64
   rows = [{"text": "a red circle above a blue square"},
