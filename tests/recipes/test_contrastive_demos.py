@@ -1,11 +1,14 @@
 """The contrastive recipes' demos run end to end as real subprocesses (1 CPU device): MoCa stage 2
 lifts held-out Precision@1 far above chance on the text retrieval set; VLM2Vec (GradCache) and UNITE (stage 1 -> stage 2,
 MAMCL) train, evaluate, checkpoint and chain through `init_from`."""
+import concurrent.futures
 import json
 import math
 import os
 import subprocess
 import sys
+
+import pytest
 
 ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
@@ -25,15 +28,44 @@ def _metrics(workdir):
   return ([x for x in lines if "loss" in x], [x for x in lines if "eval_precision_at_1" in x])
 
 
-def test_moca_stage2_demo_lifts_held_out_precision(tmp_path, demo_cache):
-  """From scratch, 60 steps. Held-out P@1 per dataset: candidates are all distinct held-out
-  positives of the dataset plus the query's 2 hard negatives (chance about 1/66). In this budget
-  the tiny model learns the text retrieval set (question -> passage) far above chance; the image
-  sets need the demo's 300 steps (README: contrastive demos, ablation), so the mean is held to a
-  lower bar."""
-  workdir = tmp_path / "run"
-  run = _train("configs/moca.py:stage=cl", workdir, demo_cache,
-               "--config.total_steps=60", "--config.eval.every=60")
+SHORT_RUN = ("--config.total_steps=4", "--config.log_every=2", "--config.eval.every=4",
+               "--config.eval.max_rows_per_dataset=16")
+
+
+@pytest.fixture(scope="module")
+def runs(tmp_path_factory, demo_cache):
+  """{name: (workdir, CompletedProcess)}: MoCa stage 2 in one lane; VLM2Vec, then UNITE's stage 1
+  and stage 2 from it, in the other; the lanes side by side (one per core)."""
+  root = tmp_path_factory.mktemp("contrastive_demos")
+  saved = os.environ.get("MMEMBED_DEMO_CACHE")
+  os.environ["MMEMBED_DEMO_CACHE"] = str(demo_cache)
+  try:  # written once here, not by two runs at the same time
+    from mmembed_jax import demo  # pylint: disable=g-import-not-at-top
+    demo.tokenizer_dir()
+    for kind in ("contrastive_pairs", "held_out_pairs"):
+      demo.sources(kind, "demo+video")
+  finally:
+    if saved is None:
+      os.environ.pop("MMEMBED_DEMO_CACHE")
+    else:
+      os.environ["MMEMBED_DEMO_CACHE"] = saved
+  lanes = [[("moca", "configs/moca.py:stage=cl",
+             ("--config.total_steps=60", "--config.eval.every=60"))],
+           [("vlm2vec", "configs/vlm2vec.py", SHORT_RUN),
+            ("unite1", "configs/unite.py:stage=1", SHORT_RUN),
+            ("unite2", "configs/unite.py:stage=2",
+             SHORT_RUN + (f"--config.init_from={root / 'unite1'}",))]]
+
+  def lane(jobs):
+    return [(name, (root / name, _train(config, root / name, demo_cache, *extra)))
+            for name, config, extra in jobs]
+
+  with concurrent.futures.ThreadPoolExecutor(len(lanes)) as pool:
+    return dict(item for done in pool.map(lane, lanes) for item in done)
+
+
+def test_moca_stage2_demo_lifts_held_out_precision(runs):
+  workdir, run = runs["moca"]
   assert run.returncode == 0, run.stderr[-3000:]
   train, held_out = _metrics(workdir)
   assert [x["step"] for x in held_out] == [0, 60]
@@ -48,27 +80,22 @@ def test_moca_stage2_demo_lifts_held_out_precision(tmp_path, demo_cache):
   assert all(x["bad_records"] == 0 and x["valid_pairs"] == 32 for x in train)
 
 
-def test_vlm2vec_and_unite_demos_train_and_chain(tmp_path, demo_cache):
+def test_vlm2vec_and_unite_demos_train_and_chain(runs):
   """VLM2Vec's demo (GradCache, last-token, no negatives) and UNITE's two stages (MAMCL on the
   demo's pairs and caption <-> clip pairs, stage 2 from the stage-1 run) each train a few steps
   with finite losses and held-out P@1, the video sets' included. (Video P@1 after the demo's 300
   steps, over 3 seeds: README, contrastive demos.)"""
-  cache = demo_cache
-  runs = {"vlm2vec": ("configs/vlm2vec.py", ()),
-          "unite1": ("configs/unite.py:stage=1", ()),
-          "unite2": ("configs/unite.py:stage=2", (f"--config.init_from={tmp_path / 'unite1'}",))}
-  for name, (config, extra) in runs.items():
-    run = _train(config, tmp_path / name, cache, "--config.total_steps=4", "--config.log_every=2",
-                 "--config.eval.every=4", "--config.eval.max_rows_per_dataset=16", *extra)
+  for name in ("vlm2vec", "unite1", "unite2"):
+    workdir, run = runs[name]
     assert run.returncode == 0, (name, run.stderr[-3000:])
-    train, held_out = _metrics(tmp_path / name)
+    train, held_out = _metrics(workdir)
     assert [x["step"] for x in train] == [1, 2, 4], name
     assert all(math.isfinite(x["loss"]) and x["loss"] > 0 for x in train), name
     assert [x["step"] for x in held_out] == [0, 4], name
-    assert "4" in os.listdir(tmp_path / name / "checkpoints"), name
+    assert "4" in os.listdir(workdir / "checkpoints"), name
     if name.startswith("unite"):
       assert all(0 <= x[f"eval_precision_at_1/{s}"] <= 1 for x in held_out
                  for s in ("caption_video", "video_caption")), name
       assert all(x["bad_records"] == 0 for x in train), name
-  config = json.load(open(tmp_path / "unite2" / "config.json"))
+  config = json.load(open(runs["unite2"][0] / "config.json"))
   assert config["objective"]["modality_mask"] and not config["objective"]["symmetric"]
