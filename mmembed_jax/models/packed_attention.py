@@ -21,7 +21,7 @@ from jax.ad_checkpoint import checkpoint_name
 from mmembed_jax.models.block_attention import segment_bounds
 from mmembed_jax.models.layers import NEG_INF
 
-BLOCK = 256
+BLOCK = 128
 MIN_LENGTH = 2 * BLOCK  # shorter rows take the masked path (one or two blocks gain nothing)
 
 

@@ -76,9 +76,9 @@ def test_each_query_block_meets_only_the_key_blocks_its_sequences_reach():
 
 @pytest.mark.parametrize("attention", ["bidirectional", "causal"])
 def test_the_language_model_takes_blocks_for_long_rows_and_matches_masked_attention(attention):
-  """3 layers over 512-token rows (hidden states of size ~4): 4.8e-7 apart in both modes."""
+  """3 layers over 512-token rows (hidden states of size ~4), 4 blocks: 4.8e-7 apart."""
   config = tiny_config(attention=attention)
-  n = packed_attention.MIN_LENGTH  # 2 blocks
+  n = 2 * packed_attention.MIN_LENGTH  # 4 blocks
   segment_ids = jnp.asarray(np.stack([_segments(n, [200, 100, 150]),
                                       _segments(n, [n - 5])]))
   positions = jnp.where(segment_ids > 0, jnp.arange(n), 0)[:, None, :].repeat(3, axis=1)
