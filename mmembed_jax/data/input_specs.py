@@ -204,13 +204,13 @@ class PairInput(InputSpec):
     from mmembed_jax.data.cl_pipeline import batch_row  # pylint: disable=g-import-not-at-top
     row = batch_row(self.num_negatives, self.query_length, self.target_length,
                     self.query_max_patches, self.target_max_patches, self.max_images)
-    return _with_leading_axis(row)
+    return with_leading_axis(row)
 
 
-def _with_leading_axis(tree: Any) -> Any:
-  """Every array of a (nested) dict given a leading axis of 1."""
+def with_leading_axis(tree: Any) -> Any:
+  """Every array of a (nested) dict given a leading axis of 1: one row as a `batch_unit`."""
   if isinstance(tree, dict):
-    return {key: _with_leading_axis(value) for key, value in tree.items()}
+    return {key: with_leading_axis(value) for key, value in tree.items()}
   return np.asarray(tree)[None]
 
 

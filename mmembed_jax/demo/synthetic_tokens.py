@@ -11,7 +11,7 @@ import grain
 import jax
 import numpy as np
 
-from mmembed_jax.data.input_specs import InputSpec
+from mmembed_jax.data.input_specs import InputSpec, with_leading_axis
 from mmembed_jax.models.inputs import PATCH_DIM
 
 
@@ -60,5 +60,5 @@ class SyntheticTokens(InputSpec):
                                    model_config.text.vocab_size - 16, seed)
 
   def batch_unit(self, model_config):
-    row = synthetic_example(0, 0, self.length, model_config.text.vocab_size - 16)
-    return {key: np.asarray(value)[None] for key, value in row.items()}
+    return with_leading_axis(synthetic_example(0, 0, self.length,
+                                               model_config.text.vocab_size - 16))
