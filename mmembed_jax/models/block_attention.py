@@ -49,11 +49,11 @@ def pair_budget(blocks: int, block: int, max_segment: int) -> int:
   return min(blocks * (keys_per_query(block, max_segment) // block), blocks * blocks)
 
 
-def is_cheaper(length: int, max_segment: int) -> bool:
-  """Whether blocks beat masked attention over the whole buffer (fewer score entries)."""
+def score_share(length: int, max_segment: int) -> float:
+  """The score entries blocks compute, as a share of masked attention's [length, length]."""
   block = choose_block(length, max_segment)
   blocks = -(-length // block)
-  return pair_budget(blocks, block, max_segment) * block * block < length * length
+  return pair_budget(blocks, block, max_segment) * block * block / (length * length)
 
 
 def segment_bounds(segment_ids: jax.Array) -> tuple[jax.Array, jax.Array]:

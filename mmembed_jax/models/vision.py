@@ -6,12 +6,16 @@ recompute, inside jit, every patch's 2-D rotary position, frame and attention wi
 is within a segment (an image frame, or a window of a frame on Qwen2.5-VL's windowed blocks)
 instead of transformers' per-image Python loop, in one of three ways:
 - TPU: the splash kernel with segment ids (it skips the blocks the segments empty);
-- XLA, by blocks (models/block_attention.py): the patches are sorted window by window, as
-  transformers does, so that every segment is a contiguous run, and each block of queries meets
-  only the key blocks its segments reach. Windows hold at most `window_patches`; frames at most
-  `ModelConfig.max_frame_patches`, which the data must promise (0 = unknown);
-- XLA, masked: a [patches, patches] mask, for full layers when no frame bound is known (or where
-  blocks would not be cheaper).
+- XLA, by blocks planned ahead (models/block_attention.py): the patches are sorted window by
+  window, as transformers does, so that every segment is a contiguous run, and each block of
+  queries meets only the key blocks its segments reach. Windows hold at most `window_patches`;
+  frames at most `ModelConfig.max_frame_patches`, which the data must promise (0 = unknown).
+  Taken where the plan computes at most STATIC_SHARE of the [patches, patches] scores;
+- XLA, by blocks met at run time (models/packed_attention.py, `attention_impl="auto"`): where
+  segments may be large (full layers over big frames, or no frame bound), the blocks each
+  frame actually spans, found from the segment ids in the step;
+- XLA, masked: a [patches, patches] mask (`attention_impl="xla"` where blocks would not be
+  cheaper, and buffers under packed_attention.MIN_LENGTH with no frame bound).
 """
 from typing import Any, NamedTuple, Optional
 
@@ -20,7 +24,7 @@ import jax
 import jax.numpy as jnp
 from jax.ad_checkpoint import checkpoint_name
 
-from mmembed_jax.models import block_attention, remat, splash
+from mmembed_jax.models import block_attention, packed_attention, remat, splash
 from mmembed_jax.models.config import ModelConfig, VisionConfig
 from mmembed_jax.models.layers import (LayerNorm, Linear, RMSNorm, activation, apply_rotary,
                                        dot_product_attention, dtype_of, inverse_frequencies)
@@ -80,7 +84,9 @@ def patch_layout(patch_image_ids: jax.Array, image_grid_thw: jax.Array,
 
 
 SPLASH = -1  # how a kind of layer attends: the splash kernel on segment ids
+PACKED = -2  # XLA by blocks met at run time (packed_attention), on segment ids
 MASKED = 0  # XLA over a [patches, patches] mask; a positive value: by blocks, segments <= it
+STATIC_SHARE = 0.25  # blocks planned ahead up to this share of the scores; beyond, met at run time
 
 
 def window_order(layout: PatchLayout) -> jax.Array:
@@ -102,10 +108,15 @@ def attention_inputs(layout: PatchLayout, config: ModelConfig, path: str
   windowed = config.windowed_vision
   order = window_order(layout) if windowed else None
 
+  run_time = config.attention_impl == "auto" and patches >= packed_attention.MIN_LENGTH
+
   def inputs(segment_ids, max_segment):
     if order is not None:
       segment_ids = jnp.take_along_axis(segment_ids, order, axis=1)
-    if max_segment and block_attention.is_cheaper(patches, max_segment):
+    share = block_attention.score_share(patches, max_segment) if max_segment else 1.0
+    if run_time and share > STATIC_SHARE:
+      return PACKED, segment_ids
+    if share < 1.0:
       return max_segment, block_attention.plan(segment_ids, max_segment)
     return MASKED, segment_ids[:, :, None] == segment_ids[:, None, :]
 
@@ -129,7 +140,8 @@ class VisionAttention(nn.Module):
   """Multi-head self-attention with fused qkv and 2-D rotary."""
   config: ModelConfig
 
-  kinds: tuple[int, int] = (MASKED, MASKED)  # (full layers, windowed layers): SPLASH, MASKED or a bound
+  # (full layers, windowed layers): SPLASH, PACKED, MASKED or a segment bound
+  kinds: tuple[int, int] = (MASKED, MASKED)
 
   @nn.compact
   def __call__(self, x, cos, sin, full, window, use_full_attention):
@@ -149,6 +161,8 @@ class VisionAttention(nn.Module):
                              self.config.attention_impl)
       if kind == MASKED:
         return dot_product_attention(query, key, value, where, kw["dtype"])
+      if kind == PACKED:
+        return packed_attention.attend(query, key, value, where, False, kw["dtype"])
       return block_attention.attend(query, key, value, where, kind, kw["dtype"])
 
     full_kind, window_kind = self.kinds

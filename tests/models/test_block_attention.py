@@ -8,7 +8,8 @@ import pytest
 from mmembed_jax.models import block_attention
 from mmembed_jax.demo.tiny_model import tiny_config
 from mmembed_jax.models.layers import dot_product_attention
-from mmembed_jax.models.vision import VisionTower, attention_inputs, patch_layout
+from mmembed_jax.models.vision import (PACKED, STATIC_SHARE, VisionTower, attention_inputs,
+                                       patch_layout)
 
 
 def _segments(rng, n, max_segment, fill):
@@ -37,7 +38,7 @@ CASES = [  # (n, max_segment, fills): n not a multiple of the block, a fully pad
 @pytest.mark.parametrize("n,max_segment,fills", CASES)
 def test_blocks_equal_masked_attention(n, max_segment, fills):
   rng = np.random.default_rng(n)
-  assert block_attention.is_cheaper(n, max_segment)
+  assert block_attention.score_share(n, max_segment) < 0.5
   ids = jnp.asarray(np.stack([_segments(rng, n, max_segment, fill) for fill in fills]))
   shape = (len(fills), n, 3, 8)
   query, key, value = (jnp.asarray(rng.normal(size=shape), jnp.float32) for _ in range(3))
@@ -91,10 +92,10 @@ def test_a_segment_longer_than_promised_gives_nan_not_a_wrong_answer():
 
 
 def test_blocks_are_chosen_only_where_cheaper():
-  assert not block_attention.is_cheaper(64, 64)  # one window fills the buffer
-  assert block_attention.is_cheaper(8192, 64)
-  assert block_attention.is_cheaper(8192, 4096)
-  assert not block_attention.is_cheaper(4096, 4096)
+  assert block_attention.score_share(64, 64) == 1.0  # one window fills the buffer
+  assert block_attention.score_share(8192, 64) < 0.02
+  assert block_attention.score_share(8192, 4096) == 0.625
+  assert block_attention.score_share(4096, 4096) == 1.0
   # Keys per query at the paper's sizes: windows 96 of 8192, 1024-token frames 4224 of 8192.
   assert block_attention.keys_per_query(block_attention.choose_block(8192, 64), 64) <= 128
 
@@ -116,17 +117,23 @@ def _tower_batch(rng, grids_per_row, patches):
 @pytest.mark.parametrize("family", ["qwen2_5_vl", "qwen2_vl"])
 def test_tower_by_blocks_equals_masked_tower_unrolled_and_scanned(family):
   """The whole tower, values and gradients: blocks for full and windowed layers (frames of a
-  video, partial windows, a text-only row) against masked attention; scanned and rematerialised
-  layers (the two kinds of layer attend in different shapes there) against unrolled."""
+  video, partial windows, a text-only row) against masked attention, planned ahead (unrolled
+  layers) and full layers' blocks met at run time (scanned and rematerialised layers, where the
+  two kinds of layer attend in different ways)."""
   rng = np.random.default_rng(0)
   # (t, h, w) in patches: odd block counts, partial windows, a 2-frame video, an empty row.
   pixels, ids, grid = _tower_batch(rng, [[(1, 10, 14), (2, 6, 8), (1, 22, 4)], [(1, 16, 16)], []],
                                    patches=600)
   frame = int((grid[..., 1] * grid[..., 2]).max())
-  base = tiny_config(family).replace(max_frame_patches=frame)
+  base = tiny_config(family).replace(max_frame_patches=frame, attention_impl="xla")
   layout = patch_layout(ids, grid, base.vision)
-  kinds = attention_inputs(layout, base, "xla")[0]
-  assert kinds == (frame, base.vision.window_patches if family == "qwen2_5_vl" else frame)
+  windowed = family == "qwen2_5_vl"
+  assert attention_inputs(layout, base, "xla")[0] == (
+      frame, base.vision.window_patches if windowed else frame)
+  run_time = base.replace(attention_impl="auto", scan_layers=True, remat_policy="full")
+  assert block_attention.score_share(600, frame) > STATIC_SHARE  # big frames: met at run time
+  assert attention_inputs(layout, run_time, "xla")[0] == (
+      PACKED, base.vision.window_patches if windowed else PACKED)
   real = np.asarray(ids[:, ::4] > 0)
   probe = jnp.asarray(rng.normal(size=real.shape + (base.vision.out_hidden_size,)),
                       jnp.float32) * real[..., None]
@@ -154,7 +161,7 @@ def test_tower_by_blocks_equals_masked_tower_unrolled_and_scanned(family):
     return np.asarray(out), grads
 
   reference, reference_grads = run(base.replace(max_frame_patches=0))
-  for config in (base, base.replace(scan_layers=True, remat_policy="full")):
+  for config in (base, run_time):
     out, grads = run(config)
     assert np.abs(out - reference)[real].max() <= 1e-5
     for (path, g), r in zip(jax.tree.leaves_with_path(grads), jax.tree.leaves(reference_grads)):

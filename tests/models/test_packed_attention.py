@@ -39,8 +39,9 @@ def _batch(n=150):
   return query, key, value, segment_ids, weights
 
 
+@pytest.mark.parametrize("chunks", [2, 8])  # 5 blocks: chunks of 3 (one block of padding) or 1
 @pytest.mark.parametrize("causal", [False, True])
-def test_values_and_gradients_equal_masked_attention(causal):
+def test_values_and_gradients_equal_masked_attention(causal, chunks):
   query, key, value, segment_ids, weights = _batch()
   real = (segment_ids > 0)[..., None, None]
 
@@ -48,7 +49,7 @@ def test_values_and_gradients_equal_masked_attention(causal):
     return jnp.sum(jnp.where(real, attend(q, k, v) * weights, 0.0))
 
   blocks = lambda q, k, v: packed_attention.attend(q, k, v, segment_ids, causal, jnp.float32,
-                                                   block=BLOCK)
+                                                   block=BLOCK, chunks=chunks)
   masked = lambda q, k, v: dot_product_attention(
       q, k, v, attention_mask(segment_ids, causal=causal), jnp.float32)
   out = jax.jit(blocks)(query, key, value)
@@ -72,6 +73,20 @@ def test_each_query_block_meets_only_the_key_blocks_its_sequences_reach():
   np.testing.assert_array_equal(span[2], [0] * 8)  # nothing to attend: the loop skips it
   _, causal_span = packed_attention.key_ranges(segment_ids, BLOCK, causal=True)
   np.testing.assert_array_equal(causal_span[1], np.arange(1, 9))
+
+
+def test_the_loop_takes_each_chunk_of_query_blocks_to_its_widest_span():
+  segment_ids = jnp.asarray(np.stack([_segments(256, [60, 60, 60, 60]),
+                                      _segments(256, [256]), np.zeros(256, np.int32)]))
+  work = packed_attention.work_list(segment_ids, BLOCK, chunk=2, causal=False)
+  # Row 0's spans [2, 4, 3, 5, 3, 5, 3, 3] by width: 5 5 | 4 3 | 3 3 | 3 2 -> 15 steps of 2
+  # blocks (30 block pairs for the 28 needed; one batch-wide span would take 8 x 5 = 40).
+  np.testing.assert_array_equal(work.order[0], [3, 5, 1, 2, 4, 6, 7, 0])
+  np.testing.assert_array_equal(work.ends[0], [5, 9, 12, 15])
+  np.testing.assert_array_equal(work.ends[1], [8, 16, 24, 32])  # one sequence: every pair
+  np.testing.assert_array_equal(work.ends[2], [0, 0, 0, 0])  # padding: no step
+  causal = packed_attention.work_list(segment_ids, BLOCK, chunk=2, causal=True)
+  np.testing.assert_array_equal(causal.ends[1], [8, 14, 18, 20])  # spans 8 7 | 6 5 | 4 3 | 2 1
 
 
 @pytest.mark.parametrize("attention", ["bidirectional", "causal"])
@@ -98,7 +113,7 @@ def test_rows_sharded_over_devices_give_the_same_values_and_gradients():
   rows = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec("data"))
 
   def loss(q, k, v, ids):
-    out = packed_attention.attend(q, k, v, ids, True, jnp.float32, block=BLOCK)
+    out = packed_attention.attend(q, k, v, ids, True, jnp.float32, block=BLOCK, chunks=2)
     return jnp.sum(out * weights)
 
   step = jax.jit(jax.value_and_grad(loss, argnums=(0, 1, 2)))
