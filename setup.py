@@ -37,6 +37,6 @@ setup(
         "torch": TORCH + PEFT,
         "tpu": ["libtpu"],
         "tfds": ["tensorflow-datasets"],
-        "test": TORCH + PEFT + VIDEO_ORACLES + ["pytest", "pytest-timeout", "libtpu"],  # libtpu: TPU proofs on CPU
+        "test": TORCH + PEFT + VIDEO_ORACLES + ["pytest", "pytest-timeout", "pytest-xdist", "libtpu"],  # libtpu: TPU proofs on CPU
     },
 )

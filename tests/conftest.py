@@ -22,16 +22,27 @@ from tiny_models import FAMILIES, build_tiny_hf_model  # noqa: E402  pylint: dis
 import jax  # noqa: E402,F401  pylint: disable=wrong-import-position,unused-import  # before the cache below
 
 
+def session_root(tmp_path_factory):
+  """The session's temporary root, shared by pytest-xdist's workers (each has its own basetemp
+  below it)."""
+  base = tmp_path_factory.getbasetemp()
+  return base.parent if os.environ.get("PYTEST_XDIST_WORKER") else base
+
+
 @pytest.fixture(scope="session", autouse=True)
 def compilation_cache(tmp_path_factory):
-  """One JAX compilation cache for every subprocess of the session (a rerun, resume or second
-  recipe launch of a program compiles it once); this process imported jax before it was set."""
+  """One JAX compilation cache for every subprocess of the session, across workers (a rerun,
+  resume or second recipe launch of a program compiles it once); this process imported jax
+  before it was set."""
   # Cold in every session, unless MMEMBED_TEST_COMPILATION_CACHE names a directory to keep.
   path = os.environ.get("MMEMBED_TEST_COMPILATION_CACHE") or str(
-      tmp_path_factory.mktemp("jax_compilation_cache"))
+      session_root(tmp_path_factory) / "jax_compilation_cache")
+  os.makedirs(path, exist_ok=True)
   os.environ["JAX_COMPILATION_CACHE_DIR"] = path
   os.environ["JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS"] = "0"
   os.environ["JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES"] = "0"
+  # A size bound turns on JAX's file lock, so concurrent processes never read a half-written entry.
+  os.environ["JAX_COMPILATION_CACHE_MAX_SIZE"] = str(16 << 30)
   return path
 
 
