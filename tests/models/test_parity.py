@@ -15,7 +15,7 @@ from mmembed_jax.data import collate as collate_lib
 from mmembed_jax.data import rows as rows_lib
 from mmembed_jax.data.images import ImageProcessingConfig
 from mmembed_jax.models.pooling import pool
-from mmembed_jax.models.vision import attention_inputs, patch_layout
+from mmembed_jax.models.vision import PACKED, attention_inputs, patch_layout
 from mmembed_jax.models.vlm import VisionLanguageModel
 from mmembed_jax.convert.torch_embed import forward_hidden
 
@@ -70,14 +70,14 @@ def test_hidden_states_and_embeddings_match_transformers(family, attention, tiny
   encoded, batch = _encode(tokenizer, image_dir)
   reference = _torch_reference(model, batch, encoded, attention)
   config, params = import_hf(tiny_hf_dirs[family], attention=attention)
-  # The largest frame as the frame bound: full layers attend by blocks too (the video rows below
-  # keep the bound unknown, so masked attention is checked there).
+  # The largest frame as the frame bound: full layers (frames over a quarter of the buffer), and
+  # windows in this small buffer, by blocks met at run time (the video rows below take
+  # attention_impl="xla" with no bound, so masked attention is checked there).
   grids = batch["image_grid_thw"]
   config = config.replace(max_frame_patches=int((grids[..., 1] * grids[..., 2]).max()))
   kinds = attention_inputs(patch_layout(batch["patch_image_ids"], batch["image_grid_thw"],
                                         config.vision), config, "xla")[0]
-  assert kinds == (config.max_frame_patches, config.vision.window_patches if family == "qwen2_5_vl"
-                   else config.max_frame_patches)
+  assert kinds == (PACKED, PACKED)
   hidden = np.asarray(VisionLanguageModel(config).apply({"params": params}, batch))
   valid = batch["segment_ids"] > 0
   hidden_error = np.abs(hidden - reference.numpy())[valid].max()
@@ -189,6 +189,7 @@ def test_video_rows_match_transformers(family, attention, tiny_hf_dirs, tokenize
   pixels = np.concatenate([row.patches for row in encoded if row.num_images])
   reference = forward_hidden(model, batch["input_ids"], valid, positions, pixels, grids, attention)
   config, params = import_hf(tiny_hf_dirs[family], attention=attention)
+  config = config.replace(attention_impl="xla")  # masked attention (vision and LLM)
   hidden = np.asarray(VisionLanguageModel(config).apply({"params": params}, batch))
   hidden_error = np.abs(hidden - reference.numpy())[valid].max()
   print(f"{family} {attention} videos: hidden max abs diff {hidden_error:.2e}")
