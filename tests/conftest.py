@@ -17,6 +17,7 @@ import torchvision_compat  # noqa: E402  pylint: disable=wrong-import-position
 
 torchvision_compat.install()  # before transformers imports torchvision (video oracle)
 
+from session_dirs import session_root  # noqa: E402  pylint: disable=wrong-import-position
 from tiny_models import FAMILIES, build_tiny_hf_model  # noqa: E402  pylint: disable=wrong-import-position
 
 import jax  # noqa: E402,F401  pylint: disable=wrong-import-position,unused-import  # before the cache below
@@ -29,31 +30,19 @@ FIRST = ("recipes/test_contrastive_demos.py", "training/test_multihost.py",
          "recipes/test_fault_injection.py", "training/test_adapter_runs.py",
          "recipes/test_coma_demo.py", "training/test_checkpoint_resume.py",
          "recipes/test_moca_demo.py", "evaluation/test_round_trip.py")
-# Files that share a session fixture's runs go to one worker.
-GROUPS = {"training/test_checkpoint_resume.py": "base_runs",
-          "training/test_parallel_equivalence.py": "base_runs"}
 
 
 def pytest_configure(config):
-  """Keeps the order below under `--dist loadgroup` (xdist would sort groups by test count)."""
+  """Keeps the order below under `--dist loadfile` (xdist would sort files by test count)."""
   config.option.loadscopereorder = False
 
 
-@pytest.hookimpl(tryfirst=True)
 def pytest_collection_modifyitems(items):
-  """Each file is one unit of work for `--dist loadgroup` (GROUPS join some); FIRST go first."""
-  def file(item):
-    return os.path.relpath(str(item.path), TESTS)
-  for item in items:
-    item.add_marker(pytest.mark.xdist_group(GROUPS.get(file(item), file(item))))
-  items.sort(key=lambda item: FIRST.index(file(item)) if file(item) in FIRST else len(FIRST))
-
-
-def session_root(tmp_path_factory):
-  """The session's temporary root, shared by pytest-xdist's workers (each has its own basetemp
-  below it)."""
-  base = tmp_path_factory.getbasetemp()
-  return base.parent if os.environ.get("PYTEST_XDIST_WORKER") else base
+  """Each file is one unit of work for `--dist loadfile`; FIRST go first."""
+  def rank(item):
+    file = os.path.relpath(str(item.path), TESTS)
+    return FIRST.index(file) if file in FIRST else len(FIRST)
+  items.sort(key=rank)
 
 
 @pytest.fixture(scope="session", autouse=True)

@@ -15,8 +15,10 @@ import sys
 import time
 from typing import Optional, Sequence
 
+import filelock
 import jax
 import pytest
+from session_dirs import session_root
 
 REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 TRAIN = os.path.join(REPO, "launch", "tpu_train.py")
@@ -126,12 +128,17 @@ def run_commands(cache_dir: str, commands: Sequence[list], timeout: float = 180)
 
 @pytest.fixture(scope="session")
 def base_runs(tmp_path_factory, cache_dir) -> dict:
-  """{layout: workdir} after the same BASE_STEPS steps of every LAYOUT (also warms the cache)."""
-  root = tmp_path_factory.mktemp("base_runs")
+  """{layout: workdir} after the same BASE_STEPS steps of every LAYOUT (also warms the cache);
+  run once per session, by the first pytest-xdist worker that asks (tests only read them)."""
+  root = session_root(tmp_path_factory) / "base_runs"
   jobs = {name: (train_command(str(root / name), mesh, BASE_STEPS, extra), str(root / name))
           for name, (mesh, extra) in LAYOUTS.items()}
-  for run in run_side_by_side(cache_dir, list(jobs.values())):
-    run.check()
+  with filelock.FileLock(f"{root}.lock"):
+    if not (root / "done").exists():
+      root.mkdir(exist_ok=True)
+      for run in run_side_by_side(cache_dir, list(jobs.values())):
+        run.check()
+      (root / "done").touch()
   return {name: workdir for name, (_, workdir) in jobs.items()}
 
 
