@@ -3,6 +3,7 @@
 Every parameter carries logical axis names (resolved to mesh axes by the training rules);
 activations are constrained with logical names too. Norms, rotary and softmax run in float32.
 """
+import functools
 from typing import Any, Optional, Sequence
 
 import flax.linen as nn
@@ -138,13 +139,44 @@ def dot_product_attention(query: jax.Array, key: jax.Array, value: jax.Array,
   # XLA then transposes only [length, head_dim] operands, never the [q_len, kv_len] scores.
   query = jnp.transpose(query.reshape(batch, q_len, num_kv_heads, groups, head_dim), (0, 2, 3, 1, 4))
   key, value = jnp.transpose(key, (0, 2, 1, 3)), jnp.transpose(value, (0, 2, 1, 3))
-  scores = jnp.einsum("bkgqd,bksd->bkgqs", query.astype(dtype), key.astype(dtype),
-                      preferred_element_type=jnp.float32)  # [batch, kv_heads, groups, q, kv]
-  scores = scores * (head_dim**-0.5)
-  scores = jnp.where(mask[:, None, None, :, :], scores, NEG_INF)
-  # Softmax with one reciprocal per query row and multiplies ([q, kv] divides cost XLA:CPU more).
-  weights = jnp.exp(scores - jax.lax.stop_gradient(scores.max(axis=-1, keepdims=True)))
-  probs = (weights * (1.0 / weights.sum(axis=-1, keepdims=True))).astype(dtype)
-  out = jnp.einsum("bkgqs,bksd->bkgqd", probs, value.astype(dtype))
+  out = _masked_attention(query, key, value, mask, jnp.dtype(dtype))
   out = jnp.transpose(out, (0, 3, 1, 2, 4)).reshape(batch, q_len, num_heads, head_dim)
   return checkpoint_name(out, "attention_out")
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(4,))
+def _masked_attention(query, key, value, mask, dtype):
+  """query [batch, kv_heads, groups, q, d], key/value [batch, kv_heads, kv, d] -> like query."""
+  return _masked_attention_fwd(query, key, value, mask, dtype)[0]
+
+
+def _masked_attention_fwd(query, key, value, mask, dtype):
+  scores = jnp.einsum("bkgqd,bksd->bkgqs", query.astype(dtype), key.astype(dtype),
+                      preferred_element_type=jnp.float32)  # [batch, kv_heads, groups, q, kv]
+  scores = jnp.where(mask[:, None, None], scores * (query.shape[-1]**-0.5), NEG_INF)
+  # Softmax with one reciprocal per query row and multiplies ([q, kv] divides cost XLA:CPU more).
+  weights = jnp.exp(scores - scores.max(axis=-1, keepdims=True))
+  probs = (weights * (1.0 / weights.sum(axis=-1, keepdims=True))).astype(dtype)
+  out = jnp.einsum("bkgqs,bksd->bkgqd", probs, value.astype(dtype))
+  return out, (query, key, value, mask, probs, out)
+
+
+def _masked_attention_bwd(dtype, residuals, d_out):
+  """Softmax attention's gradient from the saved probabilities (flash attention's): one
+  [q, kv] elementwise pass, dS = P * (dP - rowsum(dO * O)), instead of autodiff's chain."""
+  query, key, value, mask, probs, out = residuals
+  d_out = d_out.astype(dtype)
+  d_value = jnp.einsum("bkgqs,bkgqd->bksd", probs, d_out, preferred_element_type=jnp.float32)
+  d_probs = jnp.einsum("bkgqd,bksd->bkgqs", d_out, value.astype(dtype),
+                       preferred_element_type=jnp.float32)
+  delta = jnp.sum(d_out.astype(jnp.float32) * out.astype(jnp.float32), axis=-1, keepdims=True)
+  d_scores = jnp.where(mask[:, None, None], probs * (d_probs - delta), 0.0)  # masked: no gradient
+  d_scores = (d_scores * (query.shape[-1]**-0.5)).astype(dtype)
+  d_query = jnp.einsum("bkgqs,bksd->bkgqd", d_scores, key.astype(dtype),
+                       preferred_element_type=jnp.float32)
+  d_key = jnp.einsum("bkgqs,bkgqd->bksd", d_scores, query.astype(dtype),
+                     preferred_element_type=jnp.float32)
+  return (d_query.astype(query.dtype), d_key.astype(key.dtype), d_value.astype(value.dtype), None)
+
+
+_masked_attention.defvjp(_masked_attention_fwd, _masked_attention_bwd)

@@ -3,7 +3,6 @@ from typing import Any
 
 import jax
 import jax.numpy as jnp
-import optax
 
 from mmembed_jax.models.vlm import VisionLanguageModel
 
@@ -22,9 +21,14 @@ def chunked_cross_entropy(model: VisionLanguageModel, params: Any, hidden: jax.A
   def one(carry, xs):
     h, t, w = xs
     logits = model.apply({"params": params}, h, method=VisionLanguageModel.lm_logits)
-    logits = logits.astype(jnp.float32)
-    ce = optax.softmax_cross_entropy_with_integer_labels(logits, t)
-    correct = (jnp.argmax(logits, -1) == t).astype(jnp.float32)
+    logits = logits.astype(jnp.float32)  # [batch, chunk, vocab]
+    # optax's softmax cross-entropy, spelled out so that its max also gives the accuracy: the
+    # target is correct when it holds the largest logit (an argmax is a second, index-carrying
+    # reduction over the vocabulary, which XLA:CPU does element by element).
+    peak = jax.lax.stop_gradient(logits.max(axis=-1))  # [batch, chunk]
+    target = jnp.take_along_axis(logits, t[..., None], axis=-1)[..., 0] - peak
+    ce = jnp.log(jnp.exp(logits - peak[..., None]).sum(axis=-1)) - target
+    correct = (target >= 0).astype(jnp.float32)
     return (carry[0] + jnp.sum(ce * w), carry[1] + jnp.sum(correct * w)), None
 
   def split(x):

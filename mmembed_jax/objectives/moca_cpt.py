@@ -145,6 +145,9 @@ class MocaCpt(Objective):
     # Inputs: <|mask|> for masked text, Gaussian noise for masked patches (normalised space).
     noise_shape = (1, 1, patches.shape[-1]) if self.noise == "shared" else patches.shape
     noise = jax.random.normal(rng, noise_shape, jnp.float32).astype(patches.dtype)
+    # Made once: XLA would otherwise fuse the [1176] draw into the [patches, 1176] select and
+    # redraw it for every patch.
+    noise = jax.lax.optimization_barrier(noise)
     masked_batch = dict(batch, input_ids=jnp.where(mlm_mask, self.mask_token_id, input_ids),
                         pixel_patches=jnp.where(mae_mask[..., None], noise, patches))
     hidden = model.apply({"params": params}, masked_batch,  # [batch, length, embed]
