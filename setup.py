@@ -37,6 +37,10 @@ setup(
         "torch": TORCH + PEFT,
         "tpu": ["libtpu"],
         "tfds": ["tensorflow-datasets"],
-        "test": TORCH + PEFT + VIDEO_ORACLES + ["pytest", "pytest-timeout", "pytest-xdist", "libtpu"],  # libtpu: TPU proofs on CPU
+        "test": TORCH + PEFT + VIDEO_ORACLES + [
+            "pytest", "pytest-timeout", "pytest-xdist",
+            "libtpu",  # TPU proofs on CPU
+            "pytrec-eval-terrier",  # the retrieval scores' oracle
+        ],
     },
 )

@@ -31,6 +31,10 @@ _QUERY_TEMPLATE = flags.DEFINE_string("vidore_query_template", None,
                                       "ViDoRe query template with {text} (default: the module's).")
 _DOCUMENT_TEMPLATE = flags.DEFINE_string("vidore_document_template", None,
                                          "ViDoRe page template with one <image> marker.")
+_SCORING = flags.DEFINE_enum("scoring", "pytrec_eval", ["pytrec_eval", "corpus_order"],
+                             "Document ranking scores: pytrec_eval's conventions (equal scores by "
+                             "document id, judged queries without a relevant document score 0) "
+                             "or corpus order (ties to the earlier row, such queries left out).")
 _OUT = flags.DEFINE_string("out", None, "Write the results as JSON to this file.")
 _BATCH_SIZE = flags.DEFINE_integer("batch_size", 32, "Rows per batch (rounded up to a multiple "
                                    "of the devices).", lower_bound=1)
@@ -56,7 +60,8 @@ def main(argv):
         _MODEL.value, mmeb=_MMEB.value, datasets=_DATASETS.value, image_root=_IMAGE_ROOT.value,
         max_rows=_MAX_ROWS.value, vidore=_VIDORE.value, vidore_datasets=_VIDORE_DATASETS.value,
         query_template=_QUERY_TEMPLATE.value, document_template=_DOCUMENT_TEMPLATE.value,
-        batch_size=_BATCH_SIZE.value, max_length=_MAX_LENGTH.value, dtype=_DTYPE.value)
+        batch_size=_BATCH_SIZE.value, max_length=_MAX_LENGTH.value, dtype=_DTYPE.value,
+        scoring=_SCORING.value)
   except (ValueError, FileNotFoundError) as e:
     print(f"error: {printable(e)}", file=sys.stderr)
     return 2

@@ -14,8 +14,8 @@ def evaluate(model: str, *, mmeb: Optional[str] = None, datasets: Optional[Seque
              image_root: Optional[str] = None, max_rows: Optional[int] = None,
              vidore: Optional[str] = None, vidore_datasets: Optional[Sequence[str]] = None,
              query_template: Optional[str] = None, document_template: Optional[str] = None,
-             batch_size: int = 32, max_length: int = 8192, dtype: Optional[str] = None
-             ) -> Tuple[Dict[str, Any], List[str]]:
+             batch_size: int = 32, max_length: int = 8192, dtype: Optional[str] = None,
+             scoring: str = "pytrec_eval") -> Tuple[Dict[str, Any], List[str]]:
   """(results: {"model", MMEB's "overall"/"per_task"/"per_dataset"/"details", "vidore",
   "throughput"}, the console tables)."""
   from mmembed_jax.embedding import JaxEmbedder  # pylint: disable=g-import-not-at-top
@@ -42,7 +42,7 @@ def evaluate(model: str, *, mmeb: Optional[str] = None, datasets: Optional[Seque
     templates = {k: v for k, v in (("query_template", query_template),
                                    ("document_template", document_template)) if v}
     result["vidore"] = vidore_lib.evaluate_vidore(embed, vidore, mesh, vidore_datasets,
-                                                  **templates)
+                                                  scoring=scoring, **templates)
     tables.append(vidore_lib.format_table(result["vidore"]))
   result["throughput"] = {
       "rows_embedded": counts["rows"], "embed_seconds": counts["seconds"],

@@ -9,9 +9,13 @@ JSONL or Parquet:
 
 The corpus is embedded block by block; each block's embeddings are split over the devices and
 folded into a running top-k per query (`topk.StreamingTopK`), so no device (and no host) ever
-holds the whole corpus's embeddings. Ties rank the earlier corpus row first. NDCG uses linear
-gains and 1/log2(rank + 1) discounts (pytrec_eval, as ViDoRe and MTEB compute it); queries
-without a relevant page are left out and counted. Rows that cannot be read (bad JSON, not UTF-8,
+holds the whole corpus's embeddings. Scores (`scoring`, metrics.py):
+  "pytrec_eval"  as ViDoRe, BEIR and MTEB score (the default): equal scores rank by page id,
+                 descending (the corpus is searched in that order), and a judged query without a
+                 relevant page scores 0 and is averaged in;
+  "corpus_order" equal scores rank the earlier corpus row first, and judged queries without a
+                 relevant page are left out and counted.
+NDCG uses linear gains and 1/log2(rank + 1) discounts either way; scores are kept unrounded. Rows that cannot be read (bad JSON, not UTF-8,
 a missing image, an unreadable Parquet file) or embedded (a truncated image, say) are skipped,
 counted and named by FILE:LINE.
 """
@@ -35,6 +39,7 @@ EmbedFn = Callable[[Sequence[Dict[str, Any]]], Tuple[np.ndarray, Dict[int, str]]
 QUERY_TEMPLATE = "Find a document image that answers the question: {text}"
 DOCUMENT_TEMPLATE = IMAGE_MARKER + "\nRepresent the given document image."
 K_VALUES = (1, 5, 10)
+SCORING = {"pytrec_eval": "score", "corpus_order": "skip"}  # -> metrics' zero_relevant
 TABLES = ("queries", "corpus", "qrels")
 
 
@@ -151,9 +156,11 @@ def search(embed: EmbedFn, queries: Sequence[dict], corpus: Sequence[dict], mesh
 
 def evaluate_vidore(embed: EmbedFn, root: str, mesh: Any, datasets: Optional[Sequence[str]] = None,
                     k_values: Sequence[int] = K_VALUES, query_template: str = QUERY_TEMPLATE,
-                    document_template: str = DOCUMENT_TEMPLATE, block_rows: int = 1024
-                    ) -> Dict[str, Any]:
+                    document_template: str = DOCUMENT_TEMPLATE, block_rows: int = 1024,
+                    scoring: str = "pytrec_eval") -> Dict[str, Any]:
   """{"ndcg_at_5", "per_dataset": {name: {"ndcg_at_K", "recall_at_K", ...}}} of the datasets."""
+  if scoring not in SCORING:
+    raise ValueError(f"scoring must be one of {sorted(SCORING)}, got {scoring!r}")
   found = list_datasets(root)
   names = list(datasets) if datasets else list(found)
   missing = [n for n in names if n not in found]
@@ -165,25 +172,38 @@ def evaluate_vidore(embed: EmbedFn, root: str, mesh: Any, datasets: Optional[Seq
     with tempfile.TemporaryDirectory(prefix="mmembed_vidore_") as image_cache:
       query_ids, queries, corpus_ids, corpus, qrels, bad = read_dataset(
           found[name], query_template, document_template, image_cache)
+      if scoring == "pytrec_eval":  # search in pytrec_eval's order among equal scores
+        order = metrics.official_order(corpus_ids)
+        corpus_ids, corpus = [corpus_ids[i] for i in order], [corpus[i] for i in order]
       _, indices, embedded = search(embed, queries, corpus, mesh, max(k_values), block_rows, bad)
       for line in bad[:5]:
         log.warning("skipped %s", line)
     ranked = {q: [corpus_ids[i] for i in row if i >= 0]
               for q, row, ok in zip(query_ids, indices, embedded) if ok}
-    unknown = sorted(set(qrels) - set(ranked))
-    qrels = {q: rel for q, rel in qrels.items() if q in ranked}  # judged queries that were read
-    scores: Dict[str, Any] = {"queries": int(np.sum(embedded)), "corpus": len(corpus),
-                              "bad_rows": len(bad), "unjudged_or_unread_queries": len(unknown)}
-    for k in k_values:
-      ndcg, recall = metrics.ndcg_at_k(ranked, qrels, k), metrics.recall_at_k(ranked, qrels, k)
-      scores[f"ndcg_at_{k}"], scores[f"recall_at_{k}"] = ndcg.mean, recall.mean
-      scores["skipped_queries"] = ndcg.skipped
-    scores["seconds"] = time.perf_counter() - start
+    scores = score_rankings(ranked, qrels, k_values, scoring)
+    scores.update(queries=int(np.sum(embedded)), corpus=len(corpus), bad_rows=len(bad),
+                  seconds=time.perf_counter() - start)
     per_dataset[name] = scores
     log.info("%s: NDCG@5 %s (%d queries, %d pages, %.1fs)", name, scores.get("ndcg_at_5"),
              len(queries), len(corpus), scores["seconds"])
   key = "ndcg_at_5" if 5 in k_values else f"ndcg_at_{max(k_values)}"
-  return {key: float(np.mean([d[key] for d in per_dataset.values()])), "per_dataset": per_dataset}
+  return {key: float(np.mean([d[key] for d in per_dataset.values()])), "per_dataset": per_dataset,
+          "scoring": scoring}
+
+
+def score_rankings(ranked: Dict[str, List[str]], qrels: Dict[str, Dict[str, int]],
+                   k_values: Sequence[int], scoring: str = "pytrec_eval") -> Dict[str, Any]:
+  """{"ndcg_at_K", "recall_at_K", "skipped_queries", "unjudged_or_unread_queries"} of rankings
+  (queries that were judged but not read or embedded are left out and counted)."""
+  unknown = sorted(set(qrels) - set(ranked))
+  qrels = {q: rel for q, rel in qrels.items() if q in ranked}  # judged queries that were read
+  scores: Dict[str, Any] = {"unjudged_or_unread_queries": len(unknown)}
+  for k in k_values:
+    ndcg = metrics.ndcg_at_k(ranked, qrels, k, SCORING[scoring])
+    scores[f"ndcg_at_{k}"] = ndcg.mean
+    scores[f"recall_at_{k}"] = metrics.recall_at_k(ranked, qrels, k, SCORING[scoring]).mean
+    scores["skipped_queries"] = ndcg.skipped
+  return scores
 
 
 def format_table(result: Dict[str, Any]) -> str:

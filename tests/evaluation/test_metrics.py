@@ -40,14 +40,64 @@ def test_ndcg_several_graded_relevant_documents():
   assert metrics.ndcg_at_k(ranked, qrels, 1).per_query["q1"] == pytest.approx(0.5)
 
 
-def test_recall_k_beyond_the_list_and_skipped_queries():
+def test_recall_k_beyond_the_list_and_queries_without_relevant_documents():
   qrels = {"q1": {"a": 1, "b": 3, "c": 1}, "q2": {"d": 0}, "q3": {"e": 1}}
   ranked = {"q1": ["a", "x", "c"], "q2": ["d"], "q3": ["x", "y"], "q4": ["e"]}
   recall = metrics.recall_at_k(ranked, qrels, 10)  # k longer than the lists
-  assert recall.per_query == {"q1": pytest.approx(2 / 3), "q3": 0.0}
-  assert recall.skipped == 2  # q2 (relevance 0 only) and q4 (unjudged)
-  assert recall.mean == pytest.approx(1 / 3)
+  # pytrec_eval's convention: q2 (judged, relevance 0 only) scores 0; q4 (unjudged) is left out.
+  assert recall.per_query == {"q1": pytest.approx(2 / 3), "q2": 0.0, "q3": 0.0}
+  assert recall.skipped == 1
+  assert recall.mean == pytest.approx(2 / 9)
+  skipping = metrics.recall_at_k(ranked, qrels, 10, zero_relevant="skip")
+  assert skipping.per_query == {"q1": pytest.approx(2 / 3), "q3": 0.0}
+  assert skipping.skipped == 2 and skipping.mean == pytest.approx(1 / 3)
   assert metrics.recall_at_k(ranked, qrels, 1).per_query["q1"] == pytest.approx(1 / 3)
   assert metrics.ndcg_at_k(ranked, qrels, 10).per_query["q3"] == 0.0
   with pytest.raises(ValueError, match="q9"):
     metrics.ndcg_at_k(ranked, dict(qrels, q9={"a": 1}), 5)
+  with pytest.raises(ValueError, match="zero_relevant"):
+    metrics.ndcg_at_k(ranked, qrels, 5, zero_relevant="drop")
+
+
+def test_ndcg_and_recall_equal_pytrec_eval_on_rankings_full_of_ties():
+  """The sharded top-k over a corpus in `official_order`, then our metrics == pytrec_eval on
+  the whole score matrix: scores drawn from 4 values (ties everywhere, also across blocks and
+  devices), ids whose string order is not their numeric order, graded and zero judgements."""
+  import jax  # pylint: disable=g-import-not-at-top
+  import pytrec_eval  # pylint: disable=g-import-not-at-top
+  from mmembed_jax.evaluation import topk, vidore  # pylint: disable=g-import-not-at-top
+  rng = np.random.default_rng(0)
+  docs = [f"{i}" for i in rng.permutation(300)] + [f"page_{c}" for c in "zyxab"]
+  queries = [f"q{i}" for i in range(40)]
+  scores = rng.integers(0, 4, size=(len(queries), len(docs))).astype(np.float64) / 4
+  qrels = {}
+  for q in queries[:-2]:  # two queries unjudged
+    judged = rng.choice(len(docs), size=int(rng.integers(1, 6)), replace=False)
+    qrels[q] = {docs[j]: int(rng.integers(0, 3)) for j in judged}  # some with no relevant doc
+  assert any(not any(r > 0 for r in rel.values()) for rel in qrels.values())
+  measures = {f"{m}_{k}" for m in ("ndcg_cut", "recall") for k in vidore.K_VALUES}
+  oracle = pytrec_eval.RelevanceEvaluator(qrels, measures).evaluate(
+      {q: {d: float(s) for d, s in zip(docs, row)} for q, row in zip(queries, scores)})
+
+  # Our path: the corpus in official order, searched in blocks over every device.
+  order = metrics.official_order(docs)
+  mesh = jax.sharding.Mesh(np.array(jax.devices()), ("devices",))
+  # One-hot query and document vectors reproduce the score matrix exactly as dot products.
+  search = topk.StreamingTopK(mesh, max(vidore.K_VALUES))
+  search.reset(np.eye(len(queries), dtype=np.float32))
+  for start in range(0, len(docs), 64):
+    block = order[start:start + 64]
+    search.update(*topk.shard_block(mesh, scores[:, block].T.astype(np.float32),
+                                    np.arange(start, start + len(block)), rows=64))
+  _, indices = search.result()
+  ranked = {q: [docs[order[i]] for i in row] for q, row in zip(queries, indices)}
+  ours = vidore.score_rankings(ranked, qrels, vidore.K_VALUES)
+  for k in vidore.K_VALUES:
+    for ours_key, measure in ((f"ndcg_at_{k}", f"ndcg_cut_{k}"), (f"recall_at_{k}", f"recall_{k}")):
+      expected = np.mean([per_query[measure] for per_query in oracle.values()])
+      assert ours[ours_key] == pytest.approx(expected, abs=1e-12), ours_key
+  assert len(oracle) == len(qrels) and ours["skipped_queries"] == 2
+  # Corpus order is a different ranking on such ties (the option kept for comparison).
+  plain = {q: [docs[j] for j in np.argsort(-row, kind="stable")[:10]] for q, row in
+           zip(queries, scores)}
+  assert vidore.score_rankings(plain, qrels, (5,))["ndcg_at_5"] != pytest.approx(ours["ndcg_at_5"])

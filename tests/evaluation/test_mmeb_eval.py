@@ -168,15 +168,19 @@ def test_vidore_ndcg_with_graded_and_several_relevant_pages(tmp_path):
   scores = result["per_dataset"]["docs"]
   # q1 ranks p1 (rel 1) then p2 (rel 2): DCG = 1 + 2/log2(3); IDCG = 2 + 1/log2(3).
   q1 = (1 + 2 / np.log2(3)) / (2 + 1 / np.log2(3))
-  # q2 ranks p0 first, then p2 (0.447 of p2's cosine... all others 0): p3 ties p1 at 0, after p1.
-  # Order for q2: p0 (1.0), then p1, p2, p3 at 0 -> p3 at rank 4: DCG = 1/log2(5), IDCG = 1.
-  q2 = 1 / np.log2(5)
+  # q2 ranks p0 first (1.0), then p1, p2, p3 tie at 0: pytrec_eval orders ties by id,
+  # descending, so p3 comes second: DCG = 1/log2(3), IDCG = 1.
+  q2 = 1 / np.log2(3)
   assert scores["ndcg_at_5"] == pytest.approx((q1 + q2) / 2, abs=1e-6)
   assert scores["ndcg_at_1"] == pytest.approx((1 / 2 + 0) / 2, abs=1e-6)
   assert scores["recall_at_1"] == pytest.approx((0.5 + 0) / 2)
   assert scores["recall_at_5"] == pytest.approx(1.0)
   assert scores["bad_rows"] == 1 and scores["corpus"] == 4 and scores["queries"] == 3
   assert result["ndcg_at_5"] == scores["ndcg_at_5"]
+  # Corpus order: the tied p1, p2, p3 keep the corpus's order and p3 comes fourth.
+  corpus_order = vidore.evaluate_vidore(embed, str(root), export_mesh(), k_values=(5,),
+                                        scoring="corpus_order")
+  assert corpus_order["ndcg_at_5"] == pytest.approx((q1 + 1 / np.log2(5)) / 2, abs=1e-6)
   assert "docs" in vidore.format_table(result)
 
 
