@@ -5,7 +5,8 @@ r"""Evaluates an embedding model on MMEB (Precision@1) and ViDoRe-style (NDCG@5)
 
 --model is a Hugging Face directory (e.g. from launch/export_to_pytorch.py) or a training run's
 workdir (its latest checkpoint; or WORKDIR/checkpoints/STEP). Batches are sharded over all
-devices. Prints a table per benchmark; --out writes the JSON ({"overall", "per_task",
+devices; on several hosts (--distributed) each process reads and encodes only the rows of
+its own devices and the first process reports. Prints a table per benchmark; --out writes the JSON ({"overall", "per_task",
 "per_dataset", "details"} for MMEB, under "vidore" for ViDoRe, and the throughput).
 """
 import logging
@@ -14,6 +15,8 @@ import sys
 from absl import app
 from absl import flags
 from absl import logging as absl_logging
+
+from mmembed_jax.parallel import distributed_flags
 
 _MODEL = flags.DEFINE_string("model", None, "HF model directory or training run workdir.")
 _MMEB = flags.DEFINE_string("mmeb", None, "MMEB evaluation directory (NAME.jsonl / NAME.parquet "
@@ -52,6 +55,8 @@ def main(argv):
     raise app.UsageError("give --mmeb and/or --vidore")
   logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(message)s")
   absl_logging.set_verbosity(absl_logging.WARNING)
+  distributed_flags.initialize()
+  import jax  # pylint: disable=g-import-not-at-top
   from mmembed_jax.data.bad_records import printable  # pylint: disable=g-import-not-at-top
   from mmembed_jax.embedding import save_json  # pylint: disable=g-import-not-at-top
   from mmembed_jax.evaluation.evaluate import evaluate  # pylint: disable=g-import-not-at-top
@@ -65,6 +70,12 @@ def main(argv):
   except (ValueError, FileNotFoundError) as e:
     print(f"error: {printable(e)}", file=sys.stderr)
     return 2
+  throughput = result["throughput"]
+  print(f"process {jax.process_index()} of {jax.process_count()} read and encoded "
+        f"{throughput['rows_encoded_here']} of the {throughput['rows_embedded']} rows embedded",
+        file=sys.stderr)
+  if jax.process_index() > 0:  # every process holds the same results; the first one reports
+    return 0
   print("\n".join(tables))
   if _OUT.value:
     save_json(_OUT.value, result)

@@ -18,6 +18,7 @@ from absl import app
 from absl import flags
 
 from mmembed_jax.data.bad_records import printable
+from mmembed_jax.parallel import distributed_flags
 from absl import logging as absl_logging
 
 _CHECKPOINT = flags.DEFINE_string("checkpoint", None, "Training run workdir, or "
@@ -30,13 +31,6 @@ _OVERWRITE = flags.DEFINE_bool("overwrite", False, "Replace --out if it is not e
 _ADAPTERS_ONLY = flags.DEFINE_bool("adapters_only", False, "Write the run's adapters as a peft "
                                    "adapter directory (peft.PeftModel.from_pretrained) instead of "
                                    "the merged model.")
-_DISTRIBUTED = flags.DEFINE_bool("distributed", False,
-                                 "Call jax.distributed.initialize() (multi-host pods).")
-_COORDINATOR = flags.DEFINE_string("coordinator_address", None, "host:port of process 0, for "
-                                   "--distributed off TPU (else auto-detected).")
-_NUM_PROCESSES = flags.DEFINE_integer("num_processes", None, "Processes, with --coordinator_address.")
-_PROCESS_ID = flags.DEFINE_integer("process_id", None, "This process's index, with "
-                                   "--coordinator_address.")
 
 
 def main(argv):
@@ -45,8 +39,7 @@ def main(argv):
     raise app.UsageError(f"unexpected arguments: {argv[1:]}")
   absl_logging.set_verbosity(absl_logging.WARNING)  # Orbax logs every file it reads at INFO
   import jax  # pylint: disable=g-import-not-at-top
-  if _DISTRIBUTED.value:
-    jax.distributed.initialize(_COORDINATOR.value, _NUM_PROCESSES.value, _PROCESS_ID.value)
+  distributed_flags.initialize()
   from mmembed_jax.training import trained_model  # pylint: disable=g-import-not-at-top
   start = time.perf_counter()
   try:

@@ -14,17 +14,11 @@ from absl import logging as absl_logging
 from ml_collections import config_flags
 
 from mmembed_jax.data.bad_records import printable
+from mmembed_jax.parallel import distributed_flags
 
 _CONFIG = config_flags.DEFINE_config_file("config", None, "Recipe config file, e.g. configs/moca.py:size=demo.",
                                           lock_config=True)
 _WORKDIR = flags.DEFINE_string("workdir", None, "Directory for checkpoints, metrics and TensorBoard logs.")
-_DISTRIBUTED = flags.DEFINE_bool("distributed", None,
-                                 "Call jax.distributed.initialize() (default: when on a multi-host TPU).")
-_COORDINATOR = flags.DEFINE_string("coordinator_address", None, "host:port of process 0, for "
-                                   "--distributed off TPU (on TPU it is auto-detected).")
-_NUM_PROCESSES = flags.DEFINE_integer("num_processes", None, "Processes, with --coordinator_address.")
-_PROCESS_ID = flags.DEFINE_integer("process_id", None, "This process's index, with "
-                                   "--coordinator_address.")
 
 
 def _fail(message: str) -> None:
@@ -65,11 +59,7 @@ def main(argv):
   absl_logging.set_verbosity(absl_logging.WARNING)  # Orbax logs every file it writes at INFO
   logging.getLogger("mmembed_jax").setLevel(logging.INFO)  # the root is at WARNING now; ours is not
   import jax  # pylint: disable=g-import-not-at-top
-  distributed = _DISTRIBUTED.value
-  if distributed is None:
-    distributed = bool(os.environ.get("TPU_WORKER_HOSTNAMES", "").count(","))
-  if distributed:
-    jax.distributed.initialize(_COORDINATOR.value, _NUM_PROCESSES.value, _PROCESS_ID.value)
+  distributed_flags.initialize()
   from mmembed_jax.training.summary import run_summary  # pylint: disable=g-import-not-at-top
   from mmembed_jax.training.trainer import NonFiniteLossError, train  # pylint: disable=g-import-not-at-top
   try:

@@ -212,6 +212,7 @@ class JaxEmbedder:
     self.params = params if mesh is not None else jax.device_put(params)  # once, not per call
     self._embed_fn = _shared_embed_fn(config, self.pooling, num_ctokens)
     self.batch_shapes: set = set()  # (batch, length, patches, images) of every batch run so far
+    self.rows_encoded = 0  # rows this process has read and encoded (its share on a pod)
     self.step: Optional[int] = None  # the checkpoint step, for a model read from a training run
 
   @classmethod
@@ -324,12 +325,23 @@ class JaxEmbedder:
     return rows if self.mesh is None else _round_up(rows, self.mesh.size)
 
   def run_batch(self, batch: Mapping[str, np.ndarray]) -> jax.Array:
-    """Starts the model on one collated host batch; returns its embeddings [batch, embed] (async)."""
-    if self.mesh is not None:  # every process holds the whole host batch; rows split over devices
+    """Starts the model on one collated host batch; returns its embeddings [batch, embed] (async).
+
+    With a mesh, only the rows of this process's devices are read from `batch` (on a pod the
+    others may be padding)."""
+    if self.mesh is not None:
       sharding = sharding_lib.batch_sharding(self.mesh)
       batch = {k: jax.make_array_from_callback(v.shape, sharding, lambda index, v=v: v[index])
                for k, v in batch.items()}
     return self._embed_fn(self.params, batch)
+
+  def _local_positions(self, rows_per_batch: int) -> Optional[set]:
+    """Positions in a batch whose rows this process's devices hold; None: all of them."""
+    if self.mesh is None or jax.process_count() == 1:
+      return None
+    indices = sharding_lib.batch_sharding(self.mesh).addressable_devices_indices_map(
+        (rows_per_batch,))
+    return {i for index in indices.values() for i in range(*index[0].indices(rows_per_batch))}
 
   @staticmethod
   def to_host(embeddings: jax.Array) -> np.ndarray:
@@ -352,12 +364,14 @@ class JaxEmbedder:
       for encoded in batches:  # encoding this batch overlaps the device running the previous one
         if progress and bar.disable:
           bar = tqdm.tqdm(total=num_rows, unit="row", desc=desc, dynamic_ncols=True,
-                          smoothing=0.1)
+                          smoothing=0.1, disable=jax.process_index() > 0)
         real = len(encoded)
         encoded = list(encoded) + [padding] * (rows_per_batch - real)
-        length, patches, images = self.batch_dims(encoded)
-        batch = collate_lib.collate(encoded, self.pad_id, length, patches, images)
-        self.batch_shapes.add((rows_per_batch, length, patches, images))
+        dims = self.batch_dims(encoded)
+        if jax.process_count() > 1:  # each process saw its rows only: agree on the largest
+          dims = tuple(int(d) for d in multihost_utils.process_allgather(np.asarray(dims)).max(0))
+        batch = collate_lib.collate(encoded, self.pad_id, *dims)
+        self.batch_shapes.add((rows_per_batch,) + dims)
         result = self.run_batch(batch)  # [rows_per_batch, embed], dispatched async
         if pending is not None:
           outputs.append(self.to_host(pending[0])[:pending[1]])
@@ -375,16 +389,22 @@ class JaxEmbedder:
   def _batches(self, items: Sequence[Tuple[str, Dict[str, Any]]], base_dir: Optional[str],
                rows_per_batch: int, errors: Optional[Dict[int, str]] = None
                ) -> Iterator[List[rows_lib.EncodedRow]]:
-    """Yields encoded batches of (name, row) items, encoding one batch at a time. A row that
-    cannot be encoded raises ValueError naming it, or, with `errors`, is recorded there
-    ({index: why}) and replaced by a padding row."""
+    """Yields encoded batches of (name, row) items, encoding one batch at a time, and of each
+    batch only the rows this process's devices hold (padding elsewhere). A row that cannot be
+    encoded raises ValueError naming it, or, with `errors`, is recorded there ({index: why})
+    and replaced by a padding row."""
     padding = _padding_row(self.pad_id)
+    local = self._local_positions(rows_per_batch)
     for start in range(0, len(items), rows_per_batch):
       batch = []
       for index, (where, row) in enumerate(items[start:start + rows_per_batch], start=start):
+        if local is not None and index - start not in local:
+          batch.append(padding)  # another process reads this row
+          continue
         try:
           batch.append(rows_lib.encode_row(row, self.encoder, self.image_config,
                                            self.max_length, base_dir, where))
+          self.rows_encoded += 1
         except Exception as e:  # pylint: disable=broad-except  # any failure names the row
           if errors is None:
             raise
@@ -393,6 +413,20 @@ class JaxEmbedder:
           batch.append(padding)
       yield batch
 
+  def _embed_named(self, items: Sequence[Tuple[str, Dict[str, Any]]], base_dir: Optional[str],
+                   strict: bool, progress: bool = False, desc: str = "embed"
+                   ) -> Tuple[np.ndarray, Dict[int, str]]:
+    """(embeddings [rows, embed], {row index: why}) with every process's errors; `strict` raises
+    the first error instead (in one process as soon as it is met, on a pod once all have run)."""
+    errors: Optional[Dict[int, str]] = None if strict and jax.process_count() == 1 else {}
+    batches = self._batches(items, base_dir, self._rows_per_batch(len(items)), errors)
+    vectors = self._embed_encoded(batches, len(items), progress, desc)
+    errors = all_processes_errors(errors or {})
+    if strict and errors:
+      raise ValueError(errors[min(errors)])
+    vectors[sorted(errors)] = np.nan
+    return vectors, errors
+
   def embed_items(self, items: Sequence[Tuple[str, Dict[str, Any]]], base_dir: Optional[str] = None,
                   progress: bool = False, desc: str = "embed") -> np.ndarray:
     """Embeds (row name, row) pairs (names go into errors): [rows, embed] float32.
@@ -400,8 +434,7 @@ class JaxEmbedder:
     Every local image file is checked first, so a missing one fails before any compute.
     """
     check_image_files(items, base_dir)
-    batches = self._batches(items, base_dir, self._rows_per_batch(len(items)))
-    return self._embed_encoded(batches, len(items), progress, desc)
+    return self._embed_named(items, base_dir, True, progress, desc)[0]
 
   def embed_rows(self, rows: Sequence[Dict[str, Any]], base_dir: Optional[str] = None,
                  progress: bool = False) -> np.ndarray:
@@ -414,18 +447,30 @@ class JaxEmbedder:
   def try_embed_rows(self, rows: Sequence[Dict[str, Any]], base_dir: Optional[str] = None
                      ) -> Tuple[np.ndarray, Dict[int, str]]:
     """(embeddings [rows, embed], {row index: why}): rows that cannot be encoded (an unreadable
-    image, say) are skipped, not raised; their embeddings are NaN. The evaluators' EmbedFn."""
-    items = _named(rows)
-    errors: Dict[int, str] = {}
-    batches = self._batches(items, base_dir, self._rows_per_batch(len(items)), errors)
-    vectors = self._embed_encoded(batches, len(items), False, "embed")
-    vectors[sorted(errors)] = np.nan
-    return vectors, errors
+    image, say) are skipped, not raised; their embeddings are NaN. The evaluators' EmbedFn.
+
+    On a pod every process passes the same rows, reads and encodes only its devices' share, and
+    gets every row's embedding and every process's errors back."""
+    return self._embed_named(_named(rows), base_dir, False)
 
   def embed_jsonl(self, path: str, progress: bool = True) -> np.ndarray:
     """Embeds every row of a JSONL file (images relative to the file): [rows, embed] float32."""
     items, base_dir = read_jsonl(path)
     return self.embed_items(items, base_dir, progress, desc=os.path.basename(path))
+
+
+def all_processes_errors(errors: Dict[int, str]) -> Dict[int, str]:
+  """{row index: why} merged over every process (each saw only the rows it encoded)."""
+  if jax.process_count() == 1:
+    return errors
+  data = np.frombuffer(json.dumps(sorted(errors.items())).encode(), np.uint8)
+  sizes = multihost_utils.process_allgather(np.asarray([data.size])).reshape(-1)
+  padded = np.zeros(int(sizes.max()), np.uint8)
+  padded[:data.size] = data
+  merged = {}
+  for size, row in zip(sizes, multihost_utils.process_allgather(padded)):
+    merged.update({int(i): why for i, why in json.loads(bytes(row[:size]).decode())})
+  return merged
 
 
 def _named(rows: Sequence[Dict[str, Any]]) -> List[Tuple[str, Dict[str, Any]]]:

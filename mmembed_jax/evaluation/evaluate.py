@@ -45,7 +45,8 @@ def evaluate(model: str, *, mmeb: Optional[str] = None, datasets: Optional[Seque
                                                   scoring=scoring, **templates)
     tables.append(vidore_lib.format_table(result["vidore"]))
   result["throughput"] = {
-      "rows_embedded": counts["rows"], "embed_seconds": counts["seconds"],
+      "rows_embedded": counts["rows"], "rows_encoded_here": embedder.rows_encoded,
+      "embed_seconds": counts["seconds"],
       "rows_per_second": counts["rows"] / max(counts["seconds"], 1e-9),
       "compiled_batch_shapes": len(embedder.batch_shapes), "devices": mesh.size}
   tables.append(f"{counts['rows']} rows embedded in {counts['seconds']:.1f}s "

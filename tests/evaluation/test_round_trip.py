@@ -110,8 +110,7 @@ def test_export_to_pytorch_embeds_and_scores_like_jax(run_dir, sample_sets, tmp_
       assert torch_vidore["per_dataset"][name][key] == pytest.approx(scores[key], abs=1e-9)
 
 
-def test_embed_and_evaluate_from_a_workdir_or_step(run_dir, sample_sets, tmp_path):
-  mmeb_dir, vidore_dir = sample_sets
+def test_embed_from_a_workdir_or_step(run_dir, tmp_path):
   rows = tmp_path / "rows.jsonl"
   rows.write_text('{"text": "a small red circle"}\n{"text": "What is the total?"}\n')
   latest = embed_file(run_dir, str(rows), str(tmp_path / "latest.npy"), progress=False)
@@ -122,15 +121,25 @@ def test_embed_and_evaluate_from_a_workdir_or_step(run_dir, sample_sets, tmp_pat
   with pytest.raises(FileNotFoundError, match="not a training run"):
     trained_model.locate(str(tmp_path))
 
-  # Damaged copies of the sample sets: a truncated query image, a line that is not UTF-8, a
-  # truncated Parquet dataset and a truncated corpus page. Each is skipped, counted and named by
-  # its file and line; the evaluation runs to the end and writes its results.
-  mmeb_dir, vidore_dir = _damaged_copies(mmeb_dir, vidore_dir, tmp_path / "damaged")
-  out = tmp_path / "results.json"
+
+@pytest.fixture(scope="module")
+def damaged_evaluation(run_dir, sample_sets, tmp_path_factory):
+  """launch/evaluate.py in one process (8 devices) on damaged copies of the sample sets: a
+  truncated query image, a line that is not UTF-8, a truncated Parquet dataset and a truncated
+  corpus page. -> (mmeb dir, vidore dir, results JSON, the finished process)."""
+  root = tmp_path_factory.mktemp("damaged")
+  mmeb_dir, vidore_dir = _damaged_copies(*sample_sets, root)
+  out = root / "results.json"
   done = _run("evaluate.py", f"--model={run_dir}", f"--mmeb={mmeb_dir}", f"--vidore={vidore_dir}",
               f"--out={out}", "--batch_size=16")
   assert done.returncode == 0, done.stderr[-3000:]
-  result = json.loads(out.read_text())
+  return mmeb_dir, vidore_dir, json.loads(out.read_text()), done
+
+
+def test_evaluation_skips_counts_and_names_bad_rows(damaged_evaluation):
+  """Each fault is skipped, counted and named by its file and line; the evaluation runs to the
+  end and writes its results."""
+  mmeb_dir, vidore_dir, result, done = damaged_evaluation
   assert set(result) >= {"overall", "per_task", "per_dataset", "details", "vidore", "throughput"}
   assert 0.0 <= result["overall"] <= 1.0 and "ndcg_at_5" in result["vidore"]
   assert result["throughput"]["rows_per_second"] > 0
@@ -148,6 +157,41 @@ def test_embed_and_evaluate_from_a_workdir_or_step(run_dir, sample_sets, tmp_pat
                      (f"{vidore_dir}/document_pages/corpus.jsonl:1: ", "cannot read image 0")):
     assert [line for line in skipped if where in line and why in line], (where, skipped)
   print(done.stdout)
+
+
+def _scores(result):
+  """The results without the timings and per-process counts."""
+  drop = ("throughput", "seconds", "embed_seconds", "rows_per_second")
+  if isinstance(result, dict):
+    return {k: _scores(v) for k, v in result.items() if k not in drop}
+  return result
+
+
+def test_two_process_evaluation_equals_one_process(run_dir, damaged_evaluation, tmp_path):
+  """2 processes x 4 devices: each reads and encodes about half the rows (the other half is
+  padding to it), the bad rows each one met are known to both, and the scores equal the
+  1-process run's exactly."""
+  mmeb_dir, vidore_dir, expected, one = damaged_evaluation
+  port = 20000 + (os.getpid() + 7) % 20000
+  out = tmp_path / "results.json"
+  processes = [_start("evaluate.py", f"--model={run_dir}", f"--mmeb={mmeb_dir}",
+                      f"--vidore={vidore_dir}", f"--out={out}", "--batch_size=16", "--distributed",
+                      f"--coordinator_address=localhost:{port}", "--num_processes=2",
+                      f"--process_id={i}", devices=4) for i in range(2)]
+  outputs = [p.communicate(timeout=900) for p in processes]
+  for process, (_, stderr) in zip(processes, outputs):
+    assert process.returncode == 0, stderr[-3000:]
+  assert _scores(json.loads(out.read_text())) == _scores(expected)
+  total = expected["throughput"]["rows_embedded"]
+  shares = []
+  for _, stderr in [(None, one.stderr)] + outputs:
+    line = [l for l in stderr.splitlines() if "read and encoded" in l][-1]
+    shares.append(int(line.split("read and encoded ")[1].split()[0]))
+  one_process, process_0, process_1 = shares
+  assert process_0 + process_1 == one_process <= total
+  assert 0.35 * total < process_0 < 0.65 * total and 0.35 * total < process_1 < 0.65 * total
+  print(f"rows embedded {total}: one process read {one_process}, two read {process_0} and "
+        f"{process_1}")
 
 
 def _damaged_copies(mmeb_dir, vidore_dir, root):
