@@ -1,7 +1,9 @@
-r"""Evaluates an embedding model on MMEB (Precision@1) and ViDoRe-style (NDCG@5) sets.
+r"""Evaluates an embedding model on MMEB (Precision@1), MMEB-V2 and ViDoRe-style (NDCG@5) sets.
 
   python launch/evaluate.py --model runs/moca_cl --mmeb data/MMEB-eval --image_root data/eval_images \
       [--datasets ImageNet-1K,N24News] [--vidore data/vidore] [--out results.json]
+  python launch/evaluate.py --model runs/moca_cl --mmeb_v2 data/MMEB-V2 [--tasks image,visdoc] \
+      [--mmeb_v2_out results/mmeb_v2]
 
 --model is a Hugging Face directory (e.g. from launch/export_to_pytorch.py) or a training run's
 workdir (its latest checkpoint; or WORKDIR/checkpoints/STEP). Batches are sharded over all
@@ -34,6 +36,12 @@ _QUERY_TEMPLATE = flags.DEFINE_string("vidore_query_template", None,
                                       "ViDoRe query template with {text} (default: the module's).")
 _DOCUMENT_TEMPLATE = flags.DEFINE_string("vidore_document_template", None,
                                          "ViDoRe page template with one <image> marker.")
+_MMEB_V2 = flags.DEFINE_string("mmeb_v2", None, "MMEB-V2 directory (image/, video/, visdoc/ "
+                                "entries named as the leaderboard's tasks).")
+_TASKS = flags.DEFINE_list("tasks", None, "MMEB-V2 tasks: modalities (image, video, visdoc) "
+                           "and/or task names (default: all 78).")
+_MMEB_V2_OUT = flags.DEFINE_string("mmeb_v2_out", None, "Write MMEB-V2's per-task score files "
+                                   "and submission.json (the leaderboard's layout) here.")
 _SCORING = flags.DEFINE_enum("scoring", "pytrec_eval", ["pytrec_eval", "corpus_order"],
                              "Document ranking scores: pytrec_eval's conventions (equal scores by "
                              "document id, judged queries without a relevant document score 0) "
@@ -51,8 +59,8 @@ def main(argv):
   """Runs the evaluations; returns the exit status."""
   if len(argv) > 1:
     raise app.UsageError(f"unexpected arguments: {argv[1:]}")
-  if not (_MMEB.value or _VIDORE.value):
-    raise app.UsageError("give --mmeb and/or --vidore")
+  if not (_MMEB.value or _VIDORE.value or _MMEB_V2.value):
+    raise app.UsageError("give --mmeb, --vidore and/or --mmeb_v2")
   logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(message)s")
   absl_logging.set_verbosity(absl_logging.WARNING)
   distributed_flags.initialize()
@@ -66,7 +74,8 @@ def main(argv):
         max_rows=_MAX_ROWS.value, vidore=_VIDORE.value, vidore_datasets=_VIDORE_DATASETS.value,
         query_template=_QUERY_TEMPLATE.value, document_template=_DOCUMENT_TEMPLATE.value,
         batch_size=_BATCH_SIZE.value, max_length=_MAX_LENGTH.value, dtype=_DTYPE.value,
-        scoring=_SCORING.value)
+        scoring=_SCORING.value, mmeb_v2=_MMEB_V2.value, tasks=_TASKS.value,
+        mmeb_v2_out=_MMEB_V2_OUT.value)
   except (ValueError, FileNotFoundError) as e:
     print(f"error: {printable(e)}", file=sys.stderr)
     return 2

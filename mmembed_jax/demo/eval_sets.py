@@ -2,6 +2,7 @@
 
   write_demo_mmeb("runs/eval/mmeb")      # {dataset: jsonl}, plus meta_tasks.json and images/
   write_demo_vidore("runs/eval/vidore")  # {dataset: directory}
+  write_demo_mmeb_v2("runs/eval/mmeb_v2")  # {task: path}: MMEB-V2 task names and layout
 
 MMEB layout (what `mmembed_jax.evaluation.mmeb` reads), DIR/:
   NAME.jsonl        one row per query: qry_text (instruction included, `<|image_1|>` marks the
@@ -168,32 +169,18 @@ def _grounding(directory: str, seed: int, rows: int) -> List[dict]:
   return out
 
 
-def write_demo_mmeb(directory: str, rows_per_dataset: int = 16, seed: int = 2) -> Dict[str, str]:
-  """Writes (or reuses) the sample MMEB set; returns {dataset: jsonl path}."""
-  params = {"version": _VERSION, "rows_per_dataset": rows_per_dataset, "seed": seed}
-  done = records.finished_build(directory, MMEB_MARKER, params)
-  if done:
-    return {name: path for name, path in done.items() if name in META_TASKS}
-  _start(directory, MMEB_MARKER)
+def _image_sets(directory: str, names: Dict[str, str], seed: int, rows: int) -> Dict[str, str]:
+  """Writes the four image datasets under the given names ({builder's name: name})."""
   outputs = {}
-  for name, build in (("shape_classification", _classification), ("document_vqa", _vqa),
-                      ("caption_retrieval", _retrieval), ("shape_grounding", _grounding)):
-    _write_jsonl(os.path.join(directory, f"{name}.jsonl"), build(directory, seed, rows_per_dataset))
-    outputs[name] = f"{name}.jsonl"
-  with open(os.path.join(directory, "meta_tasks.json"), "w", encoding="utf-8") as f:
-    json.dump(META_TASKS, f, indent=1)
-  return _finish(directory, MMEB_MARKER, params, outputs)
+  for key, build in (("shape_classification", _classification), ("document_vqa", _vqa),
+                     ("caption_retrieval", _retrieval), ("shape_grounding", _grounding)):
+    _write_jsonl(os.path.join(directory, f"{names[key]}.jsonl"), build(directory, seed, rows))
+    outputs[names[key]] = f"{names[key]}.jsonl"
+  return outputs
 
 
-def write_demo_vidore(directory: str, num_pages: int = 24, seed: int = 3) -> Dict[str, str]:
-  """Writes (or reuses) the sample ViDoRe set; returns {dataset: directory}."""
-  params = {"version": _VERSION, "num_pages": num_pages, "seed": seed}
-  done = records.finished_build(directory, VIDORE_MARKER, params)
-  if done:
-    return done
-  _start(directory, VIDORE_MARKER)
-  name = "document_pages"
-  root = os.path.join(directory, name)
+def _document_pages(root: str, num_pages: int, seed: int) -> None:
+  """Writes one BEIR-layout page-retrieval dataset to root (see the module doc)."""
   _start(root, VIDORE_MARKER)
   corpus, queries, qrels = [], [], []
   for i in range(num_pages):
@@ -213,4 +200,55 @@ def write_demo_vidore(directory: str, num_pages: int = 24, seed: int = 3) -> Dic
         qrels.append({"query-id": query_id, "corpus-id": f"page{i:03d}_copy", "score": 1})
   for table, rows in (("corpus", corpus), ("queries", queries), ("qrels", qrels)):
     _write_jsonl(os.path.join(root, f"{table}.jsonl"), rows)
-  return _finish(directory, VIDORE_MARKER, params, {name: name})
+
+
+def write_demo_mmeb(directory: str, rows_per_dataset: int = 16, seed: int = 2) -> Dict[str, str]:
+  """Writes (or reuses) the sample MMEB set; returns {dataset: jsonl path}."""
+  params = {"version": _VERSION, "rows_per_dataset": rows_per_dataset, "seed": seed}
+  done = records.finished_build(directory, MMEB_MARKER, params)
+  if done:
+    return {name: path for name, path in done.items() if name in META_TASKS}
+  _start(directory, MMEB_MARKER)
+  outputs = _image_sets(directory, {name: name for name in META_TASKS}, seed, rows_per_dataset)
+  with open(os.path.join(directory, "meta_tasks.json"), "w", encoding="utf-8") as f:
+    json.dump(META_TASKS, f, indent=1)
+  return _finish(directory, MMEB_MARKER, params, outputs)
+
+
+def write_demo_vidore(directory: str, num_pages: int = 24, seed: int = 3) -> Dict[str, str]:
+  """Writes (or reuses) the sample ViDoRe set; returns {dataset: directory}."""
+  params = {"version": _VERSION, "num_pages": num_pages, "seed": seed}
+  done = records.finished_build(directory, VIDORE_MARKER, params)
+  if done:
+    return done
+  _start(directory, VIDORE_MARKER)
+  _document_pages(os.path.join(directory, "document_pages"), num_pages, seed)
+  return _finish(directory, VIDORE_MARKER, params, {"document_pages": "document_pages"})
+
+
+# The sample MMEB-V2 set: each demo dataset under the name of a task of the same format and
+# meta-task (its rows carry their own instructions, as MMEB-V2's image rows do).
+MMEB_V2_IMAGE = {"shape_classification": "ImageNet-1K", "document_vqa": "DocVQA",
+                 "caption_retrieval": "MSCOCO_t2i", "shape_grounding": "RefCOCO"}
+MMEB_V2_VISDOC = "ViDoRe_docvqa"
+MMEB_V2_MARKER = "DEMO_MMEB_V2_COMPLETE"
+
+
+def write_demo_mmeb_v2(directory: str, rows_per_dataset: int = 16, num_pages: int = 24,
+                       seed: int = 2) -> Dict[str, str]:
+  """Writes (or reuses) the sample MMEB-V2 set (evaluation/mmeb_v2.py's layout: image/NAME.jsonl,
+  visdoc/NAME/): 4 image tasks, one per image meta-task, and 1 document task; returns
+  {task: path}. Video tasks come with the video evaluation."""
+  params = {"version": _VERSION, "rows_per_dataset": rows_per_dataset, "num_pages": num_pages,
+            "seed": seed}
+  done = records.finished_build(directory, MMEB_V2_MARKER, params)
+  if done:
+    return done
+  _start(directory, MMEB_V2_MARKER)
+  image = os.path.join(directory, "image")
+  _start(image, MMEB_V2_MARKER)
+  outputs = {name: f"image/{path}"
+             for name, path in _image_sets(image, MMEB_V2_IMAGE, seed, rows_per_dataset).items()}
+  _document_pages(os.path.join(directory, "visdoc", MMEB_V2_VISDOC), num_pages, seed + 1)
+  outputs[MMEB_V2_VISDOC] = f"visdoc/{MMEB_V2_VISDOC}"
+  return _finish(directory, MMEB_V2_MARKER, params, outputs)

@@ -5,6 +5,8 @@ A dataset is a table (JSONL or Parquet) at DIR/NAME.jsonl, DIR/NAME.parquet or D
 
   qry_text       the query text, instruction included; `<|image_1|>` marks the query image
   qry_inst       optional instruction, put before qry_text (MMEB-V2 style rows)
+  tgt_inst       optional candidate instruction (one string, or one per candidate), put before
+                 each tgt_text
   qry_img_path   the query image ("" or null: none), relative to the image root
   tgt_text       list: one text per candidate (instruction included for image candidates)
   tgt_img_path   list: one image per candidate ("" for text-only candidates)
@@ -93,11 +95,17 @@ def _parse_row(row: dict, image_root: str) -> tuple:
   if texts and images and len(texts) != len(images):
     raise ValueError(f"field 'tgt_text' has {len(texts)} entries but 'tgt_img_path' has "
                      f"{len(images)}; expected one of each per candidate")
+  count = max(len(texts), len(images))
+  instructions = row.get("tgt_inst")
+  instructions = (tables.string_list(row, "tgt_inst") if isinstance(instructions, list)
+                  else [tables.string_field(row, "tgt_inst")] * count)
+  if len(instructions) != count:
+    raise ValueError(f"field 'tgt_inst' has {len(instructions)} entries for {count} candidates")
   candidates = []
-  for k in range(max(len(texts), len(images))):
+  for k in range(count):
     candidate_images = _images(images[k] if images else "", f"tgt_img_path[{k}]", image_root)
-    candidates.append(pairs.make_side(texts[k] if texts else "", candidate_images, "{text}",
-                                      f"tgt_text[{k}]"))
+    text = " ".join(t for t in (instructions[k], texts[k] if texts else "") if t)
+    candidates.append(pairs.make_side(text, candidate_images, "{text}", f"tgt_text[{k}]"))
   return query, candidates
 
 

@@ -10,9 +10,9 @@ import sys
 import numpy as np
 import pytest
 
-from mmembed_jax.demo.eval_sets import write_demo_mmeb, write_demo_vidore
+from mmembed_jax.demo.eval_sets import write_demo_mmeb, write_demo_mmeb_v2, write_demo_vidore
 from mmembed_jax.embedding import JaxEmbedder, embed_file
-from mmembed_jax.evaluation import mmeb, vidore
+from mmembed_jax.evaluation import mmeb, mmeb_v2, vidore
 from mmembed_jax.training import trained_model
 
 ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
@@ -53,11 +53,12 @@ def run_dir(tmp_path_factory, demo_cache):
 
 @pytest.fixture(scope="module")
 def sample_sets(tmp_path_factory):
-  """The sample MMEB and ViDoRe sets (directories)."""
+  """The sample MMEB, ViDoRe and MMEB-V2 sets (directories)."""
   root = tmp_path_factory.mktemp("sample_sets")
   write_demo_mmeb(str(root / "mmeb"))
   write_demo_vidore(str(root / "vidore"))
-  return str(root / "mmeb"), str(root / "vidore")
+  write_demo_mmeb_v2(str(root / "mmeb_v2"))
+  return str(root / "mmeb"), str(root / "vidore"), str(root / "mmeb_v2")
 
 
 class _Recorder:
@@ -75,7 +76,7 @@ class _Recorder:
 
 def test_export_to_pytorch_embeds_and_scores_like_jax(run_dir, sample_sets, tmp_path):
   from mmembed_jax import torch_embed
-  mmeb_dir, vidore_dir = sample_sets
+  mmeb_dir, vidore_dir, mmeb_v2_dir = sample_sets
   jax_embedder = JaxEmbedder.load(run_dir, batch_size=16)
   assert jax_embedder.step == 2 and jax_embedder.mesh.size == 8
   assert (jax_embedder.config.attention, jax_embedder.pooling) == ("bidirectional", "mean")
@@ -109,6 +110,15 @@ def test_export_to_pytorch_embeds_and_scores_like_jax(run_dir, sample_sets, tmp_
     for key in ("ndcg_at_5", "recall_at_5"):
       assert torch_vidore["per_dataset"][name][key] == pytest.approx(scores[key], abs=1e-9)
 
+  jax_v2 = mmeb_v2.evaluate_mmeb_v2(jax_embedder.try_embed_rows, mmeb_v2_dir, jax_embedder.mesh)
+  torch_v2 = mmeb_v2.evaluate_mmeb_v2(lambda rows: (torch_embedder(rows), {}), mmeb_v2_dir,
+                                      jax_embedder.mesh)
+  assert len(jax_v2["per_task"]) == 5
+  for name, scores in jax_v2["per_task"].items():
+    metric = mmeb_v2.TASKS[name].metric
+    assert torch_v2["per_task"][name][metric] == pytest.approx(scores[metric], abs=1e-9), name
+  print(f"MMEB-V2 sample: {mmeb_v2.format_table(jax_v2)}")
+
 
 def test_embed_from_a_workdir_or_step(run_dir, tmp_path):
   rows = tmp_path / "rows.jsonl"
@@ -128,11 +138,15 @@ def damaged_evaluation(run_dir, sample_sets, tmp_path_factory):
   truncated query image, a line that is not UTF-8, a truncated Parquet dataset and a truncated
   corpus page. -> (mmeb dir, vidore dir, results JSON, the finished process)."""
   root = tmp_path_factory.mktemp("damaged")
-  mmeb_dir, vidore_dir = _damaged_copies(*sample_sets, root)
+  mmeb_dir, vidore_dir = _damaged_copies(*sample_sets[:2], root)
   out = root / "results.json"
   done = _run("evaluate.py", f"--model={run_dir}", f"--mmeb={mmeb_dir}", f"--vidore={vidore_dir}",
-              f"--out={out}", "--batch_size=16")
+              f"--mmeb_v2={sample_sets[2]}", f"--mmeb_v2_out={root / 'mmeb_v2'}", f"--out={out}",
+              "--batch_size=16")
   assert done.returncode == 0, done.stderr[-3000:]
+  submission = json.loads((root / "mmeb_v2" / "submission.json").read_text())
+  assert set(submission["metrics"]["image"]) == {"ImageNet-1K", "DocVQA", "MSCOCO_t2i", "RefCOCO"}
+  assert "[overall, 5 of 78 tasks]" in done.stdout
   return mmeb_dir, vidore_dir, json.loads(out.read_text()), done
 
 
@@ -167,7 +181,8 @@ def _scores(result):
   return result
 
 
-def test_two_process_evaluation_equals_one_process(run_dir, damaged_evaluation, tmp_path):
+def test_two_process_evaluation_equals_one_process(run_dir, sample_sets, damaged_evaluation,
+                                                   tmp_path):
   """2 processes x 4 devices: each reads and encodes about half the rows (the other half is
   padding to it), the bad rows each one met are known to both, and the scores equal the
   1-process run's exactly."""
@@ -175,7 +190,8 @@ def test_two_process_evaluation_equals_one_process(run_dir, damaged_evaluation, 
   port = 20000 + (os.getpid() + 7) % 20000
   out = tmp_path / "results.json"
   processes = [_start("evaluate.py", f"--model={run_dir}", f"--mmeb={mmeb_dir}",
-                      f"--vidore={vidore_dir}", f"--out={out}", "--batch_size=16", "--distributed",
+                      f"--vidore={vidore_dir}", f"--mmeb_v2={sample_sets[2]}", f"--out={out}",
+                      "--batch_size=16", "--distributed",
                       f"--coordinator_address=localhost:{port}", "--num_processes=2",
                       f"--process_id={i}", devices=4) for i in range(2)]
   outputs = [p.communicate(timeout=900) for p in processes]
