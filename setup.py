@@ -38,10 +38,12 @@ setup(
         "torch": TORCH + PEFT,
         "tpu": ["libtpu"],
         "tfds": ["tensorflow-datasets"],
+        "mteb": TORCH + ["mteb"],  # evaluation/mteb_bridge.py (torch first: the CPU wheel)
         "test": TORCH + PEFT + VIDEO_ORACLES + [
             "pytest", "pytest-timeout", "pytest-xdist",
             "libtpu",  # TPU proofs on CPU
             "pytrec-eval-terrier",  # the retrieval scores' oracle
+            "mteb",  # evaluation/mteb_bridge.py
         ],
     },
 )

@@ -108,6 +108,11 @@ class TorchEmbedder:
     self.attention, self.pooling, self.num_ctokens = attention, pooling, num_ctokens
     self.max_length, self.batch_size = max_length, batch_size
 
+  @property
+  def dim(self) -> int:
+    """The embedding width (the language model's hidden size)."""
+    return int(self.model.config.text_config.hidden_size)
+
   def __call__(self, rows: Sequence[dict], base_dir: Optional[str] = None) -> np.ndarray:
     """Embeds rows of the row convention; relative image paths resolve against base_dir."""
     encoded = [rows_lib.encode_row(row, self.encoder, self.image_config, self.max_length,
