@@ -30,6 +30,7 @@ from jax.experimental import multihost_utils
 from jax.sharding import Mesh
 
 from mmembed_jax.convert.hf_export import EMBEDDING_FILE
+from mmembed_jax.convert.torch_embed import POOLING_POINTS
 from mmembed_jax.data.bad_records import printable
 from mmembed_jax.data import collate as collate_lib
 from mmembed_jax.data import images as images_lib
@@ -271,12 +272,15 @@ class JaxEmbedder:
     _choice(pooling, POOLINGS, "pooling")
     _choice(dtype, DTYPES, "dtype")
     num_ctokens = compression_token_count(record, record_path)
+    pooling_point = _choice(record.get("pooling_point", "final_norm"), POOLING_POINTS,
+                            f"{record_path}: field 'pooling_point'")
     put = None
     if mesh is not None:
       put = _sharded_put(hf_import.model_config(model_dir, attention=attention, dtype=dtype,
                                                 param_dtype=dtype), mesh)
     config, params = hf_import.import_hf(model_dir, attention=attention, dtype=dtype,
                                          param_dtype=dtype, put=put)
+    config = config.replace(final_norm=pooling_point == "final_norm")
     tokenizer = _load_tokenizer(model_dir)
     preprocessor = root / PREPROCESSOR_FILE
     image_config = (images_lib.ImageProcessingConfig.from_preprocessor_config(preprocessor)

@@ -20,6 +20,10 @@ from mmembed_jax.data import video as video_lib
 from mmembed_jax.data.sequences import SequenceEncoder
 from mmembed_jax.data.special_tokens import compression_tokens
 
+# mmembed.json's pooling_point: pool the decoder's output (after its final RMSNorm, as
+# transformers' last_hidden_state) or the hidden states entering that norm.
+POOLING_POINTS = ("final_norm", "before_final_norm")
+
 
 def _pool(hidden, valid, method: str, num_ctokens: int = 0):
   """hidden [batch, length, embed] (torch) -> L2-normalised [batch, embed] numpy; 'ctoken':
@@ -55,7 +59,7 @@ def _video_items(input_ids: np.ndarray, valid: np.ndarray, grid_thw: np.ndarray,
 
 def forward_hidden(model: Any, input_ids: np.ndarray, valid: np.ndarray, positions: np.ndarray,
                    pixel_values: Optional[np.ndarray], image_grid_thw: Optional[np.ndarray],
-                   attention: str, grad: bool = False):
+                   attention: str, grad: bool = False, final_norm: bool = True):
   """transformers' final hidden states [batch, length, embed] for one padded batch.
 
   input_ids, valid [batch, length]; positions [batch, 3, length]; pixel_values [patches, 1176]
@@ -86,10 +90,17 @@ def forward_hidden(model: Any, input_ids: np.ndarray, valid: np.ndarray, positio
       if chosen.any():
         kwargs[name] = torch.as_tensor(np.asarray(pixel_values)[chosen[item]])
         kwargs[grid_name] = torch.as_tensor(grids[chosen])
-  with torch.set_grad_enabled(grad):
-    out = model.model(input_ids=torch.as_tensor(input_ids).long(), attention_mask=mask,
-                      position_ids=torch.as_tensor(positions).long().permute(1, 0, 2), **kwargs)
-  return out.last_hidden_state
+  before_norm = []  # the final RMSNorm's input, when pooled before it
+  hook = None if final_norm else model.model.language_model.norm.register_forward_pre_hook(
+      lambda module, args: before_norm.append(args[0]))
+  try:
+    with torch.set_grad_enabled(grad):
+      out = model.model(input_ids=torch.as_tensor(input_ids).long(), attention_mask=mask,
+                        position_ids=torch.as_tensor(positions).long().permute(1, 0, 2), **kwargs)
+  finally:
+    if hook is not None:
+      hook.remove()
+  return out.last_hidden_state if final_norm else before_norm[0]
 
 
 class TorchEmbedder:
@@ -97,8 +108,12 @@ class TorchEmbedder:
 
   def __init__(self, model: Any, tokenizer: Any, image_config: images_lib.ImageProcessingConfig,
                attention: str, pooling: str, max_length: int, batch_size: int,
-               num_ctokens: int = 0, video: Optional[dict] = None):
+               num_ctokens: int = 0, video: Optional[dict] = None,
+               pooling_point: str = "final_norm"):
     self.model, self.tokenizer, self.image_config = model, tokenizer, image_config
+    if pooling_point not in POOLING_POINTS:
+      raise ValueError(f"pooling_point must be one of {POOLING_POINTS}, found {pooling_point!r}")
+    self.pooling_point = pooling_point
     hf_config = model.config
     self.encoder = SequenceEncoder(  # the JAX side's encoder
         tokenizer, image_config, suffix_tokens=compression_tokens(num_ctokens),
@@ -132,7 +147,8 @@ class TorchEmbedder:
       grids = [row.grid_thw for row in chunk if row.num_images]
       hidden = forward_hidden(self.model, input_ids, valid, positions,
                               np.concatenate(patches) if patches else None,
-                              np.concatenate(grids) if grids else None, self.attention)
+                              np.concatenate(grids) if grids else None, self.attention,
+                              final_norm=self.pooling_point == "final_norm")
       import torch  # pylint: disable=g-import-not-at-top
       out.append(_pool(hidden, torch.as_tensor(valid), self.pooling, self.num_ctokens))
     return np.concatenate(out)
@@ -178,4 +194,5 @@ def load(export_dir: str, *, attention: Optional[str] = None, pooling: Optional[
                        pooling=pooling or record.get("pooling", "last"),
                        max_length=max_length, batch_size=batch_size,
                        num_ctokens=int(record.get("compression_tokens", 0)),
+                       pooling_point=record.get("pooling_point", "final_norm"),
                        video=record.get("video"))

@@ -103,6 +103,9 @@ class ModelConfig:
   adapter: Optional[AdapterSpec] = None
   # Depth-dependent attention between token regions (CoMa, models/region_mask.py); None = none.
   region_mask: Optional[RegionMask] = None
+  # False: the decoder returns its hidden states before its final RMSNorm (embeddings pooled
+  # there: mmembed.json's pooling_point "before_final_norm"); the LM head always needs True.
+  final_norm: bool = True
 
   def __post_init__(self):
     if self.family not in FAMILIES:

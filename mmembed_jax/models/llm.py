@@ -111,7 +111,8 @@ class DecoderLayer(nn.Module):
 
 
 class TextDecoder(nn.Module):
-  """Input embeddings [batch, length, embed] -> final-normed hidden states [batch, length, embed]."""
+  """Input embeddings [batch, length, embed] -> final-normed hidden states [batch, length, embed]
+  (before the final norm when `config.final_norm` is False)."""
   config: ModelConfig
 
   @nn.compact
@@ -133,5 +134,7 @@ class TextDecoder(nn.Module):
     else:
       for i in range(num_layers):
         x, _ = layer(config, name=f"layers_{i}")(x, cos, sin, mask, segment_ids, above[i])
+    if not config.final_norm:
+      return x
     return RMSNorm(eps=config.text.rms_norm_eps, dtype=dtype_of(config.dtype),
                    param_dtype=dtype_of(config.param_dtype), name="norm")(x)

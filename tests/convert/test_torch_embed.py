@@ -145,3 +145,23 @@ def test_videos_embed_alike_in_jax_and_torch(tiny_hf_dirs, video_row_dir, tmp_pa
   patches, grid = video.preprocess_video(frames, config)
   np.testing.assert_array_equal(np.asarray(out["video_grid_thw"]).reshape(3), grid)
   np.testing.assert_allclose(np.asarray(out["pixel_values_videos"]), patches, atol=1e-5, rtol=0)
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_pooling_before_the_final_norm(family, tiny_hf_dirs, image_dir, jax_embeddings, tmp_path):
+  """mmembed.json's pooling_point: JAX (JaxEmbedder, final_norm=False) and PyTorch (the input
+  of transformers' final RMSNorm) agree, and differ from pooling after the norm (guard)."""
+  from mmembed_jax.embedding import JaxEmbedder  # pylint: disable=g-import-not-at-top
+  export_dir = _export(tiny_hf_dirs[family], str(tmp_path / "export"),
+                       {"attention": "causal", "pooling": "last",
+                        "pooling_point": "before_final_norm"})
+  theirs = torch_embed.load(export_dir, batch_size=BATCH_SIZE)(ROWS, base_dir=image_dir)
+  jax_embedder = JaxEmbedder.from_pretrained(export_dir, max_length=512)
+  assert not jax_embedder.config.final_norm
+  ours = jax_embedder.embed_rows(ROWS, base_dir=image_dir)
+  assert np.abs(theirs - ours).max() <= TOLERANCE
+  after_norm = jax_embeddings(family, "causal", "last")
+  assert np.abs(ours - after_norm).max() > 1e-2
+  with pytest.raises(ValueError, match="pooling_point"):
+    torch_embed.load(_export(tiny_hf_dirs[family], str(tmp_path / "bad"),
+                             {"pooling_point": "middle"}))
