@@ -36,7 +36,7 @@ from mmembed_jax.data import collate as collate_lib
 from mmembed_jax.data import images as images_lib
 from mmembed_jax.data import rows as rows_lib
 from mmembed_jax.data import video as video_lib
-from mmembed_jax.data.sequences import SequenceEncoder
+from mmembed_jax.data.sequences import POSITIONS, VISION_LAYOUTS, SequenceEncoder
 from mmembed_jax.data.special_tokens import compression_tokens
 from mmembed_jax.models import embedder as embedder_lib
 from mmembed_jax.models import inputs
@@ -166,6 +166,14 @@ def save_json(path: str, record: Any) -> str:
   return _write_atomically(path, lambda f: f.write(json.dumps(record, indent=2).encode()))
 
 
+def sequence_layout(record: Mapping[str, Any], where: Any) -> Dict[str, str]:
+  """mmembed.json's vision_tokens and positions (defaults: Qwen's wrapped tokens, M-RoPE)."""
+  return {"vision_tokens": _choice(record.get("vision_tokens", "wrapped"), VISION_LAYOUTS,
+                                   f"{where}: field 'vision_tokens'"),
+          "positions": _choice(record.get("positions", "mrope"), POSITIONS,
+                               f"{where}: field 'positions'")}
+
+
 def compression_token_count(record: Mapping[str, Any], where: Any) -> int:
   """mmembed.json's 'compression_tokens' (0 when absent); ValueError naming the file otherwise."""
   count = record.get("compression_tokens", 0)
@@ -181,7 +189,8 @@ class JaxEmbedder:
                image_config: Optional[images_lib.ImageProcessingConfig] = None, *,
                pooling: str = "last", max_length: int = DEFAULT_MAX_LENGTH,
                batch_size: int = DEFAULT_BATCH_SIZE, mesh: Optional[Mesh] = None,
-               num_ctokens: int = 0, video: Optional[Mapping[str, Any]] = None):
+               num_ctokens: int = 0, video: Optional[Mapping[str, Any]] = None,
+               vision_tokens: str = "wrapped", positions: str = "mrope"):
     """Wraps loaded parts; the model's attention mode and dtype are those of `config`.
 
     mesh: shard every batch's rows over all its devices (params placed as given, e.g. FSDP-sharded
@@ -191,6 +200,8 @@ class JaxEmbedder:
     released CoMa evaluation's "eos" pooling).
     video: how videos are sampled and processed (mmembed.json 'video', data/video.py
     SETTING_FIELDS; None: qwen-vl-utils' and transformers' defaults).
+    vision_tokens, positions: how vision tokens sit in the sequence (mmembed.json's fields of
+    those names, data/sequences.py).
     """
     self.config = config
     self.pooling = _choice(pooling, POOLINGS, "pooling")
@@ -205,7 +216,8 @@ class JaxEmbedder:
     self.encoder = SequenceEncoder(  # shared with training
         tokenizer, self.image_config, suffix_tokens=compression_tokens(num_ctokens),
         video=video_lib.VideoSettings.from_spec(video, config.video_tokens_per_second,
-                                                "mmembed.json video"))
+                                                "mmembed.json video"),
+        vision_tokens=vision_tokens, positions=positions)
     self._check_compatible()
     pad_id = tokenizer.pad_token_id
     self.pad_id = int(pad_id if pad_id is not None else (tokenizer.eos_token_id or 0))
@@ -287,7 +299,7 @@ class JaxEmbedder:
                     if preprocessor.exists() else images_lib.ImageProcessingConfig())
     return cls(config, params, tokenizer, image_config, pooling=pooling, max_length=max_length,
                batch_size=batch_size, mesh=mesh, num_ctokens=num_ctokens,
-               video=record.get("video"))
+               video=record.get("video"), **sequence_layout(record, record_path))
 
   @property
   def dim(self) -> int:

@@ -109,7 +109,8 @@ class TorchEmbedder:
   def __init__(self, model: Any, tokenizer: Any, image_config: images_lib.ImageProcessingConfig,
                attention: str, pooling: str, max_length: int, batch_size: int,
                num_ctokens: int = 0, video: Optional[dict] = None,
-               pooling_point: str = "final_norm"):
+               pooling_point: str = "final_norm", vision_tokens: str = "wrapped",
+               positions: str = "mrope"):
     self.model, self.tokenizer, self.image_config = model, tokenizer, image_config
     if pooling_point not in POOLING_POINTS:
       raise ValueError(f"pooling_point must be one of {POOLING_POINTS}, found {pooling_point!r}")
@@ -119,7 +120,8 @@ class TorchEmbedder:
         tokenizer, image_config, suffix_tokens=compression_tokens(num_ctokens),
         video=video_lib.VideoSettings.from_spec(video, (
             hf_config.vision_config.tokens_per_second
-            if hf_config.model_type == "qwen2_5_vl" else None), "mmembed.json video"))
+            if hf_config.model_type == "qwen2_5_vl" else None), "mmembed.json video"),
+        vision_tokens=vision_tokens, positions=positions)
     self.attention, self.pooling, self.num_ctokens = attention, pooling, num_ctokens
     self.max_length, self.batch_size = max_length, batch_size
 
@@ -195,4 +197,6 @@ def load(export_dir: str, *, attention: Optional[str] = None, pooling: Optional[
                        max_length=max_length, batch_size=batch_size,
                        num_ctokens=int(record.get("compression_tokens", 0)),
                        pooling_point=record.get("pooling_point", "final_norm"),
+                       vision_tokens=record.get("vision_tokens", "wrapped"),
+                       positions=record.get("positions", "mrope"),
                        video=record.get("video"))

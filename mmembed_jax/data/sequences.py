@@ -16,6 +16,16 @@ appearance). Text with media and no marker gets one marker per image, then per v
 (the prepend rule); otherwise markers and media must be equal in number. Text is tokenised piece
 by piece between markers, without special tokens, and may not spell a vision token itself.
 
+How vision items sit in the sequence, and their positions (mmembed.json's `vision_tokens` and
+`positions`, for checkpoints trained another way):
+  vision_tokens "wrapped"  `<|vision_start|>` + pads + `<|vision_end|>` (Qwen's processor; default)
+                "bare"     the pads alone (VLM2Vec writes `<|image_pad|>` without a vision start:
+                           transformers then finds no image to place in M-RoPE and every token
+                           gets the 1-D position of its index), so positions must be "sequential"
+  positions     "mrope"      (t, h, w) positions for vision tokens (`mrope.py`; default)
+                "sequential" every token at its index on all three axes (UNITE's model was called
+                             without position ids)
+
 Budgets and what happens beyond them: `length` tokens (text past it is cut with `cut_text`, else
 the sequence is refused: inference never truncates silently), `max_patches` and `max_images`
 (None: no limit). An image that does not fit what is left is refused, or with `cut_images`
@@ -43,6 +53,8 @@ from mmembed_jax.data.bad_records import BadRecord
 from mmembed_jax.models import inputs
 
 IMAGE_MARKER = "<image>"
+VISION_LAYOUTS = ("wrapped", "bare")  # mmembed.json vision_tokens
+POSITIONS = ("mrope", "sequential")
 VIDEO_MARKER = "<video>"
 _MARKERS = re.compile(f"({re.escape(IMAGE_MARKER)}|{re.escape(VIDEO_MARKER)})")
 VISION_START = "<|vision_start|>"
@@ -102,7 +114,8 @@ class SequenceEncoder:
   def __init__(self, tokenizer: Union[str, Any],
                image_config: Optional[images_lib.ImageProcessingConfig] = None,
                extra_special_tokens: Sequence[str] = (), suffix_tokens: Sequence[str] = (),
-               video: video_lib.VideoSettings = video_lib.VideoSettings()):
+               video: video_lib.VideoSettings = video_lib.VideoSettings(),
+               vision_tokens: str = "wrapped", positions: str = "mrope"):
     """tokenizer: a tokenizer directory (its tokenizer.json, local or gs://) or a loaded
     transformers tokenizer; image_config: the image preprocessing (default: Qwen2-VL's);
     extra_special_tokens: added to the tokenizer when absent, as `data/special_tokens.py` adds
@@ -110,7 +123,15 @@ class SequenceEncoder:
     tokens ending every sequence `encode` makes (CoMa's compression tokens; added too), kept
     when the text is cut; video: frame sampling, the video processor's bounds and the model's
     M-RoPE time scale (`video.VideoSettings`; set its tokens_per_second from `ModelConfig.
-    video_tokens_per_second`)."""
+    video_tokens_per_second`); vision_tokens, positions: see the module docstring."""
+    if vision_tokens not in VISION_LAYOUTS or positions not in POSITIONS:
+      raise ValueError(f"vision_tokens must be one of {VISION_LAYOUTS} and positions one of "
+                       f"{POSITIONS}, found {vision_tokens!r} and {positions!r}")
+    if vision_tokens == "bare" and positions != "sequential":
+      raise ValueError("vision_tokens 'bare' needs positions 'sequential': without a vision start "
+                       "transformers gives every token its 1-D index")
+    self.vision_tokens, self.positions = vision_tokens, positions
+    self._wrap_tokens = 0 if vision_tokens == "bare" else 2  # vision start and end
     self.tokenizer_dir = tokenizer if isinstance(tokenizer, str) else None
     self.image_config = image_config or images_lib.ImageProcessingConfig()
     self.video_config = video.processor_config(self.image_config)
@@ -279,7 +300,8 @@ class SequenceEncoder:
       raise BadRecord(f"an image of grid_thw {[t, h, w]} has {t * h * w} patches, which do not "
                       f"split into merged tokens of merge_size**2 = {merge**2}")
     ids = self.vision_ids
-    return [ids[VISION_START]] + [ids[pad]] * (t * h * w // merge**2) + [ids[VISION_END]]
+    pads = [ids[pad]] * (t * h * w // merge**2)
+    return pads if self.vision_tokens == "bare" else [ids[VISION_START]] + pads + [ids[VISION_END]]
 
   def ids_for_grids(self, text: str, grid_thw: Any) -> np.ndarray:
     """int32 [n]: the token ids of `text` whose images have these grids [k, 3] (not loaded)."""
@@ -325,8 +347,8 @@ class SequenceEncoder:
         detail = ""
         if cut_text and len(ids) + len(span) > length or (
             max_patches is not None and num_patches + image_patches.shape[0] > max_patches):
-          detail = (f"{len(span) - 2} tokens and {image_patches.shape[0]} patches after "
-                    f"{len(ids)} tokens and {num_patches} patches")
+          detail = (f"{len(span) - self._wrap_tokens} tokens and {image_patches.shape[0]} "
+                    f"patches after {len(ids)} tokens and {num_patches} patches")
       if detail:
         if cut_images and k > 0:
           break  # cut before this image's vision start; later images are dropped too
@@ -341,7 +363,7 @@ class SequenceEncoder:
       ids += self.text_ids(pieces[k + 1])
     if len(ids) > length:
       if not cut_text:
-        image_tokens = sum(len(self._vision_span(g)) - 2 for g in grids)
+        image_tokens = sum(len(self._vision_span(g)) - self._wrap_tokens for g in grids)
         detail = f" ({image_tokens} of them image tokens)" if grids else ""
         room = f" less {len(suffix)} suffix tokens" if suffix else ""
         raise BadRecord(f"has {len(ids)} tokens{detail}, more than max_length "
@@ -353,10 +375,13 @@ class SequenceEncoder:
     grid_thw = np.stack(grids).astype(np.int32) if grids else np.zeros((0, 3), np.int32)  # [k, 3]
     pixel_patches = (np.concatenate(patches) if patches
                      else np.zeros((0, inputs.PATCH_DIM), np.float32))  # [p, 1176]
-    positions = mrope.mrope_positions(input_ids, grid_thw, self.vision_ids[IMAGE_PAD],
-                                      self.image_config.merge_size,
-                                      video_token_id=self.vision_ids[VIDEO_PAD],
-                                      time_intervals=intervals)
+    if self.positions == "sequential":
+      positions = np.tile(np.arange(len(input_ids), dtype=np.int32), (3, 1))  # [3, n]
+    else:
+      positions = mrope.mrope_positions(input_ids, grid_thw, self.vision_ids[IMAGE_PAD],
+                                        self.image_config.merge_size,
+                                        video_token_id=self.vision_ids[VIDEO_PAD],
+                                        time_intervals=intervals)
     is_video = np.asarray([m == VIDEO_MARKER for m in markers[:len(grids)]], bool)  # [k]
     return EncodedRow(input_ids, pixel_patches, grid_thw, positions, source,
                       is_video if is_video.any() else None)

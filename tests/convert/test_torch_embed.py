@@ -165,3 +165,46 @@ def test_pooling_before_the_final_norm(family, tiny_hf_dirs, image_dir, jax_embe
   with pytest.raises(ValueError, match="pooling_point"):
     torch_embed.load(_export(tiny_hf_dirs[family], str(tmp_path / "bad"),
                              {"pooling_point": "middle"}))
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_bare_vision_tokens_match_transformers_own_positions(family, tiny_hf_dirs, image_dir,
+                                                             jax_embeddings, tmp_path):
+  """mmembed.json vision_tokens "bare" + positions "sequential" (VLM2Vec's prompts: an image pad
+  without a vision start): JAX equals transformers' Qwen2.5-VL computing the positions itself
+  from such ids (it finds no vision start, so every token gets its index; today's Qwen2-VL
+  class asks for token types instead, so it gets those 1-D positions given), and the exported
+  directory embeds alike in PyTorch; "wrapped" + "sequential" (UNITE's) equals transformers
+  given 1-D positions."""
+  import torch  # pylint: disable=g-import-not-at-top
+  import transformers  # pylint: disable=g-import-not-at-top
+  from mmembed_jax.data.sequences import VISION_START, SequenceEncoder  # pylint: disable=g-import-not-at-top
+  from mmembed_jax.embedding import JaxEmbedder  # pylint: disable=g-import-not-at-top
+  rows = [ROWS[2], ROWS[3]]  # one image; two images between text
+  hf_model = transformers.AutoModel.from_pretrained(tiny_hf_dirs[family]).eval()
+  for vision_tokens in ("bare", "wrapped"):
+    layout = {"vision_tokens": vision_tokens, "positions": "sequential"}
+    export_dir = _export(tiny_hf_dirs[family], str(tmp_path / vision_tokens),
+                         {"attention": "causal", "pooling": "last", **layout})
+    jax_embedder = JaxEmbedder.from_pretrained(export_dir, max_length=512)
+    ours = jax_embedder.embed_rows(rows, base_dir=image_dir)
+    np.testing.assert_allclose(torch_embed.load(export_dir)(rows, base_dir=image_dir), ours,
+                               atol=TOLERANCE, rtol=0)
+    encoder = SequenceEncoder(jax_embedder.tokenizer, jax_embedder.image_config, **layout)
+    for row, vector in zip(rows, ours):
+      encoded = rows_lib.encode_row(row, encoder, jax_embedder.image_config, 512, image_dir)
+      has_start = encoder.vision_ids[VISION_START] in encoded.input_ids
+      assert has_start == (vision_tokens == "wrapped")
+      input_ids = torch.as_tensor(encoded.input_ids[None]).long()
+      positions = None  # Qwen2.5-VL, bare: transformers computes them, finding no image
+      if vision_tokens == "wrapped" or family == "qwen2_vl":  # (its Qwen2-VL wants token types)
+        positions = torch.arange(input_ids.shape[1])[None, None].expand(3, 1, -1)
+      with torch.no_grad():
+        hidden = hf_model(input_ids=input_ids, position_ids=positions,
+                          pixel_values=torch.as_tensor(encoded.patches),
+                          image_grid_thw=torch.as_tensor(encoded.grid_thw)).last_hidden_state
+      theirs = torch.nn.functional.normalize(hidden[0, -1], dim=-1).numpy()
+      assert np.abs(theirs - vector).max() <= TOLERANCE, (vision_tokens, row["text"])
+  wrapped_mrope = jax_embeddings(family, "causal", "last")[2:4]
+  # 1-D positions change the embeddings, by far more than the two sides differ.
+  assert np.abs(ours - wrapped_mrope).max() > 10 * TOLERANCE
