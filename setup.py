@@ -12,7 +12,8 @@ setup(
     version="0.1.0",
     description="JAX/Flax multimodal embedding models (Qwen2-VL / Qwen2.5-VL) for TPU pods.",
     packages=find_packages(include=["mmembed_jax", "mmembed_jax.*"]),
-    package_data={"mmembed_jax.evaluation": ["tables/*.json"]},  # benchmark task tables
+    package_data={"mmembed_jax.evaluation": ["tables/*.json"],  # benchmark task tables
+                  "mmembed_jax.convert": ["profiles.json"]},  # published evaluation protocols
     python_requires=">=3.10",
     install_requires=[
         "jax>=0.7",

@@ -36,6 +36,7 @@ from mmembed_jax.data import collate as collate_lib
 from mmembed_jax.data import images as images_lib
 from mmembed_jax.data import rows as rows_lib
 from mmembed_jax.data import video as video_lib
+from mmembed_jax.data.prompts import PromptFormat
 from mmembed_jax.data.sequences import POSITIONS, VISION_LAYOUTS, SequenceEncoder
 from mmembed_jax.data.special_tokens import compression_tokens
 from mmembed_jax.models import embedder as embedder_lib
@@ -190,7 +191,8 @@ class JaxEmbedder:
                pooling: str = "last", max_length: int = DEFAULT_MAX_LENGTH,
                batch_size: int = DEFAULT_BATCH_SIZE, mesh: Optional[Mesh] = None,
                num_ctokens: int = 0, video: Optional[Mapping[str, Any]] = None,
-               vision_tokens: str = "wrapped", positions: str = "mrope"):
+               vision_tokens: str = "wrapped", positions: str = "mrope",
+               prompt: PromptFormat = PromptFormat()):
     """Wraps loaded parts; the model's attention mode and dtype are those of `config`.
 
     mesh: shard every batch's rows over all its devices (params placed as given, e.g. FSDP-sharded
@@ -201,7 +203,8 @@ class JaxEmbedder:
     video: how videos are sampled and processed (mmembed.json 'video', data/video.py
     SETTING_FIELDS; None: qwen-vl-utils' and transformers' defaults).
     vision_tokens, positions: how vision tokens sit in the sequence (mmembed.json's fields of
-    those names, data/sequences.py).
+    those names, data/sequences.py); prompt: how rows' instructions and texts are rendered
+    (mmembed.json's "prompt", data/prompts.py).
     """
     self.config = config
     self.pooling = _choice(pooling, POOLINGS, "pooling")
@@ -209,6 +212,7 @@ class JaxEmbedder:
       raise ValueError(f"pooling 'ctoken' with {num_ctokens} compression tokens: it averages the "
                        f"compression tokens (mmembed.json 'compression_tokens')")
     self.num_ctokens = num_ctokens
+    self.prompt = prompt
     self.max_length = _positive(max_length, "max_length")
     self.batch_size = _positive(batch_size, "batch_size")
     self.tokenizer = tokenizer
@@ -299,7 +303,8 @@ class JaxEmbedder:
                     if preprocessor.exists() else images_lib.ImageProcessingConfig())
     return cls(config, params, tokenizer, image_config, pooling=pooling, max_length=max_length,
                batch_size=batch_size, mesh=mesh, num_ctokens=num_ctokens,
-               video=record.get("video"), **sequence_layout(record, record_path))
+               video=record.get("video"), **sequence_layout(record, record_path),
+               prompt=PromptFormat.from_record(record.get("prompt"), record_path))
 
   @property
   def dim(self) -> int:
@@ -419,7 +424,7 @@ class JaxEmbedder:
           continue
         try:
           batch.append(rows_lib.encode_row(row, self.encoder, self.image_config,
-                                           self.max_length, base_dir, where))
+                                           self.max_length, base_dir, where, self.prompt))
           self.rows_encoded += 1
         except Exception as e:  # pylint: disable=broad-except  # any failure names the row
           if errors is None:

@@ -17,6 +17,7 @@ import numpy as np
 from mmembed_jax.data import images as images_lib
 from mmembed_jax.data import rows as rows_lib
 from mmembed_jax.data import video as video_lib
+from mmembed_jax.data.prompts import PromptFormat
 from mmembed_jax.data.sequences import SequenceEncoder
 from mmembed_jax.data.special_tokens import compression_tokens
 
@@ -110,7 +111,7 @@ class TorchEmbedder:
                attention: str, pooling: str, max_length: int, batch_size: int,
                num_ctokens: int = 0, video: Optional[dict] = None,
                pooling_point: str = "final_norm", vision_tokens: str = "wrapped",
-               positions: str = "mrope"):
+               positions: str = "mrope", prompt: PromptFormat = PromptFormat()):
     self.model, self.tokenizer, self.image_config = model, tokenizer, image_config
     if pooling_point not in POOLING_POINTS:
       raise ValueError(f"pooling_point must be one of {POOLING_POINTS}, found {pooling_point!r}")
@@ -124,6 +125,7 @@ class TorchEmbedder:
         vision_tokens=vision_tokens, positions=positions)
     self.attention, self.pooling, self.num_ctokens = attention, pooling, num_ctokens
     self.max_length, self.batch_size = max_length, batch_size
+    self.prompt = prompt
 
   @property
   def dim(self) -> int:
@@ -133,7 +135,8 @@ class TorchEmbedder:
   def __call__(self, rows: Sequence[dict], base_dir: Optional[str] = None) -> np.ndarray:
     """Embeds rows of the row convention; relative image paths resolve against base_dir."""
     encoded = [rows_lib.encode_row(row, self.encoder, self.image_config, self.max_length,
-                                   base_dir, where=f"row {i + 1}") for i, row in enumerate(rows)]
+                                   base_dir, f"row {i + 1}", self.prompt)
+               for i, row in enumerate(rows)]
     out = []
     for start in range(0, len(encoded), self.batch_size):
       chunk = encoded[start:start + self.batch_size]
@@ -199,4 +202,5 @@ def load(export_dir: str, *, attention: Optional[str] = None, pooling: Optional[
                        pooling_point=record.get("pooling_point", "final_norm"),
                        vision_tokens=record.get("vision_tokens", "wrapped"),
                        positions=record.get("positions", "mrope"),
+                       prompt=PromptFormat.from_record(record.get("prompt"), record_path),
                        video=record.get("video"))

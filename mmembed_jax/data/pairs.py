@@ -251,13 +251,16 @@ def _videos(value: Any, field: str, roots: Sequence[str], base_dir: str) -> List
 
 
 def make_side(text: str, images: List[Any], template: str, field: str,
-              videos: Sequence[Any] = (), fps: Optional[float] = None) -> Dict[str, Any]:
+              videos: Sequence[Any] = (), fps: Optional[float] = None,
+              prepend: bool = True) -> Dict[str, Any]:
   """{"text", "images"} (+ "videos", "fps" when it has videos): templated, placeholders turned
-  into `<image>`, markers checked."""
+  into `<image>`, markers checked; media without markers get them prepended (`prepend`), or are
+  left to the prompt format and the encoder (a row with an instruction: data/prompts.py)."""
   text = _PLACEHOLDER.sub(IMAGE_MARKER, template.format(text=text))
   markers, video_markers = text.count(IMAGE_MARKER), text.count(VIDEO_MARKER)
   if markers == video_markers == 0 and (images or videos):
-    text = IMAGE_MARKER * len(images) + VIDEO_MARKER * len(videos) + text  # rows.py's rule
+    if prepend:
+      text = IMAGE_MARKER * len(images) + VIDEO_MARKER * len(videos) + text  # rows.py's rule
   elif markers != len(images) or video_markers != len(videos):
     video_detail = (f", and {video_markers} video markers for {len(videos)} videos"
                     if videos or video_markers else "")

@@ -8,7 +8,9 @@ A JSONL file holds one JSON object per line (blank lines are skipped):
   {"text": "<video> a cat jumps", "video": "clips/cat.mp4"}     or "videos": [...]
   {"text": "<video> a cat", "video": ["f0.jpg", "f1.jpg", "f2.jpg"], "fps": 1.0}
 
-Other keys are ignored. "image" (a path or null) and "images" (a list of paths) may not both
+A row may also carry an "instruction" and a "role" ("query", the default, or "candidate"): the
+model's prompt format (data/prompts.py, mmembed.json's "prompt") renders them with the text;
+by default the instruction goes before the text with a space between. Other keys are ignored. "image" (a path or null) and "images" (a list of paths) may not both
 name images; nor may "video" (a video file or a list of frame images) and "videos" (a list of
 those) both name videos; "fps" is the rate of videos given as frame lists (default 2.0). Image paths are relative to the JSONL file's directory unless absolute or URLs
 (e.g. gs://bucket/img.png, read by `mmembed_jax.data.images.load_image`).
@@ -35,6 +37,7 @@ from typing import Any, Dict, List, Optional, Tuple
 import numpy as np
 
 from mmembed_jax.data.bad_records import BadRecord
+from mmembed_jax.data.prompts import ROLES, PromptFormat
 from mmembed_jax.data.sequences import (IMAGE_MARKER, IMAGE_PAD, VIDEO_PAD, VISION_END,
                                         VISION_START, EncodedRow, SequenceEncoder)
 
@@ -90,6 +93,12 @@ def validate_row(row: Any, where: str = "row") -> None:
   fps = row.get("fps")
   if fps is not None and (isinstance(fps, bool) or not isinstance(fps, (int, float)) or fps <= 0):
     raise ValueError(f"{where}: field 'fps' must be a positive number, found {fps!r}")
+  instruction = row.get("instruction")
+  if instruction is not None and not isinstance(instruction, str):
+    raise ValueError(f"{where}: field 'instruction' must be a string, found "
+                     f"{_type_name(instruction)}")
+  if row.get("role", "query") not in ROLES:
+    raise ValueError(f"{where}: field 'role' must be one of {ROLES}, found {row['role']!r}")
 
 
 def _videos(row: Dict[str, Any]) -> List[Any]:
@@ -181,9 +190,11 @@ def tokenize_with_images(text: str, grid_thw: Any, tokenizer: Any, merge_size: i
 
 
 def encode_row(row: Dict[str, Any], tokenizer: Any, image_config: Any, max_length: int,
-               base_dir: Optional[str] = None, where: str = "row") -> EncodedRow:
-  """Encodes one row (loading its images) with the shared SequenceEncoder; raises ValueError
-  naming `where` on any problem. Nothing is truncated: a row over max_length is an error.
+               base_dir: Optional[str] = None, where: str = "row",
+               prompt: PromptFormat = PromptFormat()) -> EncodedRow:
+  """Encodes one row (loading its images) with the shared SequenceEncoder, its text rendered
+  with its instruction by `prompt`; raises ValueError naming `where` on any problem. Nothing is
+  truncated: a row over max_length is an error.
 
   tokenizer: a loaded transformers tokenizer or a tokenizer directory; image_config: a
   `mmembed_jax.data.images.ImageProcessingConfig` (None: its defaults).
@@ -191,9 +202,12 @@ def encode_row(row: Dict[str, Any], tokenizer: Any, image_config: Any, max_lengt
   encoder = tokenizer if isinstance(tokenizer, SequenceEncoder) else SequenceEncoder(
       tokenizer, image_config)
   paths = resolve_image_paths(row, base_dir, where)
+  videos = resolve_video_paths(row, base_dir)
   try:
-    return encoder.encode(row["text"], paths, length=max_length, source=where,
-                          videos=resolve_video_paths(row, base_dir), video_fps=row.get("fps"))
+    text = prompt.render(row["text"], row.get("instruction") or "", row.get("role", "query"),
+                         len(paths), len(videos))
+    return encoder.encode(text, paths, length=max_length, source=where, videos=videos,
+                          video_fps=row.get("fps"))
   except BadRecord as e:
     raise _named(where, e) from None
 

@@ -82,12 +82,10 @@ def _images(value: Any, field: str, image_root: str) -> List[str]:
 
 
 def _parse_row(row: dict, image_root: str) -> tuple:
-  """(query, [candidates]) of one MMEB row; ValueError naming the field."""
-  instruction = tables.string_field(row, "qry_inst")
-  text = tables.string_field(row, "qry_text")
-  query = pairs.make_side(" ".join(t for t in (instruction, text) if t),
-                          _images(row.get("qry_img_path"), "qry_img_path", image_root),
-                          "{text}", "qry_text")
+  """(query, [candidates]) of one MMEB row; ValueError naming the field. An instruction
+  (qry_inst, tgt_inst) rides beside its text for the model's prompt format to place."""
+  query = _side(tables.string_field(row, "qry_text"), tables.string_field(row, "qry_inst"),
+                _images(row.get("qry_img_path"), "qry_img_path", image_root), "qry_text", "query")
   texts = tables.string_list(row, "tgt_text")
   images = tables.string_list(row, "tgt_img_path")
   if not texts and not images:
@@ -104,9 +102,18 @@ def _parse_row(row: dict, image_root: str) -> tuple:
   candidates = []
   for k in range(count):
     candidate_images = _images(images[k] if images else "", f"tgt_img_path[{k}]", image_root)
-    text = " ".join(t for t in (instructions[k], texts[k] if texts else "") if t)
-    candidates.append(pairs.make_side(text, candidate_images, "{text}", f"tgt_text[{k}]"))
+    candidates.append(_side(texts[k] if texts else "", instructions[k], candidate_images,
+                            f"tgt_text[{k}]", "candidate"))
   return query, candidates
+
+
+def _side(text: str, instruction: str, images: List[str], field: str, role: str) -> dict:
+  """One query or candidate row: without an instruction as it always was (markers prepended),
+  with one as {"text", "instruction", "role"} for the prompt format."""
+  if not instruction:
+    return pairs.make_side(text, images, "{text}", field)
+  return dict(pairs.make_side(text, images, "{text}", field, prepend=False),
+              instruction=instruction, role=role)
 
 
 def read_dataset(name: str, path: str, image_root: str, meta_task: str,
@@ -127,7 +134,7 @@ def read_dataset(name: str, path: str, image_root: str, meta_task: str,
         continue
       ids = []
       for k, candidate in enumerate(candidates):
-        key = (candidate["text"], tuple(candidate["images"]))
+        key = (candidate["text"], candidate.get("instruction"), tuple(candidate["images"]))
         if key not in keys:
           keys[key] = len(dataset.candidates)
           dataset.candidates.append(dict(candidate, where=f"{where}: candidate {k}"))

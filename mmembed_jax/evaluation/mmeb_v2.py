@@ -34,7 +34,6 @@ from typing import Any, Dict, List, Optional, Sequence, Union
 import numpy as np
 from etils import epath
 
-from mmembed_jax.data.rows import IMAGE_MARKER
 from mmembed_jax.evaluation import mmeb, vidore
 
 log = logging.getLogger(__name__)
@@ -121,10 +120,9 @@ def _image_task(embed: vidore.EmbedFn, task: Task, path: str, image_root: str,
 
 def _document_task(embed: vidore.EmbedFn, task: Task, path: str, mesh: Any,
                    scoring: str) -> Dict[str, Any]:
-  templates = dict(query_template=f"{task.query_instruction} {{text}}",
-                   document_template=f"{IMAGE_MARKER} {task.candidate_instruction}")
-  result = vidore.evaluate_vidore(embed, os.path.dirname(path), mesh, [os.path.basename(path)],
-                                  k_values=(1, 5, 10), scoring=scoring, **templates)
+  result = vidore.evaluate_vidore(
+      embed, os.path.dirname(path), mesh, [os.path.basename(path)], k_values=(1, 5, 10),
+      scoring=scoring, instructions=(task.query_instruction, task.candidate_instruction))
   scores = result["per_dataset"][os.path.basename(path)]
   out = {f"{name}@{k}": scores[f"{name}_at_{k}"] for name in ("ndcg", "recall") for k in (1, 5, 10)}
   out = {k.replace("ndcg@", "ndcg_linear@"): v for k, v in out.items()}

@@ -103,10 +103,12 @@ def _image_file(value: Any, directory: str, image_cache: str, index: int) -> str
   return path
 
 
-def read_dataset(directory: str, query_template: str, document_template: str, image_cache: str
+def read_dataset(directory: str, query_template: str, document_template: str, image_cache: str,
+                 instructions: Optional[Tuple[str, str]] = None
                  ) -> Tuple[List[str], List[dict], List[str], List[dict], Dict, List[str]]:
   """(query ids, query rows, corpus ids, corpus rows, qrels, bad rows) of one dataset; images
-  stored in the corpus table itself are written to image_cache."""
+  stored in the corpus table itself are written to image_cache. instructions: (query's, page's)
+  carried beside the rows' texts for the model's prompt format, instead of the templates."""
   bad: List[str] = []
   query_ids, queries = [], []
   for where, row, error in tables.read_table(tables.find_table(directory, "queries")):
@@ -117,7 +119,11 @@ def read_dataset(directory: str, query_template: str, document_template: str, im
       if not text:
         raise ValueError("field 'query' is empty")
       query_ids.append(tables.string_field(row, "query-id"))
-      queries.append({"text": query_template.format(text=text), "images": [], "where": where})
+      if instructions:
+        queries.append({"text": text, "instruction": instructions[0], "role": "query",
+                        "images": [], "where": where})
+      else:
+        queries.append({"text": query_template.format(text=text), "images": [], "where": where})
     except ValueError as e:
       bad.append(f"{where}: {e}")
   corpus_ids, corpus = [], []
@@ -127,7 +133,11 @@ def read_dataset(directory: str, query_template: str, document_template: str, im
         raise ValueError(error)
       path = _image_file(row.get("image"), directory, image_cache, len(corpus))
       corpus_ids.append(tables.string_field(row, "corpus-id"))
-      corpus.append({"text": document_template, "images": [path], "where": where})
+      if instructions:
+        corpus.append({"text": "", "instruction": instructions[1], "role": "candidate",
+                       "images": [path], "where": where})
+      else:
+        corpus.append({"text": document_template, "images": [path], "where": where})
     except ValueError as e:
       bad.append(f"{where}: {e}")
   return query_ids, queries, corpus_ids, corpus, _read_qrels(directory, bad), bad
@@ -157,8 +167,10 @@ def search(embed: EmbedFn, queries: Sequence[dict], corpus: Sequence[dict], mesh
 def evaluate_vidore(embed: EmbedFn, root: str, mesh: Any, datasets: Optional[Sequence[str]] = None,
                     k_values: Sequence[int] = K_VALUES, query_template: str = QUERY_TEMPLATE,
                     document_template: str = DOCUMENT_TEMPLATE, block_rows: int = 1024,
-                    scoring: str = "pytrec_eval") -> Dict[str, Any]:
-  """{"ndcg_at_5", "per_dataset": {name: {"ndcg_at_K", "recall_at_K", ...}}} of the datasets."""
+                    scoring: str = "pytrec_eval", instructions: Optional[Tuple[str, str]] = None
+                    ) -> Dict[str, Any]:
+  """{"ndcg_at_5", "per_dataset": {name: {"ndcg_at_K", "recall_at_K", ...}}} of the datasets
+  (instructions: see `read_dataset`)."""
   if scoring not in SCORING:
     raise ValueError(f"scoring must be one of {sorted(SCORING)}, got {scoring!r}")
   found = list_datasets(root)
@@ -171,7 +183,7 @@ def evaluate_vidore(embed: EmbedFn, root: str, mesh: Any, datasets: Optional[Seq
     start = time.perf_counter()
     with tempfile.TemporaryDirectory(prefix="mmembed_vidore_") as image_cache:
       query_ids, queries, corpus_ids, corpus, qrels, bad = read_dataset(
-          found[name], query_template, document_template, image_cache)
+          found[name], query_template, document_template, image_cache, instructions)
       if scoring == "pytrec_eval":  # search in pytrec_eval's order among equal scores
         order = metrics.official_order(corpus_ids)
         corpus_ids, corpus = [corpus_ids[i] for i in order], [corpus[i] for i in order]

@@ -10,6 +10,7 @@ import os
 import numpy as np
 import pytest
 
+from mmembed_jax.data.prompts import PromptFormat
 from mmembed_jax.evaluation import mmeb, vidore
 
 DIM = 16
@@ -88,7 +89,13 @@ def test_mmeb_scores_dedups_and_skips_bad_rows(mmeb_dir, caplog):
   assert result["per_task"] == {"classification": 0.5, "retrieval": 0.5}
   assert result["overall"] == 0.5
   texts = [row["text"] for row in embed.rows]
-  assert texts.count("cat #1") == 1 and "Find the image #4" in texts
+  assert texts.count("cat #1") == 1
+  # An MMEB-V2 style row keeps its instruction beside its text, for the model's prompt format;
+  # the default format renders them as before: instruction, a space, the text.
+  [instructed] = [row for row in embed.rows if row.get("instruction")]
+  assert (instructed["text"], instructed["instruction"], instructed["role"]) == (
+      "#4", "Find the image", "query")
+  assert PromptFormat().render(instructed["text"], instructed["instruction"]) == "Find the image #4"
   assert "<image> classify #1" in texts  # <|image_1|> became the model's marker
   bad = "\n".join(r.getMessage() for r in caplog.records)
   assert "ImageNet-1K.jsonl:5" in bad and "ImageNet-1K.jsonl:6" in bad and "missing.png" in bad
