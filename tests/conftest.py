@@ -26,10 +26,11 @@ import jax  # noqa: E402,F401  pylint: disable=wrong-import-position,unused-impo
 TESTS = os.path.dirname(os.path.abspath(__file__))
 # The files that run recipes in subprocesses for a minute or more, costliest first: they start
 # first, so that pytest-xdist's two workers end together on the short tests.
-FIRST = ("recipes/test_contrastive_demos.py", "training/test_multihost.py",
-         "recipes/test_fault_injection.py", "training/test_adapter_runs.py",
-         "recipes/test_coma_demo.py", "training/test_checkpoint_resume.py",
-         "recipes/test_moca_demo.py", "evaluation/test_round_trip.py")
+FIRST = ("recipes/test_contrastive_demos.py", "evaluation/test_round_trip.py",
+         "training/test_multihost.py", "recipes/test_fault_injection.py",
+         "training/test_adapter_runs.py", "recipes/test_coma_demo.py",
+         "training/test_checkpoint_resume.py", "recipes/test_moca_demo.py",
+         "convert/test_profiles.py", "convert/test_torch_embed.py")
 
 
 def pytest_configure(config):

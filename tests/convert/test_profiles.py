@@ -14,6 +14,7 @@ from mmembed_jax.convert.hf_import import import_hf
 from mmembed_jax.data.prompts import PromptFormat
 from mmembed_jax.training.trained_model import export_mesh
 
+TASKS = ["ImageNet-1K", "MSCOCO_t2i"]  # of the sample set: a classification and a retrieval
 FAMILY = {"vlm2vec_v1": "qwen2_vl", "vlm2vec_v2": "qwen2_vl", "unite": "qwen2_vl",
           "moca": "qwen2_5_vl", "coma": "qwen2_5_vl"}
 ROWS = [{"text": "a red circle", "instruction": "Find it:"},
@@ -70,9 +71,9 @@ def test_profile_embeds_the_hand_built_input(name, tiny_hf_dirs, video_row_dir, 
   write_demo_mmeb_v2(sample, rows_per_dataset=4, num_pages=4)
   embedder.prompt = PromptFormat.from_record(mmembed["prompt"])
   torch_embedder = torch_embed.load(model_dir, max_length=4096)
-  jax_result = mmeb_v2.evaluate_mmeb_v2(embedder.try_embed_rows, sample, export_mesh())
+  jax_result = mmeb_v2.evaluate_mmeb_v2(embedder.try_embed_rows, sample, export_mesh(), TASKS)
   torch_result = mmeb_v2.evaluate_mmeb_v2(lambda rows: (torch_embedder(rows), {}), sample,
-                                          export_mesh())
+                                          export_mesh(), TASKS)
   for task, scores in jax_result["per_task"].items():
     metric = mmeb_v2.TASKS[task].metric
     assert torch_result["per_task"][task][metric] == pytest.approx(scores[metric], abs=1e-9)
