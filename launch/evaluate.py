@@ -7,9 +7,10 @@ r"""Evaluates an embedding model on MMEB (Precision@1), MMEB-V2 and ViDoRe-style
 
 --model is a Hugging Face directory (e.g. from launch/export_to_pytorch.py) or a training run's
 workdir (its latest checkpoint; or WORKDIR/checkpoints/STEP). Batches are sharded over all
-devices; on several hosts (--distributed) each process reads and encodes only the rows of
-its own devices and the first process reports. Prints a table per benchmark; --out writes the JSON ({"overall", "per_task",
-"per_dataset", "details"} for MMEB, under "vidore" for ViDoRe, and the throughput).
+devices; on several hosts (--distributed) each process reads and encodes only the rows of its
+own devices and the first process reports. Prints a table per benchmark; --out writes the JSON
+({"overall", "per_task", "per_dataset", "details"} for MMEB, under "vidore" for ViDoRe, under
+"mmeb_v2" for MMEB-V2, and the throughput).
 """
 import logging
 import sys

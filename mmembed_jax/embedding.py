@@ -30,14 +30,14 @@ from jax.experimental import multihost_utils
 from jax.sharding import Mesh
 
 from mmembed_jax.convert.hf_export import EMBEDDING_FILE
-from mmembed_jax.convert.torch_embed import POOLING_POINTS
 from mmembed_jax.data.bad_records import printable
 from mmembed_jax.data import collate as collate_lib
 from mmembed_jax.data import images as images_lib
 from mmembed_jax.data import rows as rows_lib
 from mmembed_jax.data import video as video_lib
+from mmembed_jax.data.conventions import read_conventions
 from mmembed_jax.data.prompts import PromptFormat
-from mmembed_jax.data.sequences import POSITIONS, VISION_LAYOUTS, SequenceEncoder
+from mmembed_jax.data.sequences import SequenceEncoder
 from mmembed_jax.data.special_tokens import compression_tokens
 from mmembed_jax.models import embedder as embedder_lib
 from mmembed_jax.models import inputs
@@ -167,14 +167,6 @@ def save_json(path: str, record: Any) -> str:
   return _write_atomically(path, lambda f: f.write(json.dumps(record, indent=2).encode()))
 
 
-def sequence_layout(record: Mapping[str, Any], where: Any) -> Dict[str, str]:
-  """mmembed.json's vision_tokens and positions (defaults: Qwen's wrapped tokens, M-RoPE)."""
-  return {"vision_tokens": _choice(record.get("vision_tokens", "wrapped"), VISION_LAYOUTS,
-                                   f"{where}: field 'vision_tokens'"),
-          "positions": _choice(record.get("positions", "mrope"), POSITIONS,
-                               f"{where}: field 'positions'")}
-
-
 def compression_token_count(record: Mapping[str, Any], where: Any) -> int:
   """mmembed.json's 'compression_tokens' (0 when absent); ValueError naming the file otherwise."""
   count = record.get("compression_tokens", 0)
@@ -288,8 +280,8 @@ class JaxEmbedder:
     _choice(pooling, POOLINGS, "pooling")
     _choice(dtype, DTYPES, "dtype")
     num_ctokens = compression_token_count(record, record_path)
-    pooling_point = _choice(record.get("pooling_point", "final_norm"), POOLING_POINTS,
-                            f"{record_path}: field 'pooling_point'")
+    conventions = read_conventions(record, record_path)
+    pooling_point = conventions.pop("pooling_point")
     put = None
     if mesh is not None:
       put = _sharded_put(hf_import.model_config(model_dir, attention=attention, dtype=dtype,
@@ -303,8 +295,7 @@ class JaxEmbedder:
                     if preprocessor.exists() else images_lib.ImageProcessingConfig())
     return cls(config, params, tokenizer, image_config, pooling=pooling, max_length=max_length,
                batch_size=batch_size, mesh=mesh, num_ctokens=num_ctokens,
-               video=record.get("video"), **sequence_layout(record, record_path),
-               prompt=PromptFormat.from_record(record.get("prompt"), record_path))
+               video=record.get("video"), **conventions)
 
   @property
   def dim(self) -> int:

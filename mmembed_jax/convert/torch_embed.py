@@ -17,13 +17,10 @@ import numpy as np
 from mmembed_jax.data import images as images_lib
 from mmembed_jax.data import rows as rows_lib
 from mmembed_jax.data import video as video_lib
+from mmembed_jax.data.conventions import read_conventions
 from mmembed_jax.data.prompts import PromptFormat
 from mmembed_jax.data.sequences import SequenceEncoder
 from mmembed_jax.data.special_tokens import compression_tokens
-
-# mmembed.json's pooling_point: pool the decoder's output (after its final RMSNorm, as
-# transformers' last_hidden_state) or the hidden states entering that norm.
-POOLING_POINTS = ("final_norm", "before_final_norm")
 
 
 def _pool(hidden, valid, method: str, num_ctokens: int = 0):
@@ -113,9 +110,7 @@ class TorchEmbedder:
                pooling_point: str = "final_norm", vision_tokens: str = "wrapped",
                positions: str = "mrope", prompt: PromptFormat = PromptFormat()):
     self.model, self.tokenizer, self.image_config = model, tokenizer, image_config
-    if pooling_point not in POOLING_POINTS:
-      raise ValueError(f"pooling_point must be one of {POOLING_POINTS}, found {pooling_point!r}")
-    self.pooling_point = pooling_point
+    self.pooling_point = pooling_point  # data/conventions.py
     hf_config = model.config
     self.encoder = SequenceEncoder(  # the JAX side's encoder
         tokenizer, image_config, suffix_tokens=compression_tokens(num_ctokens),
@@ -199,8 +194,5 @@ def load(export_dir: str, *, attention: Optional[str] = None, pooling: Optional[
                        pooling=pooling or record.get("pooling", "last"),
                        max_length=max_length, batch_size=batch_size,
                        num_ctokens=int(record.get("compression_tokens", 0)),
-                       pooling_point=record.get("pooling_point", "final_norm"),
-                       vision_tokens=record.get("vision_tokens", "wrapped"),
-                       positions=record.get("positions", "mrope"),
-                       prompt=PromptFormat.from_record(record.get("prompt"), record_path),
+                       **read_conventions(record, record_path),
                        video=record.get("video"))

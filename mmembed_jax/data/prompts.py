@@ -22,7 +22,7 @@ user turn unless the text places them.
 """
 import dataclasses
 import re
-from typing import Any, Dict, Mapping, Optional
+from typing import Any, Mapping, Optional
 
 from mmembed_jax.data.sequences import IMAGE_MARKER, VIDEO_MARKER
 
@@ -72,10 +72,6 @@ class PromptFormat:
       return cls(**record)
     except ValueError as e:
       raise ValueError(f"{where}: {e}") from None
-
-  def to_record(self) -> Dict[str, Any]:
-    """The JSON object mmembed.json stores."""
-    return dataclasses.asdict(self)
 
   def render(self, text: str, instruction: str = "", role: str = "query", num_images: int = 0,
              num_videos: int = 0) -> str:

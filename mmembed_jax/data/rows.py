@@ -10,7 +10,8 @@ A JSONL file holds one JSON object per line (blank lines are skipped):
 
 A row may also carry an "instruction" and a "role" ("query", the default, or "candidate"): the
 model's prompt format (data/prompts.py, mmembed.json's "prompt") renders them with the text;
-by default the instruction goes before the text with a space between. Other keys are ignored. "image" (a path or null) and "images" (a list of paths) may not both
+by default the instruction goes before the text with a space between. Other keys are ignored.
+"image" (a path or null) and "images" (a list of paths) may not both
 name images; nor may "video" (a video file or a list of frame images) and "videos" (a list of
 those) both name videos; "fps" is the rate of videos given as frame lists (default 2.0). Image paths are relative to the JSONL file's directory unless absolute or URLs
 (e.g. gs://bucket/img.png, read by `mmembed_jax.data.images.load_image`).

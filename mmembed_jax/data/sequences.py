@@ -131,7 +131,6 @@ class SequenceEncoder:
       raise ValueError("vision_tokens 'bare' needs positions 'sequential': without a vision start "
                        "transformers gives every token its 1-D index")
     self.vision_tokens, self.positions = vision_tokens, positions
-    self._wrap_tokens = 0 if vision_tokens == "bare" else 2  # vision start and end
     self.tokenizer_dir = tokenizer if isinstance(tokenizer, str) else None
     self.image_config = image_config or images_lib.ImageProcessingConfig()
     self.video_config = video.processor_config(self.image_config)
@@ -322,6 +321,7 @@ class SequenceEncoder:
     images, videos = list(images), list(videos)
     suffix = self.extra_ids(self.suffix_tokens)
     length -= len(suffix)
+    merge = self.image_config.merge_size
     pieces, markers = self._pieces(text, len(images), len(videos))
     media = iter(images)
     clips = iter(videos)
@@ -347,7 +347,7 @@ class SequenceEncoder:
         detail = ""
         if cut_text and len(ids) + len(span) > length or (
             max_patches is not None and num_patches + image_patches.shape[0] > max_patches):
-          detail = (f"{len(span) - self._wrap_tokens} tokens and {image_patches.shape[0]} "
+          detail = (f"{image_patches.shape[0] // merge**2} tokens and {image_patches.shape[0]} "
                     f"patches after {len(ids)} tokens and {num_patches} patches")
       if detail:
         if cut_images and k > 0:
@@ -363,7 +363,7 @@ class SequenceEncoder:
       ids += self.text_ids(pieces[k + 1])
     if len(ids) > length:
       if not cut_text:
-        image_tokens = sum(len(self._vision_span(g)) - self._wrap_tokens for g in grids)
+        image_tokens = sum(int(np.prod(g)) // merge**2 for g in grids)
         detail = f" ({image_tokens} of them image tokens)" if grids else ""
         room = f" less {len(suffix)} suffix tokens" if suffix else ""
         raise BadRecord(f"has {len(ids)} tokens{detail}, more than max_length "

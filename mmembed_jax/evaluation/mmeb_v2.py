@@ -114,8 +114,7 @@ def _image_task(embed: vidore.EmbedFn, task: Task, path: str, image_root: str,
   for bad in dataset.bad_rows[:5]:
     log.warning("skipped %s", bad)
   return {"hit@1": result["precision_at_1"], "num_pred": result["rows"],
-          "num_data": result["rows"] + result["bad_rows"], "bad_rows": result["bad_rows"],
-          "seconds": result["seconds"]}
+          "num_data": result["rows"] + result["bad_rows"], "bad_rows": result["bad_rows"]}
 
 
 def _document_task(embed: vidore.EmbedFn, task: Task, path: str, mesh: Any,
@@ -124,10 +123,10 @@ def _document_task(embed: vidore.EmbedFn, task: Task, path: str, mesh: Any,
       embed, os.path.dirname(path), mesh, [os.path.basename(path)], k_values=(1, 5, 10),
       scoring=scoring, instructions=(task.query_instruction, task.candidate_instruction))
   scores = result["per_dataset"][os.path.basename(path)]
-  out = {f"{name}@{k}": scores[f"{name}_at_{k}"] for name in ("ndcg", "recall") for k in (1, 5, 10)}
-  out = {k.replace("ndcg@", "ndcg_linear@"): v for k, v in out.items()}
+  out = {f"{metric}@{k}": scores[f"{name}_at_{k}"] for k in (1, 5, 10)
+         for name, metric in (("ndcg", "ndcg_linear"), ("recall", "recall"))}
   out.update(num_pred=scores["queries"], num_data=scores["queries"] + scores["bad_rows"],
-             bad_rows=scores["bad_rows"], seconds=scores["seconds"])
+             bad_rows=scores["bad_rows"])
   return out
 
 

@@ -84,7 +84,8 @@ class MtebEncoder(AbsEncoder):
           text = self.query_template.format(instruction=instruction, text=text)
         out.append({"text": text, "images": []})
         continue
-      path = os.path.join(image_dir, f"{len(os.listdir(image_dir)):06d}.png")
+      handle, path = tempfile.mkstemp(suffix=".png", dir=image_dir)
+      os.close(handle)
       images[i].convert("RGB").save(path, format="PNG")
       prompt = text or self.image_prompt
       if is_query and instruction:

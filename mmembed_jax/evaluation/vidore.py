@@ -15,9 +15,9 @@ holds the whole corpus's embeddings. Scores (`scoring`, metrics.py):
                  relevant page scores 0 and is averaged in;
   "corpus_order" equal scores rank the earlier corpus row first, and judged queries without a
                  relevant page are left out and counted.
-NDCG uses linear gains and 1/log2(rank + 1) discounts either way; scores are kept unrounded. Rows that cannot be read (bad JSON, not UTF-8,
-a missing image, an unreadable Parquet file) or embedded (a truncated image, say) are skipped,
-counted and named by FILE:LINE.
+NDCG uses linear gains and 1/log2(rank + 1) discounts either way; scores are kept unrounded.
+Rows that cannot be read (bad JSON, not UTF-8, a missing image, an unreadable Parquet file) or
+embedded (a truncated image, say) are skipped, counted and named by FILE:LINE.
 """
 import csv
 import logging
@@ -214,7 +214,7 @@ def score_rankings(ranked: Dict[str, List[str]], qrels: Dict[str, Dict[str, int]
     ndcg = metrics.ndcg_at_k(ranked, qrels, k, SCORING[scoring])
     scores[f"ndcg_at_{k}"] = ndcg.mean
     scores[f"recall_at_{k}"] = metrics.recall_at_k(ranked, qrels, k, SCORING[scoring]).mean
-    scores["skipped_queries"] = ndcg.skipped
+  scores["skipped_queries"] = ndcg.skipped  # the same at every k
   return scores
 
 
